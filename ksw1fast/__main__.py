@@ -1,0 +1,3 @@
+from ksw1fast.cli import main
+
+main()

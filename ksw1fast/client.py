@@ -1,0 +1,385 @@
+"""asyncio client of KSW1: talk to any KSW1 gateway from Python.
+
+    client = await ksw1fast.client.connect("ws://127.0.0.1:8088/ws")
+    stream = await client.open_connection("example.internal", 5432)
+    stream.write(b"hello"); await stream.drain()
+    reply = await stream.read(100)
+    stream.write_eof()            # half-close: we are done sending
+    await stream.close()
+    addresses = await client.resolve("localhost")
+    await client.close()
+
+Built on picows and the same codec as the server.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+from typing import Any, Deque, Optional
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from ksw1fast._impl import codec
+from ksw1fast.constants import (DEFAULT_MAX_PAYLOAD, AddrKind, Feature, Flag, FrameType, Proto)
+from ksw1fast.errors import DnsError, FrameError, OpenError
+from ksw1fast.messages import HelloAck, OpenOkInfo, Pkcs11Response
+
+# What the polyfill asks for without flow control (spec §3).
+POLYFILL_FEATURES = Feature.HALF_CLOSE | Feature.DNS | Feature.UDP | Feature.PKCS11
+WRITE_CHUNK = 256 * 1024       # Data payload size used to split large writes
+READ_HIGH_WATER = 4 * 1024 * 1024  # buffered per stream before we stop reading the WebSocket
+
+
+class Stream:
+    """One TCP stream: a reader/writer pair in one object, with half-close."""
+
+    def __init__(self, client: "KSW1Client", stream_id: int) -> None:
+        self._client = client
+        self.stream_id = stream_id
+        self.info: Optional[OpenOkInfo] = None  # local/peer address from OpenOk, if sent
+        self._buffer = bytearray()
+        self._eof = False
+        self._closed = False       # the gateway closed the stream (Close or CloseAck)
+        self.close_reason: Optional[int] = None
+        self._wakeup: Optional[asyncio.Future] = None
+        self._closed_waiter: asyncio.Future = client._loop.create_future()
+        self._throttling = False
+
+    # -- reading -------------------------------------------------------------------------
+
+    def at_eof(self) -> bool:
+        return (self._eof or self._closed) and not self._buffer
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to `n` bytes (all buffered bytes if n < 0); b"" at EOF or after Close."""
+        while not self._buffer and not self._eof and not self._closed:
+            await self._wait()
+        if n < 0 or n >= len(self._buffer):
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        else:
+            data = bytes(self._buffer[:n])
+            del self._buffer[:n]
+        self._maybe_unthrottle()
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            if self._eof or self._closed:
+                raise asyncio.IncompleteReadError(bytes(self._buffer), n)
+            await self._wait()
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        self._maybe_unthrottle()
+        return data
+
+    async def read_until_eof(self) -> bytes:
+        chunks = []
+        while True:
+            chunk = await self.read()
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    async def _wait(self) -> None:
+        self._wakeup = self._client._loop.create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _feed(self, data: Any, flags: int) -> None:
+        if data:
+            self._buffer += data
+            if len(self._buffer) > READ_HIGH_WATER and not self._throttling:
+                self._throttling = True
+                self._client._throttle(1)
+        if flags & Flag.EOF:
+            self._eof = True
+        self._wake()
+
+    def _maybe_unthrottle(self) -> None:
+        if self._throttling and len(self._buffer) <= READ_HIGH_WATER // 2:
+            self._throttling = False
+            self._client._throttle(-1)
+
+    def _on_closed(self, reason: int) -> None:
+        self._closed = True
+        self.close_reason = reason
+        if not self._closed_waiter.done():
+            self._closed_waiter.set_result(reason)
+        self._wake()
+
+    # -- writing -------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_CHUNK):
+            self._client._send(FrameType.DATA, self.stream_id, view[start:start + WRITE_CHUNK])
+
+    async def drain(self) -> None:
+        await self._client.drain()
+
+    def write_eof(self) -> None:
+        """Half-close: Data with EOF; the gateway shuts down the target's write side."""
+        self._client._send(FrameType.DATA, self.stream_id, b"", Flag.EOF)
+
+    async def close(self) -> None:
+        """Close the stream and wait for the gateway's CloseAck (or its own Close)."""
+        if not self._closed:
+            self._client._send(FrameType.CLOSE, self.stream_id, codec.encode_close(0))
+            await self._closed_waiter
+        self._client._streams.pop(self.stream_id, None)
+
+    async def wait_closed(self) -> int:
+        """Wait until the gateway closes the stream; returns the Close reason."""
+        return await self._closed_waiter
+
+
+class _Listener(WSListener):
+    def __init__(self, client: "KSW1Client") -> None:
+        super().__init__()
+        self.client = client
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        self.client._on_ws_frame(frame)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.client._on_disconnected()
+
+    def pause_writing(self) -> None:
+        self.client._writable.clear()
+
+    def resume_writing(self) -> None:
+        self.client._writable.set()
+
+
+class KSW1Client:
+    """A KSW1 connection; make it with `connect()`."""
+
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._parser = codec.FrameParser(max_payload)
+        self.ws: Optional[WSTransport] = None
+        self.hello_ack: Optional[HelloAck] = None
+        self._hello_waiter: asyncio.Future = self._loop.create_future()
+        self._streams: dict[int, Stream] = {}
+        self._opens: dict[int, asyncio.Future] = {}
+        self._dns: dict[int, asyncio.Future] = {}
+        self._pkcs11: dict[int, asyncio.Future] = {}
+        self._pings: Deque[asyncio.Future] = collections.deque()
+        self._next = {"stream": 1, "dns": 1, "pkcs11": 1}
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._throttled = 0
+        self.disconnected: asyncio.Future = self._loop.create_future()
+
+    @property
+    def features(self) -> int:
+        assert self.hello_ack is not None
+        return self.hello_ack.features
+
+    @property
+    def max_streams(self) -> int:
+        assert self.hello_ack is not None
+        return self.hello_ack.max_streams
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _send(self, type: int, stream_id: int, payload: Any = b"", flags: int = 0) -> None:
+        if self.ws is None or self.ws.is_disconnected:
+            raise ConnectionError("KSW1 connection is closed")
+        self.ws.send(WSMsgType.BINARY, codec.encode_frame(type, stream_id, payload, flags))
+
+    def send_raw(self, message: bytes) -> None:
+        """Send one binary WebSocket message as is (several or partial frames allowed)."""
+        assert self.ws is not None
+        self.ws.send(WSMsgType.BINARY, message)
+
+    async def drain(self) -> None:
+        """Wait until the WebSocket's write buffer is below its low-water mark."""
+        if not self._writable.is_set():
+            waiter = asyncio.ensure_future(self._writable.wait())
+            done, _ = await asyncio.wait({waiter, self.disconnected},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if self.disconnected in done:
+                raise ConnectionError("KSW1 connection is closed")
+
+    def _take_id(self, space: str) -> int:
+        n = self._next[space]
+        self._next[space] = n + 1 if n < 0xFFFFFFFF else 1
+        return n
+
+    async def _request(self, table: dict[int, asyncio.Future], space: str, type: int,
+                       payload: bytes) -> Any:
+        query_id = self._take_id(space)
+        waiter = self._loop.create_future()
+        table[query_id] = waiter
+        try:
+            self._send(type, query_id, payload)
+            return await waiter
+        finally:
+            table.pop(query_id, None)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def open_connection(self, host: str, port: int, token: bytes = b"") -> Stream:
+        """Open a TCP stream to host:port through the gateway (addr_kind 1, as the polyfill)."""
+        return await self.open_stream(
+            codec.encode_open(Proto.TCP, AddrKind.HOSTNAME, port, host.encode(), token))
+
+    async def open_stream(self, open_payload: bytes) -> Stream:
+        """Open a stream from a caller-built Open payload (raw address kinds, UDP...)."""
+        stream_id = self._take_id("stream")
+        stream = Stream(self, stream_id)
+        self._streams[stream_id] = stream
+        waiter = self._loop.create_future()
+        self._opens[stream_id] = waiter
+        try:
+            self._send(FrameType.OPEN, stream_id, open_payload)
+            stream.info = await waiter
+        except BaseException:
+            self._streams.pop(stream_id, None)
+            raise
+        finally:
+            self._opens.pop(stream_id, None)
+        return stream
+
+    async def resolve(self, name: str, family: int = 0) -> list[str]:
+        """Addresses of `name` as text (family 0 any, 4 or 6); DnsError on DnsErr."""
+        raw = await self._request(self._dns, "dns", FrameType.DNS_QUERY,
+                                  codec.encode_dns_query(family, name))
+        return [str(ipaddress.ip_address(a)) for a in raw]
+
+    async def pkcs11(self, fn_id: int, args: bytes = b"") -> Pkcs11Response:
+        """One raw PKCS#11 RPC call (pkcs11-rpc.md); the body is returned undecoded."""
+        return await self._request(self._pkcs11, "pkcs11", FrameType.PKCS11_REQUEST,
+                                   codec.encode_pkcs11_request(fn_id, args))
+
+    async def ping(self, payload: bytes = b"") -> bytes:
+        """KSW1 Ping; returns the Pong's payload."""
+        waiter = self._loop.create_future()
+        self._pings.append(waiter)
+        self._send(FrameType.PING, 0, payload)
+        return await waiter
+
+    async def close(self) -> None:
+        if self.ws is not None and not self.ws.is_disconnected:
+            self.ws.send_close(WSCloseCode.OK)
+            self.ws.disconnect()
+        await asyncio.shield(self.disconnected)
+
+    async def __aenter__(self) -> "KSW1Client":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _throttle(self, delta: int) -> None:
+        """Stop reading the WebSocket while any stream holds too much unread data."""
+        before = self._throttled
+        self._throttled += delta
+        if self.ws is None or self.ws.is_disconnected:
+            return
+        if before == 0 and self._throttled:
+            self.ws.underlying_transport.pause_reading()
+        elif before and not self._throttled:
+            self.ws.underlying_transport.resume_reading()
+
+    def _on_ws_frame(self, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.CLOSE:
+            assert self.ws is not None
+            self.ws.send_close(frame.get_close_code())
+            self.ws.disconnect()
+            return
+        if frame.msg_type not in (WSMsgType.BINARY, WSMsgType.CONTINUATION):
+            return
+        try:
+            frames = self._parser.feed(frame.get_payload_as_memoryview())
+        except FrameError as exc:
+            assert self.ws is not None
+            self.ws.send_close(exc.close_code, exc.reason.encode())
+            self.ws.disconnect()
+            return
+        for f in frames:
+            self._dispatch(f.type, f.flags, f.stream_id, f.payload)
+
+    def _dispatch(self, type: int, flags: int, sid: int, payload: Any) -> None:
+        if type == FrameType.DATA:
+            stream = self._streams.get(sid)
+            if stream is not None:
+                stream._feed(payload, flags)
+        elif type in (FrameType.CLOSE, FrameType.CLOSE_ACK):
+            stream = self._streams.pop(sid, None)
+            if stream is not None:
+                stream._on_closed(codec.decode_close(payload) if type == FrameType.CLOSE else 0)
+        elif type == FrameType.OPEN_OK:
+            _resolve(self._opens.get(sid), codec.decode_open_ok(payload))
+        elif type == FrameType.OPEN_ERR:
+            err = codec.decode_open_err(payload)
+            _fail(self._opens.get(sid), OpenError(err.code, err.message))
+        elif type == FrameType.DNS_RESULT:
+            _resolve(self._dns.get(sid), codec.decode_dns_result(payload))
+        elif type == FrameType.DNS_ERR:
+            err = codec.decode_dns_err(payload)
+            _fail(self._dns.get(sid), DnsError(err.code, err.message))
+        elif type == FrameType.PKCS11_RESPONSE:
+            _resolve(self._pkcs11.get(sid), codec.decode_pkcs11_response(payload))
+        elif type == FrameType.HELLO_ACK:
+            _resolve(self._hello_waiter, codec.decode_hello_ack(payload))
+        elif type == FrameType.PING:
+            self._send(FrameType.PONG, 0, bytes(payload))
+        elif type == FrameType.PONG and self._pings:
+            _resolve(self._pings.popleft(), bytes(payload))
+
+    def _on_disconnected(self) -> None:
+        error = ConnectionError("KSW1 connection closed")
+        for table in (self._opens, self._dns, self._pkcs11):
+            for waiter in table.values():
+                _fail(waiter, error)
+        for waiter in (self._hello_waiter, *self._pings):
+            _fail(waiter, error)
+        for stream in list(self._streams.values()):
+            stream._on_closed(1)
+        self._streams.clear()
+        _resolve(self.disconnected, None)
+
+
+def _resolve(waiter: Optional[asyncio.Future], value: Any) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(value)
+
+
+def _fail(waiter: Optional[asyncio.Future], exc: BaseException) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_exception(exc)
+        waiter.exception()  # mark retrieved: nobody may be waiting any more
+
+
+async def connect(url: str, *, features: int = POLYFILL_FEATURES, max_streams: int = 64,
+                  token: Optional[bytes] = None, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                  extra_headers: Optional[dict[str, str]] = None,
+                  timeout: float = 10.0) -> KSW1Client:
+    """Open a WebSocket to a KSW1 gateway and complete Hello/HelloAck."""
+    client = KSW1Client(max_payload)
+    transport, _ = await ws_connect(lambda: _Listener(client), url,
+                                    max_frame_size=max_payload + 64,
+                                    extra_headers=extra_headers,
+                                    websocket_handshake_timeout=timeout,
+                                    use_aiofastnet=False)
+    client.ws = transport
+    client._send(FrameType.HELLO, 0, codec.encode_hello(features, max_streams, token))
+    try:
+        client.hello_ack = await asyncio.wait_for(client._hello_waiter, timeout)
+    except BaseException:
+        transport.disconnect()
+        raise
+    return client

@@ -1,0 +1,32 @@
+"""Gateway settings: one frozen dataclass shared by the library API and the CLI."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ksw1fast.constants import DEFAULT_MAX_PAYLOAD
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8088
+    path: str = "/ws"
+    max_streams: int = 1024          # per connection; a Hello may ask for fewer
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    handshake_timeout: float = 5.0   # seconds for the HTTP upgrade request to arrive
+    connect_timeout: float = 10.0    # resolve + TCP connect of one Open
+    dns_timeout: float = 5.0         # one DnsQuery
+    idle_ping: float = 0.0           # seconds of silence before a WebSocket ping; 0 = off
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise ValueError("path must start with '/'")
+        if not 0 < self.max_payload <= 0xFFFFFFFF:
+            raise ValueError("max_payload must fit a u32 and be positive")
+        if self.max_streams < 1:
+            raise ValueError("max_streams must be at least 1")
+        for name in ("handshake_timeout", "connect_timeout", "dns_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.idle_ping < 0:
+            raise ValueError("idle_ping must be >= 0")

@@ -1,0 +1,283 @@
+"""One client WebSocket: handshake, stream table and the control frames of spec §3-§8.
+
+Data of open streams never comes here: the relay (compiled or twin) hands it to the
+stream directly.  Everything else arrives in `on_control` with the payload as bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import struct
+from typing import Callable, Optional
+
+from picows import WSMsgType, WSTransport
+
+from ksw1fast._impl import codec, relay
+from ksw1fast.config import GatewayConfig
+from ksw1fast.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CREDIT, AddrKind,
+                                CloseReason, DnsErrCode, Feature, FrameType, OpenErrCode,
+                                Pkcs11Status, Proto, WSClose)
+from ksw1fast.errors import MalformedPayload
+from ksw1fast.messages import OpenOkInfo, OpenRequest, SockAddr
+from ksw1fast.resolve import ResolveError, address_bytes, lookup, open_error, open_tcp
+
+log = logging.getLogger("ksw1fast")
+
+# What this server really implements; a HelloAck carries the intersection with the client's.
+SERVER_FEATURES = Feature.HALF_CLOSE | Feature.DNS
+NO_PKCS11_MODULE = "no PKCS#11 module configured"
+_CLOSE_ACK = struct.pack("<I", 0)  # what the reference sends; the polyfill accepts either
+_BEFORE_HELLO_OK = {FrameType.HELLO, FrameType.PING}
+_KNOWN_TYPES = {int(t) for t in FrameType}
+
+
+def _pkcs11_string(text: str) -> bytes:
+    """pkcs11-rpc.md `string`: u32 length + UTF-8."""
+    raw = text.encode()
+    return struct.pack("<I", len(raw)) + raw
+
+
+def _target_host(req: OpenRequest) -> str:
+    """The Open's address as text for the resolver; ResolveError for bad address bytes."""
+    if req.addr_kind == AddrKind.HOSTNAME:
+        try:
+            host = req.addr.decode()
+        except UnicodeDecodeError:
+            host = ""
+        if not host or "\x00" in host:
+            raise ResolveError(DnsErrCode.FORMAT_ERROR, "host name is not valid UTF-8 text")
+        return host
+    size = 4 if req.addr_kind == AddrKind.IPV4 else 16
+    if len(req.addr) != size:
+        raise ResolveError(DnsErrCode.FORMAT_ERROR,
+                           f"IPv{4 if size == 4 else 6} address must be {size} bytes")
+    return str(ipaddress.ip_address(req.addr))
+
+
+class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
+    """State of one client WebSocket of the gateway."""
+
+    def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None]) -> None:
+        super().__init__(config.max_payload)
+        self.config = config
+        self.peer = "?"
+        self.hello_done = False
+        self.features = 0
+        self.max_streams = 0
+        self._on_closed = on_closed
+        self._tasks: dict[int, asyncio.Task] = {}  # stream id -> its connect task
+        self._queries: set[asyncio.Task] = set()   # DNS lookups in flight
+        self._handlers: dict[int, Callable[[int, int, bytes], None]] = {
+            FrameType.HELLO: self._on_duplicate_hello,
+            FrameType.OPEN: self._on_open,
+            FrameType.CLOSE: self._on_close,
+            FrameType.DNS_QUERY: self._on_dns_query,
+            FrameType.PKCS11_REQUEST: self._on_pkcs11_request,
+            FrameType.PING: self._on_ping,
+        }
+
+    # -- WebSocket lifecycle ------------------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        super().on_ws_connected(transport)
+        peer = transport.underlying_transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        log.info("connection open peer=%s", self.peer)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        streams = len(self.streams)
+        for stream in self.streams.values():
+            stream.forget()
+        self.streams.clear()
+        for task in (*self._tasks.values(), *self._queries):
+            task.cancel()
+        self._tasks.clear()
+        handshake = transport.close_handshake
+        code = None
+        if handshake is not None:
+            info = handshake.sent if handshake.sent is not None else handshake.recv
+            code = int(info.code) if info is not None else None
+        log.info("connection closed peer=%s open_streams=%d close_code=%s", self.peer, streams, code)
+        self._on_closed(self)
+
+    def go_away(self) -> None:
+        """The gateway is shutting down: close 1001 (spec-wise 'going away')."""
+        if self.ws is not None and not self.ws.is_disconnected:
+            self.fail(WSClose.GOING_AWAY, "gateway shutting down")
+
+    # -- frames ---------------------------------------------------------------------
+
+    def send_frame(self, type: int, stream_id: int, payload: bytes = b"", flags: int = 0) -> None:
+        self.ws.send(WSMsgType.BINARY, codec.encode_frame(type, stream_id, payload, flags))
+
+    def on_control(self, type: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if not self.hello_done:
+            if type == FrameType.HELLO:
+                self._on_hello(payload)
+            elif type == FrameType.PING:
+                self._on_ping(flags, stream_id, payload)
+            elif type in _KNOWN_TYPES:
+                self.fail(WSClose.PROTOCOL_ERROR, f"frame type 0x{type:02x} before Hello")
+            return  # unknown types are ignored (forward compatibility)
+        handler = self._handlers.get(type)
+        if handler is not None:
+            handler(flags, stream_id, payload)
+        # Data/DataAck of unknown streams, Pong and unknown types: ignored (spec §2, §5)
+
+    def _on_hello(self, payload: bytes) -> None:
+        try:
+            hello = codec.decode_hello(payload)
+        except MalformedPayload as exc:
+            self.fail(WSClose.PROTOCOL_ERROR, f"malformed Hello: {exc}")
+            return
+        self.features = hello.features & SERVER_FEATURES
+        self.max_streams = min(hello.max_streams or DEFAULT_CLIENT_MAX_STREAMS,
+                               self.config.max_streams)
+        self.hello_done = True
+        self.send_frame(FrameType.HELLO_ACK, 0, codec.encode_hello_ack(
+            self.features, self.max_streams, self.config.max_payload, DEFAULT_INITIAL_CREDIT))
+
+    def _on_duplicate_hello(self, flags: int, stream_id: int, payload: bytes) -> None:
+        self.fail(WSClose.PROTOCOL_ERROR, "second Hello")
+
+    def _on_ping(self, flags: int, stream_id: int, payload: bytes) -> None:
+        self.send_frame(FrameType.PONG, 0, payload)
+
+    # -- streams --------------------------------------------------------------------
+
+    def _open_err(self, stream_id: int, code: OpenErrCode, message: str, dest: str = "?") -> None:
+        log.info("open refused peer=%s stream=%d dest=%s reason=%s: %s",
+                 self.peer, stream_id, dest, code.name, message)
+        self.send_frame(FrameType.OPEN_ERR, stream_id, codec.encode_open_err(code, message))
+
+    def _on_open(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id in self.streams:
+            self._open_err(stream_id, OpenErrCode.INTERNAL, "stream id already in use")
+            return
+        try:
+            req = codec.decode_open(payload)
+        except MalformedPayload as exc:
+            self._open_err(stream_id, OpenErrCode.INTERNAL, f"malformed Open: {exc}")
+            return
+        if req.addr_kind not in (AddrKind.HOSTNAME, AddrKind.IPV4, AddrKind.IPV6):
+            self._open_err(stream_id, OpenErrCode.INTERNAL, f"unknown addr_kind {req.addr_kind}")
+            return
+        if req.proto != Proto.TCP:
+            self._open_err(stream_id, OpenErrCode.INTERNAL, f"protocol {req.proto} not supported")
+            return
+        if len(self.streams) >= self.max_streams:
+            self._open_err(stream_id, OpenErrCode.TOO_MANY_STREAMS,
+                           f"at most {self.max_streams} streams per connection")
+            return
+        stream = relay.TcpStream(self, stream_id)
+        self.streams[stream_id] = stream
+        task = asyncio.get_running_loop().create_task(self._connect(stream, req))
+        self._tasks[stream_id] = task
+
+    async def _connect(self, stream: "relay.TcpStream", req: OpenRequest) -> None:
+        dest = f"{req.addr!r}:{req.port}"
+        try:
+            host = _target_host(req)
+            dest = f"{host}:{req.port}"
+            sock = await asyncio.wait_for(open_tcp(host, req.port), self.config.connect_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code, message = open_error(exc)
+            if self.streams.get(stream.stream_id) is stream:
+                del self.streams[stream.stream_id]
+                self._open_err(stream.stream_id, code, message, dest)
+            return
+        finally:
+            self._tasks.pop(stream.stream_id, None)
+        try:
+            transport, _ = await asyncio.get_running_loop().create_connection(
+                lambda: stream, sock=sock)
+        except OSError as exc:
+            sock.close()
+            if self.streams.get(stream.stream_id) is stream:
+                del self.streams[stream.stream_id]
+                self._open_err(stream.stream_id, OpenErrCode.INTERNAL, str(exc), dest)
+            return
+        if self.streams.get(stream.stream_id) is not stream:  # closed while we connected
+            transport.abort()
+            return
+        self.send_frame(FrameType.OPEN_OK, stream.stream_id, codec.encode_open_ok(
+            OpenOkInfo(_sockaddr(transport.get_extra_info("sockname")),
+                       _sockaddr(transport.get_extra_info("peername")))))
+        stream.start()
+        log.debug("stream open peer=%s stream=%d dest=%s", self.peer, stream.stream_id, dest)
+
+    def _on_close(self, flags: int, stream_id: int, payload: bytes) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            return  # unknown or already closed: it may have crossed our Close
+        task = self._tasks.pop(stream_id, None)
+        if task is not None:
+            task.cancel()
+        stream.forget()
+        self.send_frame(FrameType.CLOSE_ACK, stream_id, _CLOSE_ACK)
+
+    def stream_ended(self, stream: "relay.Stream", exc: Optional[BaseException]) -> None:
+        """The target closed (or failed) on its own: tell the client and forget the stream."""
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+            reason = CloseReason.NORMAL if exc is None else CloseReason.ERROR
+            self.send_frame(FrameType.CLOSE, stream.stream_id, codec.encode_close(reason))
+
+    def stream_failed(self, stream: "relay.Stream", reason: str) -> None:
+        """The client broke a stream's rules: drop the target and Close(sid, 1)."""
+        log.info("stream closed peer=%s stream=%d reason=%s", self.peer, stream.stream_id, reason)
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        stream.forget()
+        self.send_frame(FrameType.CLOSE, stream.stream_id, codec.encode_close(CloseReason.ERROR))
+
+    # -- DNS ---------------------------------------------------------------------------
+
+    def _on_dns_query(self, flags: int, query_id: int, payload: bytes) -> None:
+        try:
+            query = codec.decode_dns_query(payload)
+            if query.family not in (0, 4, 6):
+                raise MalformedPayload(f"family {query.family} is not 0, 4 or 6")
+            if not query.name or len(query.name) > 253 or "\x00" in query.name:
+                raise MalformedPayload("name must be 1 to 253 characters")
+        except MalformedPayload as exc:
+            self._dns_err(query_id, DnsErrCode.FORMAT_ERROR, str(exc))
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve(query_id, query.name,
+                                                                    query.family))
+        self._queries.add(task)
+        task.add_done_callback(self._queries.discard)
+
+    async def _resolve(self, query_id: int, name: str, family: int) -> None:
+        try:
+            endpoints = await asyncio.wait_for(lookup(name, 0, family), self.config.dns_timeout)
+        except ResolveError as exc:
+            self._dns_err(query_id, exc.dns_code, str(exc))
+            return
+        except asyncio.TimeoutError:
+            self._dns_err(query_id, DnsErrCode.TIMEOUT, "lookup timed out")
+            return
+        addresses = list(dict.fromkeys(address_bytes(e) for e in endpoints))
+        self.send_frame(FrameType.DNS_RESULT, query_id, codec.encode_dns_result(addresses))
+
+    def _dns_err(self, query_id: int, code: DnsErrCode, message: str) -> None:
+        self.send_frame(FrameType.DNS_ERR, query_id, codec.encode_dns_err(code, message))
+
+    # -- PKCS#11 ----------------------------------------------------------------------
+
+    def _on_pkcs11_request(self, flags: int, query_id: int, payload: bytes) -> None:
+        try:
+            codec.decode_pkcs11_request(payload)
+        except MalformedPayload as exc:
+            status, message = Pkcs11Status.PROTOCOL_ERROR, f"malformed request: {exc}"
+        else:
+            status, message = Pkcs11Status.INTERNAL, NO_PKCS11_MODULE
+        self.send_frame(FrameType.PKCS11_RESPONSE, query_id,
+                        codec.encode_pkcs11_response(status, _pkcs11_string(message)))
+
+
+def _sockaddr(addr: tuple) -> SockAddr:
+    return SockAddr(addr[0], addr[1])

@@ -1,0 +1,88 @@
+"""The listening gateway: picows server, path routing and the embedding API."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import weakref
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from picows import WSUpgradeRequest, ws_create_server
+
+from ksw1fast.config import GatewayConfig
+from ksw1fast.connection import Connection
+from ksw1fast.constants import HEADER_SIZE
+
+log = logging.getLogger("ksw1fast")
+
+
+class Gateway:
+    """A running KSW1 gateway; `await close()` (or `async with`) stops it."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        # weak: a connection whose upgrade fails never reports its end
+        self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self._server: Optional[asyncio.AbstractServer] = None
+
+    async def start(self) -> "Gateway":
+        cfg = self.config
+        self._server = await ws_create_server(
+            self._route, cfg.host, cfg.port,
+            websocket_handshake_timeout=cfg.handshake_timeout,
+            # one WebSocket frame may carry one maximal KSW1 frame; our parser bounds the rest
+            max_frame_size=cfg.max_payload + HEADER_SIZE,
+            enable_auto_ping=cfg.idle_ping > 0,
+            auto_ping_idle_timeout=cfg.idle_ping or 20,
+            auto_ping_reply_timeout=cfg.idle_ping or 20,
+            use_aiofastnet=False,  # uvloop's own transports: pause_reading and write limits
+        )
+        log.info("ksw1fast serving %s", self.address)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "gateway not started"
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def address(self) -> str:
+        host = self.config.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{self.port}{self.config.path}"
+
+    def _route(self, request: WSUpgradeRequest) -> Optional[Connection]:
+        if urlsplit(request.path.decode("latin-1")).path != self.config.path:
+            return None  # picows answers 404
+        conn = Connection(self.config, self.connections.discard)
+        self.connections.add(conn)
+        return conn
+
+    async def close(self) -> None:
+        """Stop listening and close every connection with 1001 (going away)."""
+        if self._server is None:
+            return
+        self._server.close()
+        for conn in list(self.connections):
+            conn.go_away()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aenter__(self) -> "Gateway":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+
+async def start_gateway(host: str = GatewayConfig.host, port: int = GatewayConfig.port,
+                        path: str = GatewayConfig.path, **settings: Any) -> Gateway:
+    """Start a gateway on the running loop; `settings` are further GatewayConfig fields.
+
+    The loop should be uvloop's (`uvloop.run(...)`): the relay is tuned for its
+    transports, though any asyncio loop works.
+    """
+    config = dataclasses.replace(GatewayConfig(), host=host, port=port, path=path, **settings)
+    return await Gateway(config).start()

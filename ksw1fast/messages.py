@@ -1,0 +1,66 @@
+"""Decoded KSW1 frames and payloads: plain tuples both codecs return, so they compare equal."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+Payload = Union[bytes, memoryview]
+
+
+class Frame(NamedTuple):
+    type: int
+    flags: int
+    stream_id: int
+    payload: Payload  # a view of the fed buffer when the frame was whole in it, else bytes
+
+
+class Hello(NamedTuple):
+    features: int
+    max_streams: int
+    token: Optional[bytes]  # the optional extension
+
+
+class HelloAck(NamedTuple):
+    features: int
+    max_streams: int
+    max_payload: Optional[int]  # the optional extension
+    initial_credit: Optional[int]
+
+
+class OpenRequest(NamedTuple):
+    proto: int
+    addr_kind: int
+    port: int
+    addr: bytes
+    token: bytes
+
+
+class SockAddr(NamedTuple):
+    host: str  # textual IPv4 or IPv6 address
+    port: int
+
+
+class OpenOkInfo(NamedTuple):
+    local: SockAddr
+    peer: SockAddr
+
+
+class ErrorReply(NamedTuple):
+    """OpenErr and DnsErr payloads."""
+
+    code: int
+    message: str
+
+
+class DnsQuery(NamedTuple):
+    family: int
+    name: str
+
+
+class Pkcs11Request(NamedTuple):
+    fn_id: int
+    args: bytes
+
+
+class Pkcs11Response(NamedTuple):
+    status: int
+    body: bytes

@@ -1,0 +1,226 @@
+"""Pure-Python twin of `ksw1fast/_relay.pyx`: the same classes and rules, readable.
+
+It runs when KSW1FAST_NO_EXTENSIONS=1 (with the pure-Python codec) and is the
+baseline the benchmarks compare the compiled path against.  Unlike the compiled
+module it copies each relayed chunk into a new bytes object.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Optional
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+
+from ksw1fast import codec
+from ksw1fast.constants import HEADER_SIZE, Flag, FrameType
+from ksw1fast.errors import FrameError
+
+MIN_READ = 16 * 1024
+MAX_READ = 256 * 1024
+HIGH_WATER = 1024 * 1024
+LOW_WATER = 256 * 1024
+MAX_PENDING = 1024 * 1024
+
+PAUSE_CONNECTING = 1
+PAUSE_WEBSOCKET = 2
+PAUSE_CREDIT = 4
+
+_DATA = int(FrameType.DATA)
+_EOF = int(Flag.EOF)
+
+
+class Stream:
+    """One entry of a connection's stream table; subclasses relay one protocol."""
+
+    def __init__(self, conn: "GatewayListener", stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+
+    def client_data(self, data: memoryview, flags: int) -> None:
+        """Data from the client; `data` is only valid during this call."""
+
+
+class TcpStream(Stream, asyncio.BufferedProtocol):
+    """asyncio BufferedProtocol of one target TCP connection."""
+
+    def __init__(self, conn: "GatewayListener", stream_id: int) -> None:
+        super().__init__(conn, stream_id)
+        self.ws: WSTransport = conn.ws
+        self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
+        self.paused = PAUSE_CONNECTING | (PAUSE_WEBSOCKET if conn.targets_paused else 0)
+        self.client_eof = False
+        self.target_eof = False
+        self.forgotten = False
+        self.congested = False
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._read_size = MIN_READ
+        self._buf = bytearray(HEADER_SIZE + MAX_READ)
+
+    # -- asyncio protocol -------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        transport.pause_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._buf)[HEADER_SIZE:HEADER_SIZE + self._read_size]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        codec.pack_header(self._buf, 0, _DATA, 0, self.stream_id, nbytes)
+        self.ws.send(WSMsgType.BINARY, memoryview(self._buf)[:HEADER_SIZE + nbytes])
+        self.bytes_out += nbytes
+        if nbytes == self._read_size and self._read_size < MAX_READ:
+            self._read_size *= 2
+
+    def eof_received(self) -> bool:
+        self.target_eof = True
+        self.ws.send(WSMsgType.BINARY, codec.encode_frame(_DATA, self.stream_id, b"", _EOF))
+        if self.client_eof:
+            self.transport.close()
+        return True
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self.congested:
+            self.congested = False
+            self.conn.congest(-1)
+        if not self.forgotten:
+            self.forgotten = True
+            self.conn.stream_ended(self, exc)
+
+    def pause_writing(self) -> None:
+        self.congested = True
+        self.conn.congest(1)
+
+    def resume_writing(self) -> None:
+        if self.congested:
+            self.congested = False
+            self.conn.congest(-1)
+
+    # -- called by the connection -----------------------------------------------
+
+    def client_data(self, data: memoryview, flags: int) -> None:
+        if self.client_eof or self.forgotten:
+            return
+        if self.paused & PAUSE_CONNECTING:
+            if data:
+                self.pending_size += len(data)
+                if self.pending_size > MAX_PENDING:
+                    self.conn.stream_failed(self, "client sent too much before OpenOk")
+                    return
+                self.pending.append(bytes(data))
+            if flags & _EOF:
+                self.client_eof = True
+            return
+        if data:
+            self._write(data)
+        if flags & _EOF:
+            self._shutdown_write()
+
+    def _write(self, data: Any) -> None:
+        if self.transport.is_closing():
+            return
+        self.bytes_in += len(data)
+        self.transport.write(bytes(data))  # the view into picows' buffer dies with the callback
+
+    def _shutdown_write(self) -> None:
+        self.client_eof = True
+        if self.transport.is_closing():
+            return
+        self.transport.write_eof()
+        if self.target_eof:
+            self.transport.close()
+
+    def set_paused(self, reason: int, on: bool) -> None:
+        before = self.paused
+        self.paused = (self.paused | reason) if on else (self.paused & ~reason)
+        if self.transport is None or self.forgotten or (before == 0) == (self.paused == 0):
+            return
+        if self.paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def start(self) -> None:
+        pending, self.pending, self.pending_size = self.pending, [], 0
+        self.set_paused(PAUSE_CONNECTING, False)
+        for chunk in pending:
+            self._write(chunk)
+        if self.client_eof:
+            self._shutdown_write()
+
+    def forget(self) -> None:
+        self.forgotten = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class GatewayListener(WSListener):
+    """picows listener base: runs the per-frame path; subclasses handle control frames.
+
+    A subclass provides `on_control(type, flags, stream_id, payload: bytes)` for every
+    frame that is not Data of a known stream, and `stream_ended(stream, exc)` /
+    `stream_failed(stream, reason)` for streams ending on the target's side.
+    """
+
+    def __init__(self, max_payload: int) -> None:
+        super().__init__()
+        self.ws: Optional[WSTransport] = None
+        self.streams: dict[int, Stream] = {}
+        self.targets_paused = False
+        self.parser = codec.FrameParser(max_payload)
+        self.congested = 0
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.ws = transport
+        transport.underlying_transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        msg_type = frame.msg_type
+        if msg_type == WSMsgType.BINARY or msg_type == WSMsgType.CONTINUATION:
+            try:
+                frames = self.parser.feed(frame.get_payload_as_memoryview())
+            except FrameError as exc:
+                self.fail(exc.close_code, exc.reason)
+                return
+            for f in frames:
+                if f.type == _DATA:
+                    stream = self.streams.get(f.stream_id)
+                    if stream is not None:
+                        stream.client_data(f.payload, f.flags)
+                        continue
+                self.on_control(f.type, f.flags, f.stream_id, bytes(f.payload))
+        elif msg_type == WSMsgType.TEXT:
+            self.fail(WSCloseCode.UNSUPPORTED_DATA, "KSW1 is carried in binary messages only")
+        elif msg_type == WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def fail(self, code: int, reason: str) -> None:
+        assert self.ws is not None
+        self.ws.send_close(code, reason.encode())
+        self.ws.disconnect()
+
+    def pause_writing(self) -> None:
+        self._pause_targets(True)
+
+    def resume_writing(self) -> None:
+        self._pause_targets(False)
+
+    def _pause_targets(self, on: bool) -> None:
+        self.targets_paused = on
+        for stream in self.streams.values():
+            stream.set_paused(PAUSE_WEBSOCKET, on)  # type: ignore[attr-defined]
+
+    def congest(self, delta: int) -> None:
+        before = self.congested
+        self.congested += delta
+        if self.ws is None or self.ws.is_disconnected:
+            return
+        if before == 0 and self.congested > 0:
+            self.ws.underlying_transport.pause_reading()
+        elif before > 0 and self.congested == 0:
+            self.ws.underlying_transport.resume_reading()

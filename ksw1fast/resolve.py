@@ -1,0 +1,99 @@
+"""Asynchronous name resolution and connect, with errors mapped to KSW1 codes."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from typing import NamedTuple
+
+from ksw1fast.constants import DnsErrCode, OpenErrCode
+
+_FAMILIES = {0: socket.AF_UNSPEC, 4: socket.AF_INET, 6: socket.AF_INET6}
+_NO_NAME = {socket.EAI_NONAME} | {getattr(socket, n) for n in ("EAI_NODATA", "EAI_ADDRFAMILY")
+                                  if hasattr(socket, n)}
+_UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+class ResolveError(Exception):
+    """A lookup failed; `dns_code` says how, as a DnsErr code."""
+
+    def __init__(self, dns_code: DnsErrCode, message: str) -> None:
+        super().__init__(message)
+        self.dns_code = dns_code
+
+
+class Endpoint(NamedTuple):
+    family: int
+    sockaddr: tuple  # what socket.connect takes for `family`
+
+
+def _strip_scope(host: str) -> str:
+    return host.split("%", 1)[0]
+
+
+async def lookup(name: str, port: int = 0, family: int = 0) -> list[Endpoint]:
+    """Resolve `name` (or parse a literal) to TCP endpoints, in resolver order, deduplicated.
+
+    `family` is the KSW1 DnsQuery family: 0 any, 4 or 6.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(name, port, family=_FAMILIES[family],
+                                       type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        code = DnsErrCode.NX_DOMAIN if exc.errno in _NO_NAME else DnsErrCode.SERVER_FAILURE
+        raise ResolveError(code, f"cannot resolve {name!r}: {exc.strerror}") from None
+    except UnicodeError:  # not encodable as an IDNA name
+        raise ResolveError(DnsErrCode.FORMAT_ERROR, f"invalid host name {name!r}") from None
+    seen: set[tuple] = set()
+    endpoints = []
+    for fam, _type, _proto, _canon, sockaddr in infos:
+        if sockaddr not in seen:
+            seen.add(sockaddr)
+            endpoints.append(Endpoint(fam, sockaddr))
+    if not endpoints:
+        raise ResolveError(DnsErrCode.NX_DOMAIN, f"{name!r} has no addresses")
+    return endpoints
+
+
+def address_bytes(endpoint: Endpoint) -> bytes:
+    """The raw 4- or 16-byte address of an endpoint, as DnsResult carries it."""
+    return socket.inet_pton(endpoint.family, _strip_scope(endpoint.sockaddr[0]))
+
+
+async def connect(endpoints: list[Endpoint]) -> socket.socket:
+    """Connect to the first endpoint that accepts, trying them in order."""
+    loop = asyncio.get_running_loop()
+    last: OSError = OSError("no endpoint")
+    for endpoint in endpoints:
+        sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, endpoint.sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:  # cancelled: the client closed the stream
+            sock.close()
+            raise
+    raise last
+
+
+async def open_tcp(host: str, port: int) -> socket.socket:
+    """Resolve `host` and connect to it: the socket of one TCP Open."""
+    return await connect(await lookup(host, port))
+
+
+def open_error(exc: BaseException) -> tuple[OpenErrCode, str]:
+    """Map a failed resolve/connect to an OpenErr code and message (spec §4)."""
+    if isinstance(exc, ResolveError):
+        return OpenErrCode.RESOLVE_FAIL, str(exc)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return OpenErrCode.TIMEOUT, "connect timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return OpenErrCode.CONN_REFUSED, "connection refused"
+    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE:
+        return OpenErrCode.UNREACHABLE, exc.strerror or "unreachable"
+    return OpenErrCode.INTERNAL, f"connect failed: {exc}"

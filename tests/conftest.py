@@ -1,0 +1,161 @@
+"""Shared fixtures: real loopback targets and a real gateway, compiled or pure-Python."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+from typing import AsyncIterator, Awaitable, Callable
+
+import pytest
+import uvloop
+import websockets
+
+import ksw1fast
+from ksw1fast import client as kclient
+from ksw1fast import codec as pycodec
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
+    """Every async test runs on uvloop, the loop the gateway is built for."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+class GatewayProcess:
+    """`python -m ksw1fast serve` in a subprocess; the address is read from its log."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ksw1fast", "serve", "--port", "0", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})}, text=True)
+        self.address = ""
+        self.log: list[str] = []
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:  # bounded: the process exits or prints its address
+            self.log.append(line)
+            match = re.search(r"serving (ws://\S+)", line)
+            if match:
+                self.address = match.group(1)
+                break
+        if not self.address:
+            raise RuntimeError("gateway did not start:\n" + "".join(self.log))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> str:
+        """SIGTERM, wait, and return the rest of the log."""
+        self.proc.terminate()
+        try:
+            _, rest = self.proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, rest = self.proc.communicate()
+        return "".join(self.log) + (rest or "")
+
+
+@pytest.fixture(params=["compiled", "pure-python"])
+async def gateway(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """Address of a running gateway: the compiled one in-process, or the twins in a subprocess."""
+    if request.param == "compiled":
+        async with await ksw1fast.start_gateway(port=0) as gw:
+            yield gw.address
+    else:
+        proc = await asyncio.to_thread(GatewayProcess, env={"KSW1FAST_NO_EXTENSIONS": "1"})
+        try:
+            yield proc.address
+        finally:
+            await asyncio.to_thread(proc.stop)
+
+
+@pytest.fixture
+async def gw() -> AsyncIterator[ksw1fast.Gateway]:
+    """An in-process compiled gateway object (for tests that look inside)."""
+    async with await ksw1fast.start_gateway(port=0) as gateway:
+        yield gateway
+
+
+async def serve_tcp(handler: Handler, host: str = "127.0.0.1") -> asyncio.AbstractServer:
+    return await asyncio.start_server(handler, host, 0)
+
+
+def port_of(server: asyncio.AbstractServer) -> int:
+    return server.sockets[0].getsockname()[1]
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(256 * 1024):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def echo_port() -> AsyncIterator[int]:
+    server = await serve_tcp(_echo)
+    async with server:
+        yield port_of(server)
+
+
+@pytest.fixture
+async def connect(gateway: str) -> AsyncIterator[Callable[..., Awaitable[kclient.KSW1Client]]]:
+    """Factory of KSW1 clients to the `gateway` fixture; all are closed afterwards."""
+    clients: list[kclient.KSW1Client] = []
+
+    async def _connect(**kwargs: object) -> kclient.KSW1Client:
+        c = await kclient.connect(gateway, **kwargs)  # type: ignore[arg-type]
+        clients.append(c)
+        return c
+
+    yield _connect
+    for c in clients:
+        await c.close()
+
+
+class RawClient:
+    """An independent WebSocket client (the `websockets` library) speaking raw KSW1 bytes."""
+
+    def __init__(self, address: str, **kwargs: object) -> None:
+        self.address = address
+        self.kwargs = kwargs
+        self.parser = pycodec.FrameParser()
+        self.pending: list = []
+
+    async def __aenter__(self) -> "RawClient":
+        self.ws = await websockets.connect(self.address, max_size=None, **self.kwargs)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.ws.close()
+
+    async def send(self, message: bytes | str) -> None:
+        await self.ws.send(message)
+
+    async def hello(self, features: int = 0x2E, max_streams: int = 64) -> None:
+        await self.send(pycodec.encode_frame(0x01, 0, pycodec.encode_hello(features, max_streams)))
+        (ack,) = await self.frames(1)
+        assert ack.type == 0x02
+
+    async def frames(self, count: int, timeout: float = 10) -> list:
+        """The next `count` KSW1 frames, payloads as bytes."""
+        while len(self.pending) < count:
+            message = await asyncio.wait_for(self.ws.recv(), timeout)
+            self.pending += [f._replace(payload=bytes(f.payload))
+                             for f in self.parser.feed(message)]
+        taken, self.pending = self.pending[:count], self.pending[count:]
+        return taken
+
+    async def close_code(self, timeout: float = 10) -> int | None:
+        """Wait for the server to close the WebSocket; its close code."""
+        try:
+            while True:
+                await asyncio.wait_for(self.ws.recv(), timeout)
+        except websockets.ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd is not None else None

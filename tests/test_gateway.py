@@ -1,0 +1,236 @@
+"""End-to-end behaviour of the gateway with real loopback targets (spec §3-§8)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from ksw1fast import codec
+from ksw1fast.constants import (AddrKind, DnsErrCode, Feature, FrameType, OpenErrCode,
+                                Pkcs11Status, Proto)
+from ksw1fast.errors import DnsError, OpenError
+
+from conftest import RawClient, port_of, serve_tcp
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_hello_ack_intersects_features_and_limits(connect) -> None:
+    client = await connect(features=0x2F, max_streams=64)
+    # FlowControl, Udp and Pkcs11 are not offered by this server yet
+    assert client.features == Feature.HALF_CLOSE | Feature.DNS
+    assert client.max_streams == 64
+    assert client.hello_ack.max_payload == 16 * 1024 * 1024
+    other = await connect(features=0xFF, max_streams=0)
+    assert other.max_streams == 256  # 0 means "client default", spec §3
+
+
+async def test_one_mebibyte_echo(connect, echo_port) -> None:
+    client = await connect()
+    stream = await client.open_connection("127.0.0.1", echo_port)
+    assert stream.info is not None and stream.info.peer.port == echo_port
+    payload = os.urandom(1024 * 1024)
+    stream.write(payload)
+    await stream.drain()
+    assert await stream.readexactly(len(payload)) == payload
+    await stream.close()
+
+
+async def test_server_first_greeting(connect) -> None:
+    async def greet(reader, writer):
+        writer.write(b"220 hello from target\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    async with await serve_tcp(greet) as server:
+        client = await connect()
+        stream = await client.open_connection("localhost", port_of(server))
+        assert await stream.readexactly(23) == b"220 hello from target\r\n"
+        await stream.close()
+
+
+async def test_target_fin_then_client_keeps_writing(connect) -> None:
+    """Target half-closes first: Data+EOF reaches us and our writes still arrive."""
+    received = asyncio.get_running_loop().create_future()
+
+    async def speak_then_listen(reader, writer):
+        writer.write(b"bye")
+        writer.write_eof()
+        received.set_result(await reader.read())
+        writer.close()
+
+    async with await serve_tcp(speak_then_listen) as server:
+        client = await connect()
+        stream = await client.open_connection("127.0.0.1", port_of(server))
+        assert await stream.read_until_eof() == b"bye"
+        stream.write(b"still talking")
+        stream.write_eof()
+        assert await asyncio.wait_for(received, 10) == b"still talking"
+        assert await asyncio.wait_for(stream.wait_closed(), 10) == 0
+
+
+async def test_client_eof_shuts_down_target_write_side(connect) -> None:
+    """Client half-closes first: the target reads EOF after all data, then still answers."""
+    async def read_all_then_reply(reader, writer):
+        data = await reader.read()  # returns at EOF only
+        writer.write(b"got %d" % len(data))
+        await writer.drain()
+        writer.close()
+
+    async with await serve_tcp(read_all_then_reply) as server:
+        client = await connect()
+        stream = await client.open_connection("127.0.0.1", port_of(server))
+        stream.write(b"x" * 300_000)
+        stream.write_eof()
+        assert await stream.read_until_eof() == b"got 300000"
+
+
+async def test_refused_port(connect) -> None:
+    with socket.socket() as s:  # bound, never listening: connect is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        client = await connect()
+        with pytest.raises(OpenError) as info:
+            await client.open_connection("127.0.0.1", port)
+    assert info.value.code == OpenErrCode.CONN_REFUSED
+
+
+async def test_unresolvable_name_is_resolve_fail(connect) -> None:
+    client = await connect()
+    with pytest.raises(OpenError) as info:
+        await client.open_connection("no-such-host.invalid", 80)
+    assert info.value.code == OpenErrCode.RESOLVE_FAIL
+
+
+@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+@pytest.mark.parametrize("addr_kind", [AddrKind.HOSTNAME, "binary"])
+async def test_ip_literals(connect, family, host, addr_kind) -> None:
+    """IPv4/IPv6 as text (what the polyfill sends) and as raw address bytes."""
+    async def echo(reader, writer):
+        writer.write(await reader.read(100))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, host, 0, family=family)
+    async with server:
+        client = await connect()
+        if addr_kind == "binary":
+            kind = AddrKind.IPV4 if family == socket.AF_INET else AddrKind.IPV6
+            addr = socket.inet_pton(family, host)
+        else:
+            kind, addr = AddrKind.HOSTNAME, host.encode()
+        stream = await client.open_stream(codec.encode_open(Proto.TCP, kind, port_of(server), addr))
+        assert stream.info.peer.host == host
+        stream.write(b"ping")
+        assert await stream.readexactly(4) == b"ping"
+
+
+async def test_bad_ipv4_bytes_are_resolve_fail(connect) -> None:
+    client = await connect()
+    with pytest.raises(OpenError) as info:
+        await client.open_stream(codec.encode_open(Proto.TCP, AddrKind.IPV4, 80, b"\x7f\x00"))
+    assert info.value.code == OpenErrCode.RESOLVE_FAIL
+
+
+async def test_32_streams_interleaved(connect, echo_port) -> None:
+    client = await connect()
+    streams = await asyncio.gather(*(client.open_connection("127.0.0.1", echo_port)
+                                     for _ in range(32)))
+    payloads = [os.urandom(64 * 1024) for _ in streams]
+    for offset in range(0, 64 * 1024, 4096):  # interleave small writes across all streams
+        for stream, payload in zip(streams, payloads):
+            stream.write(payload[offset:offset + 4096])
+    await client.drain()
+    results = await asyncio.gather(*(s.readexactly(64 * 1024) for s in streams))
+    assert results == payloads
+    await asyncio.gather(*(s.close() for s in streams))
+
+
+async def test_same_id_as_stream_dns_and_pkcs11(connect, echo_port) -> None:
+    """Id 1 in all three spaces at once (what the polyfill does): each gets its own answer."""
+    client = await connect()
+    assert client._next == {"stream": 1, "dns": 1, "pkcs11": 1}
+    stream_task = asyncio.ensure_future(client.open_connection("127.0.0.1", echo_port))
+    dns_task = asyncio.ensure_future(client.resolve("localhost", 4))
+    p11_task = asyncio.ensure_future(client.pkcs11(0x0000, b"\x01"))
+    stream, addresses, response = await asyncio.gather(stream_task, dns_task, p11_task)
+    assert stream.stream_id == 1
+    assert addresses == ["127.0.0.1"]
+    assert response.status == Pkcs11Status.INTERNAL
+    stream.write(b"abc")
+    assert await stream.readexactly(3) == b"abc"
+
+
+async def test_frames_coalesced_and_split_across_messages(gateway, echo_port) -> None:
+    async with RawClient(gateway) as raw:
+        await raw.hello()
+        open_frame = codec.encode_frame(FrameType.OPEN, 7, codec.encode_open(
+            Proto.TCP, AddrKind.HOSTNAME, echo_port, b"127.0.0.1"))
+        wire = open_frame + codec.encode_frame(FrameType.PING, 0, b"p1")
+        await raw.send(wire[:5])        # split inside the header
+        await raw.send(wire[5:20])
+        await raw.send(wire[20:])       # the rest of Open and a whole Ping, coalesced
+        answers = {f.type: f for f in await raw.frames(2)}
+        assert answers[FrameType.OPEN_OK].stream_id == 7
+        assert answers[FrameType.PONG].payload == b"p1"
+        data = (codec.encode_frame(FrameType.DATA, 7, b"hello ")
+                + codec.encode_frame(FrameType.DATA, 7, b"world"))
+        await raw.send(data[:3])
+        await raw.send(data[3:])
+        echoed = b""
+        while len(echoed) < 11:
+            (frame,) = await raw.frames(1)
+            assert (frame.type, frame.stream_id) == (FrameType.DATA, 7)
+            echoed += frame.payload
+        assert echoed == b"hello world"
+
+
+async def test_ping_pong_same_payload(connect) -> None:
+    client = await connect()
+    assert await client.ping(b"\x00\x01 payload") == b"\x00\x01 payload"
+    assert await client.ping() == b""
+
+
+async def test_dns_query(connect) -> None:
+    client = await connect()
+    assert "127.0.0.1" in await client.resolve("localhost")
+    assert await client.resolve("127.0.0.1", 4) == ["127.0.0.1"]
+    assert await client.resolve("::1", 6) == ["::1"]
+    with pytest.raises(DnsError) as info:
+        await client.resolve("no-such-host.invalid")
+    assert info.value.code == DnsErrCode.NX_DOMAIN
+    with pytest.raises(DnsError) as info:
+        await client.resolve("localhost", family=9)
+    assert info.value.code == DnsErrCode.FORMAT_ERROR  # family 9
+
+
+async def test_pkcs11_without_module_is_internal(connect) -> None:
+    client = await connect()
+    response = await client.pkcs11(0x0009)
+    assert response.status == Pkcs11Status.INTERNAL
+    assert response.body[4:] == b"no PKCS#11 module configured"
+
+
+async def test_target_close_is_eof_and_client_close_is_acked(connect) -> None:
+    async def close_at_once(reader, writer):
+        writer.close()
+
+    async with await serve_tcp(close_at_once) as server:
+        client = await connect()
+        stream = await client.open_connection("127.0.0.1", port_of(server))
+        # a FIN looks like a half-close until we write: EOF, and the stream stays ours
+        assert await stream.read_until_eof() == b""
+        await asyncio.wait_for(stream.close(), 10)  # Close -> CloseAck
+        assert stream.close_reason == 0
+
+
+async def test_too_many_streams(connect, echo_port) -> None:
+    client = await connect(max_streams=2)
+    await client.open_connection("127.0.0.1", echo_port)
+    await client.open_connection("127.0.0.1", echo_port)
+    with pytest.raises(OpenError) as info:
+        await client.open_connection("127.0.0.1", echo_port)
+    assert info.value.code == OpenErrCode.TOO_MANY_STREAMS
