@@ -261,7 +261,8 @@ cdef class FrameParser:
                 else:
                     offset = fv.payload - self._in
                     payload = view[offset:offset + fv.payload_len]
-                frames.append(Frame(fv.type, fv.flags, fv.stream_id, payload))
+                # tuple.__new__ skips the NamedTuple's Python-level __new__: about 2x faster
+                frames.append(tuple.__new__(Frame, (fv.type, fv.flags, fv.stream_id, payload)))
         finally:
             PyBuffer_Release(&buf)
         return frames

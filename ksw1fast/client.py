@@ -45,6 +45,7 @@ class Stream:
         self._wakeup: Optional[asyncio.Future] = None
         self._closed_waiter: asyncio.Future = client._loop.create_future()
         self._throttling = False
+        self._limit = READ_HIGH_WATER  # unread bytes we hold before pausing the WebSocket
 
     # -- reading -------------------------------------------------------------------------
 
@@ -65,12 +66,16 @@ class Stream:
         return data
 
     async def readexactly(self, n: int) -> bytes:
+        # a reader waiting for n bytes must be allowed to buffer n bytes
+        self._limit = max(READ_HIGH_WATER, n)
+        self._maybe_unthrottle()
         while len(self._buffer) < n:
             if self._eof or self._closed:
                 raise asyncio.IncompleteReadError(bytes(self._buffer), n)
             await self._wait()
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
+        self._limit = READ_HIGH_WATER
         self._maybe_unthrottle()
         return data
 
@@ -96,7 +101,7 @@ class Stream:
     def _feed(self, data: Any, flags: int) -> None:
         if data:
             self._buffer += data
-            if len(self._buffer) > READ_HIGH_WATER and not self._throttling:
+            if len(self._buffer) > self._limit and not self._throttling:
                 self._throttling = True
                 self._client._throttle(1)
         if flags & Flag.EOF:
@@ -104,7 +109,7 @@ class Stream:
         self._wake()
 
     def _maybe_unthrottle(self) -> None:
-        if self._throttling and len(self._buffer) <= READ_HIGH_WATER // 2:
+        if self._throttling and len(self._buffer) <= self._limit // 2:
             self._throttling = False
             self._client._throttle(-1)
 

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -27,9 +28,11 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 class GatewayProcess:
     """`python -m ksw1fast serve` in a subprocess; the address is read from its log."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 default_port: bool = False) -> None:
+        port = () if default_port else ("--port", "0")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ksw1fast", "serve", "--port", "0", *args],
+            [sys.executable, "-m", "ksw1fast", "serve", *port, *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})}, text=True)
         self.address = ""
@@ -43,6 +46,14 @@ class GatewayProcess:
                 break
         if not self.address:
             raise RuntimeError("gateway did not start:\n" + "".join(self.log))
+        # keep draining: a full stderr pipe would block the gateway's logging
+        self._drain = threading.Thread(target=self._read_log, daemon=True)
+        self._drain.start()
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
 
     @property
     def pid(self) -> int:
@@ -52,11 +63,12 @@ class GatewayProcess:
         """SIGTERM, wait, and return the rest of the log."""
         self.proc.terminate()
         try:
-            _, rest = self.proc.communicate(timeout=20)
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, rest = self.proc.communicate()
-        return "".join(self.log) + (rest or "")
+            self.proc.wait()
+        self._drain.join(timeout=5)
+        return "".join(self.log)
 
 
 @pytest.fixture(params=["compiled", "pure-python"])

@@ -1,0 +1,150 @@
+"""`python -m benchmarks`: throughput of the compiled and pure-Python gateway, as JSON."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import psutil
+import uvloop
+
+import ksw1fast
+from benchmarks.gateway_proc import GatewayProcess
+from benchmarks.targets import Targets
+from benchmarks.throughput import SCENARIOS, Transfer, run_transfer
+from ksw1fast._impl import EXTENSIONS
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+STREAM_COUNTS = (1, 64)
+IMPLS = ("compiled", "pure")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--bytes", type=int, default=256 * MIB,
+                      help="bytes moved per scenario, split evenly over its streams")
+    size.add_argument("--quick", action="store_true", help="32 MiB per scenario")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds one scenario may take before it is recorded as failed")
+    parser.add_argument("--out", help="also write the JSON document to this file")
+    return parser
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "ksw1fast": ksw1fast.__version__,
+        "client_uses_extensions": EXTENSIONS,  # the client shares the gateway's codec
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def _record(scenario: str, streams: int, impl: str, t: Transfer) -> dict[str, Any]:
+    server_cpu = t.cpu_seconds["server"]
+    return {
+        "scenario": scenario, "streams": streams, "impl": impl,
+        "bytes": t.bytes, "seconds": round(t.seconds, 4),
+        "bytes_per_second": round(t.bytes / t.seconds),
+        "mib_per_second": round(t.bytes / t.seconds / MIB, 1),
+        "server_cpu_seconds": round(server_cpu, 3),
+        "server_cpu_s_per_gib": round(server_cpu * GIB / t.bytes, 3),
+        "client_cpu_seconds": round(t.cpu_seconds["client"], 3),
+        "target_cpu_seconds": round(t.cpu_seconds["target"], 3),
+    }
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+async def run_one(scenario: str, streams: int, gateway: GatewayProcess, targets: Targets,
+                  total: int, timeout: float) -> dict[str, Any]:
+    per_stream, target = SCENARIOS[scenario]
+    port = targets.source_port if target == "source" else targets.sink_port
+    target_ps = psutil.Process(targets.pid)
+
+    def clocks() -> dict[str, float]:
+        target_times = target_ps.cpu_times()
+        return {"server": gateway.cpu_seconds(), "client": time.process_time(),
+                "target": target_times.user + target_times.system}
+
+    head = {"scenario": scenario, "streams": streams, "impl": gateway.impl}
+    if gateway.exit_code() is not None:
+        return {**head, "error": f"gateway exited with code {gateway.exit_code()}"}
+    try:
+        transfer = await asyncio.wait_for(
+            run_transfer(gateway.address, port, total, streams, per_stream, clocks), timeout)
+    except asyncio.TimeoutError:
+        return {**head, "error": f"timed out after {timeout:g} s"}
+    except Exception as exc:  # recorded, and the next scenario still runs
+        return {**head, "error": f"{type(exc).__name__}: {exc}"}
+    return _record(scenario, streams, gateway.impl, transfer)
+
+
+def _describe(result: dict[str, Any]) -> str:
+    name = f"{result['scenario']:8} streams={result['streams']:<2} {result['impl']:8}"
+    if "error" in result:
+        return f"{name} ERROR {result['error']}"
+    return (f"{name} {result['mib_per_second']:8.1f} MiB/s  "
+            f"server {result['server_cpu_s_per_gib']:.2f} CPU-s/GiB  "
+            f"client {result['client_cpu_seconds']:.2f} CPU-s")
+
+
+async def run_all(gateways: dict[str, GatewayProcess], targets: Targets, total: int,
+                  timeout: float) -> list[dict[str, Any]]:
+    """Every scenario on each gateway back to back, so both see the same machine weather."""
+    results = []
+    for scenario in SCENARIOS:
+        for streams in STREAM_COUNTS:
+            for impl in IMPLS:
+                result = await run_one(scenario, streams, gateways[impl], targets, total,
+                                       timeout)
+                _progress(_describe(result))
+                results.append(result)
+    return results
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """compiled/pure throughput, and pure/compiled server CPU per byte (both: >1 = faster)."""
+    by_key = {(r["scenario"], r["streams"], r["impl"]): r for r in results}
+    out: dict[str, Optional[float]] = {}
+    for scenario in SCENARIOS:
+        for streams in STREAM_COUNTS:
+            fast, slow = by_key[(scenario, streams, "compiled")], by_key[(scenario, streams, "pure")]
+            ok = "error" not in fast and "error" not in slow
+            out[f"{scenario}_{streams}_compiled_vs_pure"] = (
+                round(fast["bytes_per_second"] / slow["bytes_per_second"], 2) if ok else None)
+            out[f"{scenario}_{streams}_server_cpu_pure_vs_compiled"] = (
+                round(slow["server_cpu_s_per_gib"] / fast["server_cpu_s_per_gib"], 2)
+                if ok else None)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    total = 32 * MIB if args.quick else args.bytes
+    if total < max(STREAM_COUNTS):
+        raise SystemExit("--bytes must be at least one byte per stream")
+    machine = machine_info()  # before the run: the load average is of the machine, not of us
+    _progress(f"benchmarks: {total / MIB:g} MiB per scenario, timeout {args.timeout:g} s")
+    with Targets() as targets, GatewayProcess("compiled") as compiled, \
+            GatewayProcess("pure") as pure:
+        results = uvloop.run(run_all({"compiled": compiled, "pure": pure}, targets, total,
+                                     args.timeout))
+    doc = {"machine": machine, "bytes_per_scenario": total, "results": results,
+           "ratios": ratios(results)}
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")

@@ -1,0 +1,102 @@
+"""The command line, the defaults, the logs and which codec runs."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import ksw1fast
+from ksw1fast import _impl
+from ksw1fast import client as kclient
+
+from conftest import GatewayProcess, port_of, serve_tcp
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ksw1fast", *args], capture_output=True,
+                          text=True, timeout=30, env={**os.environ, **(env or {})},
+                          stdin=subprocess.DEVNULL)
+
+
+def test_version() -> None:
+    result = _run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"ksw1fast {ksw1fast.__version__}"
+
+
+def test_serve_help_documents_every_flag() -> None:
+    out = _run("serve", "--help").stdout
+    for flag in ("--host", "--port", "--path", "--max-streams", "--max-payload",
+                 "--handshake-timeout", "--connect-timeout", "--dns-timeout", "--idle-ping",
+                 "--log-level", "GATEWAY_HOST", "GATEWAY_PORT", "GATEWAY_PATH"):
+        assert flag in out
+
+
+def test_compiled_extensions_are_the_default() -> None:
+    assert _impl.EXTENSIONS
+    assert _impl.codec.__name__ == "ksw1fast._codec"
+    assert _impl.relay.__name__ == "ksw1fast._relay"
+    assert _impl.codec.__file__.endswith(".so") and _impl.relay.__file__.endswith(".so")
+
+
+def test_no_extensions_selects_the_twins() -> None:
+    code = "from ksw1fast import _impl; print(_impl.codec.__name__, _impl.relay.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "KSW1FAST_NO_EXTENSIONS": "1"}, timeout=30)
+    assert result.stdout.split() == ["ksw1fast.codec", "ksw1fast.relay"]
+
+
+def test_environment_names_of_the_reference() -> None:
+    proc = GatewayProcess(env={"GATEWAY_HOST": "127.0.0.1", "GATEWAY_PATH": "/tunnel"})
+    try:
+        assert proc.address.startswith("ws://127.0.0.1:") and proc.address.endswith("/tunnel")
+    finally:
+        proc.stop()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def test_serve_on_defaults_runs_the_browser_sequence() -> None:
+    """`ksw1fast serve` with no flags: ws://127.0.0.1:8088/ws, and the polyfill's calls work."""
+    if not _port_free(8088):
+        pytest.fail("port 8088 is taken on this machine; the default-port test needs it")
+    proc = await asyncio.to_thread(lambda: GatewayProcess(default_port=True))
+    secret = b"payload-must-not-be-logged"
+
+    async def echo(reader, writer):
+        writer.write(await reader.read(100))
+        await writer.drain()
+        writer.close()
+
+    try:
+        assert proc.address == "ws://127.0.0.1:8088/ws"
+        async with await serve_tcp(echo) as target:
+            client = await kclient.connect(proc.address, features=0x2E, max_streams=64)
+            stream = await client.open_connection("127.0.0.1", port_of(target))
+            stream.write(secret)
+            assert await stream.readexactly(len(secret)) == secret
+            await stream.close()
+            assert "127.0.0.1" in await client.resolve("localhost")
+            assert await client.ping(b"x") == b"x"
+            with pytest.raises(ksw1fast.errors.OpenError):
+                await client.open_connection("no-such-host.invalid", 1)
+            await client.close()
+    finally:
+        log = await asyncio.to_thread(proc.stop)
+    assert "connection open" in log and "connection closed" in log
+    assert "open refused" in log and "no-such-host.invalid" in log
+    assert secret.decode() not in log
