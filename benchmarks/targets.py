@@ -12,9 +12,10 @@ import multiprocessing
 import socket
 import socketserver
 import struct
+import sys
 import threading
 from multiprocessing.connection import Connection
-from typing import Optional
+from typing import Any, Optional
 
 COUNT = struct.Struct("<Q")
 CHUNK = 1024 * 1024                  # bytes per sendall / recv_into
@@ -59,6 +60,12 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 256  # 64 streams connect at once; the default backlog is 5
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A peer that resets is the client side giving up on a failed scenario, which the
+        # runner already reports; anything else is a bug here and keeps its traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 def _serve(conn: Connection) -> None:
     """Child process body: report the ports, serve until the parent says stop or dies."""
@@ -90,10 +97,13 @@ class Targets:
 
     def __enter__(self) -> "Targets":
         self._proc.start()
-        if not self._conn.poll(30):
+        try:
+            if not self._conn.poll(30):
+                raise EOFError
+            self.source_port, self.sink_port = self._conn.recv()
+        except EOFError:  # timed out, or the child died before reporting its ports
             self._proc.kill()
-            raise RuntimeError("target process did not start")
-        self.source_port, self.sink_port = self._conn.recv()
+            raise RuntimeError("target process did not start") from None
         return self
 
     def __exit__(self, *exc_info: object) -> None:

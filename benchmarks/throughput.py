@@ -10,12 +10,21 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 
-from ksw1fast import client as kclient
 from benchmarks.targets import COUNT
+from ksw1fast import client as kclient
 
 UPLOAD_CHUNK = 256 * 1024
 _UPLOAD_DATA = bytes(UPLOAD_CHUNK)
 CLOSE_TIMEOUT = 10.0
+
+Clocks = Callable[[], dict[str, float]]  # CPU seconds so far of each process we watch
+
+
+@dataclass
+class Transfer:
+    bytes: int
+    seconds: float
+    cpu_seconds: dict[str, float]  # per clock, spent during the timed window
 
 
 async def _all(coros: Iterable[Awaitable[object]]) -> list:
@@ -28,16 +37,6 @@ async def _all(coros: Iterable[Awaitable[object]]) -> list:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-Clocks = Callable[[], dict[str, float]]  # CPU seconds so far of each process we watch
-
-
-@dataclass
-class Transfer:
-    bytes: int
-    seconds: float
-    cpu_seconds: dict[str, float]  # per clock, spent during the timed window
 
 
 async def _download_one(stream: kclient.Stream, nbytes: int) -> None:

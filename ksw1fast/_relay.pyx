@@ -13,6 +13,7 @@ sent before the next one starts, so one buffer serves all streams.
 
 `ksw1fast/relay.py` is the pure-Python twin of this module.
 """
+from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport errno, EINTR
 from libc.stdint cimport uint8_t, uint32_t
@@ -21,7 +22,6 @@ from libc.string cimport memcpy
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType, WSCloseCode
 from ksw1fast._codec cimport FrameParser, FrameView, write_header
 
-from ksw1fast import _codec
 from ksw1fast.constants import HEADER_SIZE as _HEADER_SIZE
 from ksw1fast.errors import FrameError
 
@@ -56,6 +56,25 @@ while _size <= MAX_READ:
     _views.append(memoryview(_read_buf)[HEADROOM:HEADROOM + _size])
     _size *= 2
 cdef Py_ssize_t _MAX_VIEW = len(_views) - 1
+# Control frames are assembled here (with the same headroom) before they are sent.
+cdef bytearray _scratch = bytearray(HEADROOM + 64 * 1024)
+
+
+def send_frame(WSTransport ws, uint8_t type, uint32_t stream_id, payload=b"", uint8_t flags=0):
+    """Send one KSW1 frame as one WebSocket message.
+
+    Never picows' send() for this: for messages over 8 KiB it hands uvloop memoryviews
+    of buffers that are reused, and uvloop queues them uncopied when the socket is busy.
+    The external-buffer send copies whatever the kernel did not take.
+    """
+    cdef const unsigned char[:] view = payload
+    cdef Py_ssize_t n = view.shape[0]
+    cdef bytearray buf = _scratch if n <= len(_scratch) - HEADROOM else bytearray(HEADROOM + n)
+    cdef char* msg = PyByteArray_AS_STRING(buf) + WS_HEADROOM
+    write_header(msg, type, flags, stream_id, <uint32_t>n)
+    if n:
+        memcpy(msg + KSW1_HEADER, &view[0], n)
+    ws.send_reuse_external_buffer(WSMsgType.BINARY, msg, KSW1_HEADER + n)
 
 
 cdef class Stream:
@@ -125,7 +144,7 @@ cdef class TcpStream(Stream):
 
     def eof_received(self):
         self.target_eof = True
-        self.ws.send(WSMsgType.BINARY, _codec.encode_frame(FRAME_DATA, self.stream_id, b"", FLAG_EOF))
+        send_frame(self.ws, FRAME_DATA, self.stream_id, b"", FLAG_EOF)
         if self.client_eof:
             self.transport.close()
         return True  # keep our write side open: the client may still send

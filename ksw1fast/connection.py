@@ -11,7 +11,7 @@ import logging
 import struct
 from typing import Callable, Optional
 
-from picows import WSMsgType, WSTransport
+from picows import WSTransport
 
 from ksw1fast._impl import codec, relay
 from ksw1fast.config import GatewayConfig
@@ -109,7 +109,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     # -- frames ---------------------------------------------------------------------
 
     def send_frame(self, type: int, stream_id: int, payload: bytes = b"", flags: int = 0) -> None:
-        self.ws.send(WSMsgType.BINARY, codec.encode_frame(type, stream_id, payload, flags))
+        relay.send_frame(self.ws, type, stream_id, payload, flags)
 
     def on_control(self, type: int, flags: int, stream_id: int, payload: bytes) -> None:
         if not self.hello_done:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 from ksw1fast import codec
-from ksw1fast.constants import HEADER_SIZE, Flag, FrameType
+from ksw1fast.constants import Flag, FrameType
 from ksw1fast.errors import FrameError
 
 MIN_READ = 16 * 1024
@@ -27,6 +27,20 @@ PAUSE_CREDIT = 4
 
 _DATA = int(FrameType.DATA)
 _EOF = int(Flag.EOF)
+_WS_HEADROOM = 14  # room picows needs in front of a message for the WebSocket header
+
+
+def send_frame(ws: WSTransport, type: int, stream_id: int, payload: Any = b"",
+               flags: int = 0) -> None:
+    """Send one KSW1 frame as one WebSocket message.
+
+    Never picows' send() for this: for messages over 8 KiB it hands uvloop memoryviews
+    of buffers that are reused, and uvloop queues them uncopied when the socket is busy.
+    The external-buffer send copies whatever the kernel did not take.
+    """
+    message = bytearray(_WS_HEADROOM)
+    message += codec.encode_frame(type, stream_id, payload, flags)
+    ws.send_reuse_external_bytearray(WSMsgType.BINARY, message, _WS_HEADROOM)
 
 
 class Stream:
@@ -57,7 +71,7 @@ class TcpStream(Stream, asyncio.BufferedProtocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self._read_size = MIN_READ
-        self._buf = bytearray(HEADER_SIZE + MAX_READ)
+        self._buf = bytearray(MAX_READ)
 
     # -- asyncio protocol -------------------------------------------------------
 
@@ -67,18 +81,17 @@ class TcpStream(Stream, asyncio.BufferedProtocol):
         transport.pause_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._buf)[HEADER_SIZE:HEADER_SIZE + self._read_size]
+        return memoryview(self._buf)[:self._read_size]
 
     def buffer_updated(self, nbytes: int) -> None:
-        codec.pack_header(self._buf, 0, _DATA, 0, self.stream_id, nbytes)
-        self.ws.send(WSMsgType.BINARY, memoryview(self._buf)[:HEADER_SIZE + nbytes])
+        send_frame(self.ws, _DATA, self.stream_id, memoryview(self._buf)[:nbytes])
         self.bytes_out += nbytes
         if nbytes == self._read_size and self._read_size < MAX_READ:
             self._read_size *= 2
 
     def eof_received(self) -> bool:
         self.target_eof = True
-        self.ws.send(WSMsgType.BINARY, codec.encode_frame(_DATA, self.stream_id, b"", _EOF))
+        send_frame(self.ws, _DATA, self.stream_id, b"", _EOF)
         if self.client_eof:
             self.transport.close()
         return True
