@@ -234,3 +234,49 @@ async def test_too_many_streams(connect, echo_port) -> None:
     with pytest.raises(OpenError) as info:
         await client.open_connection("127.0.0.1", echo_port)
     assert info.value.code == OpenErrCode.TOO_MANY_STREAMS
+
+
+async def test_connect_timeout_is_timeout() -> None:
+    """A listener whose accept queue is full drops SYNs: the connect hangs until our timeout."""
+    import ksw1fast
+    from ksw1fast import client as kclient
+
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue (never accepted)
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(full.getsockname())
+            fillers.append(s)
+        async with await ksw1fast.start_gateway(port=0, connect_timeout=1.0) as gw:
+            client = await kclient.connect(gw.address)
+            with pytest.raises(OpenError) as info:
+                await client.open_connection("127.0.0.1", full.getsockname()[1])
+            assert info.value.code == OpenErrCode.TIMEOUT
+            await client.close()
+    finally:
+        for s in fillers:
+            s.close()
+        full.close()
+
+
+async def test_handshake_timeout_drops_silent_sockets() -> None:
+    import ksw1fast
+
+    async with await ksw1fast.start_gateway(port=0, handshake_timeout=0.5) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed without a request
+        writer.close()
+
+
+async def test_gateway_close_sends_going_away(echo_port) -> None:
+    import ksw1fast
+
+    gw = await ksw1fast.start_gateway(port=0)
+    async with RawClient(gw.address) as raw:
+        await raw.hello()
+        await gw.close()
+        assert await raw.close_code() == 1001
