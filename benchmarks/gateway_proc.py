@@ -28,6 +28,7 @@ class GatewayProcess:
         env.pop("KSW1FAST_NO_EXTENSIONS", None)
         if impl == "pure":
             env["KSW1FAST_NO_EXTENSIONS"] = "1"
+        env["PYTHONFAULTHANDLER"] = "1"  # a crash in C code leaves a traceback in our stderr
         # the subprocess must import the same ksw1fast as this process
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                           env.get("PYTHONPATH")]))
@@ -40,9 +41,7 @@ class GatewayProcess:
         self._ps = psutil.Process(self.proc.pid)
         assert self.proc.stderr is not None
         # the pipe must keep being read or a chatty gateway would block on a full pipe
-        self._drain = threading.Thread(target=self._forward, args=(self.proc.stderr,),
-                                       daemon=True)
-        self._drain.start()
+        threading.Thread(target=self._forward, args=(self.proc.stderr,), daemon=True).start()
 
     def _wait_for_address(self) -> str:
         assert self.proc.stderr is not None

@@ -17,6 +17,8 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any, Optional
 
+import psutil
+
 COUNT = struct.Struct("<Q")
 CHUNK = 1024 * 1024                  # bytes per sendall / recv_into
 SOCKET_TIMEOUT = 300.0               # a stuck peer cannot hold a thread forever
@@ -90,10 +92,12 @@ class Targets:
         self._proc = ctx.Process(target=_serve, args=(child,), daemon=True, name="ksw1-targets")
         self.source_port = 0
         self.sink_port = 0
+        self._ps: Optional[psutil.Process] = None
 
-    @property
-    def pid(self) -> Optional[int]:
-        return self._proc.pid
+    def cpu_seconds(self) -> float:
+        assert self._ps is not None, "targets not started"
+        times = self._ps.cpu_times()
+        return times.user + times.system
 
     def __enter__(self) -> "Targets":
         self._proc.start()
@@ -104,10 +108,14 @@ class Targets:
         except EOFError:  # timed out, or the child died before reporting its ports
             self._proc.kill()
             raise RuntimeError("target process did not start") from None
+        self._ps = psutil.Process(self._proc.pid)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._conn.send("stop")
+        try:
+            self._conn.send("stop")
+        except OSError:
+            pass  # the child is gone already
         self._proc.join(10)
         if self._proc.is_alive():
             self._proc.kill()

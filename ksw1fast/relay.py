@@ -12,7 +12,7 @@ from typing import Any, Optional
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 from ksw1fast import codec
-from ksw1fast.constants import Flag, FrameType
+from ksw1fast.constants import HEADER_SIZE, Flag, FrameType
 from ksw1fast.errors import FrameError
 
 MIN_READ = 16 * 1024
@@ -38,8 +38,10 @@ def send_frame(ws: WSTransport, type: int, stream_id: int, payload: Any = b"",
     of buffers that are reused, and uvloop queues them uncopied when the socket is busy.
     The external-buffer send copies whatever the kernel did not take.
     """
-    message = bytearray(_WS_HEADROOM)
-    message += codec.encode_frame(type, stream_id, payload, flags)
+    size = len(payload)
+    message = bytearray(_WS_HEADROOM + HEADER_SIZE + size)  # one allocation, one copy
+    codec.pack_header(message, _WS_HEADROOM, type, flags, stream_id, size)
+    message[_WS_HEADROOM + HEADER_SIZE:] = payload
     ws.send_reuse_external_bytearray(WSMsgType.BINARY, message, _WS_HEADROOM)
 
 
