@@ -15,7 +15,7 @@ sent before the next one starts, so one buffer serves all streams.
 """
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.errno cimport errno, EINTR
+from libc.errno cimport errno, EAGAIN, EINTR, ENOBUFS
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy
 
@@ -34,18 +34,23 @@ cdef enum:
     WS_HEADROOM = 16            # picows writes up to 14 bytes of WebSocket header here
     HEADROOM = WS_HEADROOM + KSW1_HEADER
     FRAME_DATA = 0x20
+    FRAME_DATA_ACK = 0x21
     FLAG_EOF = 0x01
+    MAX_DATAGRAM = 65507        # spec §7: larger client datagrams are dropped
 
 MIN_READ = 16 * 1024
 MAX_READ = 256 * 1024
 HIGH_WATER = 1024 * 1024         # per target write buffer and per WebSocket write buffer
 LOW_WATER = 256 * 1024
 MAX_PENDING = 1024 * 1024        # client Data accepted for a stream that is still connecting
+INITIAL_CREDIT = 1024 * 1024     # FlowControl window per stream and direction (spec §6)
+ACK_STEP = 64 * 1024             # return client credit in steps of at least this
+FC_HIGH_WATER = 256 * 1024       # with credits: above this, ack only after a full drain
 
 # Why a stream's target is not being read (bits; reading resumes when none is left).
 PAUSE_CONNECTING = 1             # OpenOk not sent yet: no Data may precede it
 PAUSE_WEBSOCKET = 2              # the WebSocket's write buffer is above its high-water mark
-PAUSE_CREDIT = 4                 # reserved for FlowControl credits
+PAUSE_CREDIT = 4                 # FlowControl: the client's window for us is spent
 
 cdef bytearray _read_buf = bytearray(HEADROOM + MAX_READ)
 cdef char* _read_ptr = _read_buf
@@ -78,59 +83,172 @@ def send_frame(WSTransport ws, uint8_t type, uint32_t stream_id, payload=b"", ui
 
 
 cdef class Stream:
-    """One entry of a connection's stream table; subclasses relay one protocol."""
+    """One entry of a connection's stream table: state shared by TCP and UDP.
+
+    Client Data waits in `pending` until OpenOk is out (`start()`).  With FlowControl,
+    `send_credit` is what we may still send the client and `recv_credit` what the client
+    may still send us; we return client credit with DataAck as bytes leave for the target.
+    """
     cdef:
         readonly uint32_t stream_id
         readonly object conn        # the GatewayListener owning this stream
-        int paused
-
-    cdef int client_data(self, const char* data, Py_ssize_t size, uint8_t flags) except -1:
-        return 0
-
-
-cdef class TcpStream(Stream):
-    """asyncio BufferedProtocol of one target TCP connection."""
-    cdef:
         readonly object transport
         WSTransport ws
         int fd
-        Py_ssize_t view_index
-        readonly bint client_eof
-        readonly bint target_eof
+        int paused
         readonly bint forgotten
-        bint congested
+        readonly bint client_eof
+        readonly bint flow_control
+        long long send_credit
+        long long recv_credit
+        unsigned long long received  # client bytes handed to the target side
+        unsigned long long acked     # of those, returned to the client as credit
         list pending
         Py_ssize_t pending_size
         readonly unsigned long long bytes_in
         readonly unsigned long long bytes_out
+        readonly unsigned long long dropped  # datagrams dropped (UDP)
 
-    def __cinit__(self, conn, uint32_t stream_id):
+    def __cinit__(self, conn, uint32_t stream_id, bint flow_control=False,
+                  long long credit=INITIAL_CREDIT):
         self.conn = conn
         self.stream_id = stream_id
         self.ws = conn.ws
         self.fd = -1
         self.paused = PAUSE_CONNECTING | (PAUSE_WEBSOCKET if conn.targets_paused else 0)
+        self.flow_control = flow_control
+        self.send_credit = credit
+        self.recv_credit = credit
         self.pending = []
+
+    cdef int client_data(self, const char* data, Py_ssize_t size, uint8_t flags) except -1:
+        if self.forgotten or self.client_eof:
+            return 0  # nothing may follow EOF; late frames of a closed stream are dropped
+        if self.flow_control:
+            self.recv_credit -= size
+            if self.recv_credit < 0:
+                self.conn.stream_failed(self, "client overran its credit")
+                return 0
+        if self.paused & PAUSE_CONNECTING:
+            if size:
+                self.pending_size += size
+                if self.pending_size > MAX_PENDING:
+                    self.conn.stream_failed(self, "client sent too much before OpenOk")
+                    return 0
+                self.pending.append(PyBytes_FromStringAndSize(<char*>data, size))
+            if flags & FLAG_EOF:
+                self.client_eof = True
+            return 0
+        if size:
+            self.received += size
+            self._deliver(data, size)
+        if flags & FLAG_EOF:
+            self._client_eof()
+        if self.flow_control:
+            self._return_credit(False)
+        return 0
+
+    cdef int _deliver(self, const char* data, Py_ssize_t size) except -1:
+        """Hand client bytes to the target; `data` dies with the caller's callback."""
+        return 0
+
+    cdef _client_eof(self):
+        self.client_eof = True
+
+    cdef _reading(self, bint on):
+        """Start or stop reading the target."""
+
+    cdef _return_credit(self, bint everything):
+        """DataAck what has left our buffers: in steps, or all of it once drained."""
+        cdef long long ready = <long long>(self.received - self.acked)
+        if self.transport is not None:
+            ready -= self.transport.get_write_buffer_size()
+        if ready > 0 and (everything or ready >= ACK_STEP):
+            self.acked += ready
+            self.recv_credit += ready
+            send_frame(self.ws, FRAME_DATA_ACK, self.stream_id, _u32(ready))
+
+    cdef _sent(self, Py_ssize_t n):
+        self.bytes_out += n
+        if self.flow_control:
+            self.send_credit -= n
+            if self.send_credit <= 0:
+                self.set_paused(PAUSE_CREDIT, True)
+
+    def set_paused(self, int reason, bint on):
+        """Add or remove a reason not to read the target; read while there is none."""
+        cdef int before = self.paused
+        self.paused = (self.paused | reason) if on else (self.paused & ~reason)
+        if self.transport is not None and not self.forgotten and (before == 0) != (self.paused == 0):
+            self._reading(self.paused == 0)
+
+    def add_credit(self, long long n):
+        """A DataAck from the client: it consumed n more bytes."""
+        if self.flow_control:
+            self.send_credit += n
+            if self.send_credit > 0:
+                self.set_paused(PAUSE_CREDIT, False)
+
+    def start(self):
+        """OpenOk is out: deliver Data the client sent early and start reading the target."""
+        pending, self.pending, self.pending_size = self.pending, [], 0
+        self.set_paused(PAUSE_CONNECTING, False)
+        for chunk in pending:
+            self.received += len(chunk)
+            self._deliver(chunk, len(chunk))
+        if self.client_eof:
+            self._client_eof()
+        if self.flow_control:
+            self._return_credit(False)
+
+    def forget(self):
+        """Drop the target without telling the client (it closed the stream or the WebSocket)."""
+        self.forgotten = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc):
+        if not self.forgotten:
+            self.forgotten = True
+            self.conn.stream_ended(self, exc)
+
+
+cdef class TcpStream(Stream):
+    """asyncio BufferedProtocol of one target TCP connection."""
+    cdef:
+        Py_ssize_t view_index
+        readonly bint target_eof
+        bint congested
 
     # -- asyncio protocol -------------------------------------------------------
 
     def connection_made(self, transport):
         self.transport = transport
         self.fd = transport.get_extra_info("socket").fileno()
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        if self.flow_control:
+            # credits bound what the client sends; a drained buffer returns all of them
+            transport.set_write_buffer_limits(FC_HIGH_WATER, 0)
+        else:
+            transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         transport.pause_reading()
 
     def get_buffer(self, Py_ssize_t sizehint):
-        return _views[self.view_index]
+        cdef Py_ssize_t index = self.view_index
+        if self.flow_control and self.send_credit < (MIN_READ << index):
+            if self.send_credit < MIN_READ:  # rare: a nearly spent window, read exactly it
+                return memoryview(_read_buf)[HEADROOM:HEADROOM + self.send_credit]
+            while (MIN_READ << index) > self.send_credit:
+                index -= 1
+        return _views[index]
 
     def buffer_updated(self, Py_ssize_t nbytes):
         cdef char* msg = _read_ptr + WS_HEADROOM
         write_header(msg, FRAME_DATA, 0, self.stream_id, <uint32_t>nbytes)
         self.ws.send_reuse_external_buffer(WSMsgType.BINARY, msg, KSW1_HEADER + nbytes)
-        self.bytes_out += nbytes
         # A read that filled the buffer means more is waiting: read bigger next time.
         if nbytes == (MIN_READ << self.view_index) and self.view_index < _MAX_VIEW:
             self.view_index += 1
+        self._sent(nbytes)
 
     def data_received(self, data):
         """Plain asyncio loops (not uvloop) deliver bytes; route them through the shared buffer."""
@@ -153,41 +271,29 @@ cdef class TcpStream(Stream):
         if self.congested:
             self.congested = False
             self.conn.congest(-1)
-        if not self.forgotten:
-            self.forgotten = True
-            self.conn.stream_ended(self, exc)
+        Stream.connection_lost(self, exc)
 
     def pause_writing(self):
-        self.congested = True
-        self.conn.congest(1)
+        if not self.flow_control:  # with credits, the client is already bounded per stream
+            self.congested = True
+            self.conn.congest(1)
 
     def resume_writing(self):
         if self.congested:
             self.congested = False
             self.conn.congest(-1)
+        if self.flow_control and not self.forgotten:
+            self._return_credit(True)
 
-    # -- called by the connection -----------------------------------------------
+    # -- Stream hooks -------------------------------------------------------------
 
-    cdef int client_data(self, const char* data, Py_ssize_t size, uint8_t flags) except -1:
-        if self.client_eof or self.forgotten:
-            return 0  # nothing may follow EOF; late frames of a closed stream are dropped
-        if self.paused & PAUSE_CONNECTING:
-            if size:
-                self.pending_size += size
-                if self.pending_size > MAX_PENDING:
-                    self.conn.stream_failed(self, "client sent too much before OpenOk")
-                    return 0
-                self.pending.append(PyBytes_FromStringAndSize(<char*>data, size))
-            if flags & FLAG_EOF:
-                self.client_eof = True
-            return 0
-        if size:
-            self._write(data, size)
-        if flags & FLAG_EOF:
-            self._shutdown_write()
-        return 0
+    cdef _reading(self, bint on):
+        if on:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
 
-    cdef int _write(self, const char* data, Py_ssize_t size) except -1:
+    cdef int _deliver(self, const char* data, Py_ssize_t size) except -1:
         cdef ssize_t sent = 0
         transport = self.transport
         if transport.is_closing():
@@ -208,7 +314,7 @@ cdef class TcpStream(Stream):
         transport.write(PyBytes_FromStringAndSize(<char*>data + sent, size - sent))
         return 0
 
-    cdef _shutdown_write(self):
+    cdef _client_eof(self):
         self.client_eof = True
         if self.transport.is_closing():
             return
@@ -216,31 +322,64 @@ cdef class TcpStream(Stream):
         if self.target_eof:
             self.transport.close()
 
-    def set_paused(self, int reason, bint on):
-        """Add or remove a reason not to read the target; read while there is none."""
-        cdef int before = self.paused
-        self.paused = (self.paused | reason) if on else (self.paused & ~reason)
-        if self.transport is None or self.forgotten or (before == 0) == (self.paused == 0):
+
+cdef class UdpStream(Stream):
+    """asyncio DatagramProtocol of one connected UDP socket: one Data frame = one datagram.
+
+    Datagrams are dropped (and counted), never queued without bound: when the client may
+    not receive (WebSocket congested, no credit, OpenOk not out) and when a client
+    datagram is too big or the socket cannot take it.
+    """
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.fd = transport.get_extra_info("socket").fileno()
+
+    def datagram_received(self, data, addr):
+        cdef Py_ssize_t n = len(data)
+        if self.forgotten:
             return
-        if self.paused:
-            self.transport.pause_reading()
-        else:
-            self.transport.resume_reading()
+        if self.paused or (self.flow_control and n > self.send_credit):
+            self.dropped += 1
+            return
+        send_frame(self.ws, FRAME_DATA, self.stream_id, data)
+        self._sent(n)
 
-    def start(self):
-        """OpenOk is out: flush Data the client sent early and start reading the target."""
-        pending, self.pending, self.pending_size = self.pending, [], 0
-        self.set_paused(PAUSE_CONNECTING, False)
-        for chunk in pending:
-            self._write(chunk, len(chunk))
-        if self.client_eof:
-            self._shutdown_write()
+    def error_received(self, exc):
+        pass  # ICMP errors (port unreachable...) are normal for UDP; the flow stays open
 
-    def forget(self):
-        """Drop the target without telling the client (it closed the stream or the WebSocket)."""
-        self.forgotten = True
-        if self.transport is not None:
-            self.transport.abort()
+    def pause_writing(self):
+        pass  # _deliver drops datagrams while the socket's buffer is full
+
+    def resume_writing(self):
+        pass
+
+    cdef int _deliver(self, const char* data, Py_ssize_t size) except -1:
+        cdef ssize_t sent
+        transport = self.transport
+        if size > MAX_DATAGRAM or transport.is_closing() or \
+                transport.get_write_buffer_size() > HIGH_WATER:
+            self.dropped += 1
+            return 0
+        self.bytes_in += size
+        if not transport.get_write_buffer_size():
+            while True:
+                sent = send(self.fd, data, size, MSG_NOSIGNAL)
+                if sent >= 0 or errno != EINTR:
+                    break
+            if sent == size or (sent < 0 and errno != EAGAIN and errno != ENOBUFS):
+                return 0  # sent, or refused by the network (ICMP): a datagram may be lost
+        transport.sendto(PyBytes_FromStringAndSize(<char*>data, size))
+        return 0
+
+
+cdef bytes _u32(long long n):
+    cdef char out[4]
+    out[0] = <char>(n & 0xFF)
+    out[1] = <char>((n >> 8) & 0xFF)
+    out[2] = <char>((n >> 16) & 0xFF)
+    out[3] = <char>((n >> 24) & 0xFF)
+    return PyBytes_FromStringAndSize(out, 4)
 
 
 cdef class GatewayListener(WSListener):

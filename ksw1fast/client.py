@@ -21,7 +21,8 @@ from typing import Any, Deque, Optional
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from ksw1fast._impl import codec
-from ksw1fast.constants import (DEFAULT_MAX_PAYLOAD, AddrKind, Feature, Flag, FrameType, Proto)
+from ksw1fast.constants import (DEFAULT_INITIAL_CREDIT, DEFAULT_MAX_PAYLOAD, AddrKind, Feature,
+                                Flag, FrameType, Proto)
 from ksw1fast.errors import DnsError, FrameError, OpenError
 from ksw1fast.messages import HelloAck, OpenOkInfo, Pkcs11Response
 
@@ -29,21 +30,114 @@ from ksw1fast.messages import HelloAck, OpenOkInfo, Pkcs11Response
 POLYFILL_FEATURES = Feature.HALF_CLOSE | Feature.DNS | Feature.UDP | Feature.PKCS11
 WRITE_CHUNK = 256 * 1024       # Data payload size used to split large writes
 READ_HIGH_WATER = 4 * 1024 * 1024  # buffered per stream before we stop reading the WebSocket
+ACK_STEP = 64 * 1024           # with FlowControl, return credit once this much was read
 
 
-class Stream:
-    """One TCP stream: a reader/writer pair in one object, with half-close."""
+class _Flow:
+    """What TCP streams and UDP flows share: the id, sending with credits, closing."""
+
+    split = True  # may a payload be cut to fit the credit (not for datagrams)
 
     def __init__(self, client: "KSW1Client", stream_id: int) -> None:
         self._client = client
         self.stream_id = stream_id
         self.info: Optional[OpenOkInfo] = None  # local/peer address from OpenOk, if sent
+        self._closed = False       # the gateway closed the flow (Close or CloseAck)
+        self.close_reason: Optional[int] = None
+        self._waiters: list[asyncio.Future] = []  # readers and drainers waiting for a change
+        self._closed_waiter: asyncio.Future = client._loop.create_future()
+        # FlowControl: None when off, else the bytes we may still send
+        self._send_credit: Optional[int] = client._initial_credit
+        self._outbox: Deque[tuple[Any, int]] = collections.deque()
+        self.auto_ack = True       # return credit as the application reads
+        self._unacked = 0
+
+    def _queue(self, payload: Any, flags: int = 0) -> None:
+        self._outbox.append((payload, flags))
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what the credit allows (everything without FlowControl)."""
+        while self._outbox and not self._closed:
+            payload, flags = self._outbox[0]
+            size = len(payload)
+            if self._send_credit is not None and size:
+                if self._send_credit < (1 if self.split else size):
+                    return
+                if size > self._send_credit:
+                    self._outbox[0] = (payload[self._send_credit:], flags)
+                    payload, flags, size = payload[:self._send_credit], 0, self._send_credit
+                else:
+                    self._outbox.popleft()
+                self._send_credit -= size
+            else:
+                self._outbox.popleft()
+            self._client._send(FrameType.DATA, self.stream_id, payload, flags)
+        self._wake()
+
+    def _add_credit(self, n: int) -> None:
+        if self._send_credit is not None:
+            self._send_credit += n
+            self._flush()
+
+    async def drain(self) -> None:
+        """Wait until everything written was sent (credit permitting) and the socket drained."""
+        while self._outbox and not self._closed:
+            await self._wait()
+        await self._client.drain()
+
+    def _consumed(self, n: int) -> None:
+        if self._client.flow_control and self.auto_ack and n:
+            self._unacked += n
+            if self._unacked >= ACK_STEP:
+                self.ack(self._unacked)
+
+    def ack(self, n: int) -> None:
+        """Return n bytes of credit to the gateway (DataAck); automatic unless auto_ack is off."""
+        self._unacked = max(0, self._unacked - n)
+        self._client._send(FrameType.DATA_ACK, self.stream_id, codec.encode_data_ack(n))
+
+    async def _wait(self) -> None:
+        waiter = self._client._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _on_closed(self, reason: int) -> None:
+        self._closed = True
+        self.close_reason = reason
+        if not self._closed_waiter.done():
+            self._closed_waiter.set_result(reason)
+        self._wake()
+
+    async def close(self) -> None:
+        """Close the flow and wait for the gateway's CloseAck (or its own Close)."""
+        if not self._closed:
+            self._client._send(FrameType.CLOSE, self.stream_id, codec.encode_close(0))
+            await self._closed_waiter
+        self._client._streams.pop(self.stream_id, None)
+
+    async def wait_closed(self) -> int:
+        """Wait until the gateway closes the flow; returns the Close reason."""
+        return await self._closed_waiter
+
+
+class Stream(_Flow):
+    """One TCP stream: a reader/writer pair in one object, with half-close."""
+
+    def __init__(self, client: "KSW1Client", stream_id: int) -> None:
+        super().__init__(client, stream_id)
         self._buffer = bytearray()
         self._eof = False
-        self._closed = False       # the gateway closed the stream (Close or CloseAck)
-        self.close_reason: Optional[int] = None
-        self._wakeup: Optional[asyncio.Future] = None
-        self._closed_waiter: asyncio.Future = client._loop.create_future()
         self._throttling = False
         self._limit = READ_HIGH_WATER  # unread bytes we hold before pausing the WebSocket
 
@@ -62,7 +156,7 @@ class Stream:
         else:
             data = bytes(self._buffer[:n])
             del self._buffer[:n]
-        self._maybe_unthrottle()
+        self._taken(len(data))
         return data
 
     async def readexactly(self, n: int) -> bytes:
@@ -76,7 +170,7 @@ class Stream:
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
         self._limit = READ_HIGH_WATER
-        self._maybe_unthrottle()
+        self._taken(n)
         return data
 
     async def read_until_eof(self) -> bytes:
@@ -87,21 +181,16 @@ class Stream:
                 return b"".join(chunks)
             chunks.append(chunk)
 
-    async def _wait(self) -> None:
-        self._wakeup = self._client._loop.create_future()
-        try:
-            await self._wakeup
-        finally:
-            self._wakeup = None
-
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+    def _taken(self, n: int) -> None:
+        self._maybe_unthrottle()
+        self._consumed(n)
 
     def _feed(self, data: Any, flags: int) -> None:
         if data:
             self._buffer += data
-            if len(self._buffer) > self._limit and not self._throttling:
+            # with FlowControl the gateway bounds each stream: no need to stall them all
+            if (not self._client.flow_control and len(self._buffer) > self._limit
+                    and not self._throttling):
                 self._throttling = True
                 self._client._throttle(1)
         if flags & Flag.EOF:
@@ -113,37 +202,43 @@ class Stream:
             self._throttling = False
             self._client._throttle(-1)
 
-    def _on_closed(self, reason: int) -> None:
-        self._closed = True
-        self.close_reason = reason
-        if not self._closed_waiter.done():
-            self._closed_waiter.set_result(reason)
-        self._wake()
-
     # -- writing -------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         for start in range(0, len(view), WRITE_CHUNK):
-            self._client._send(FrameType.DATA, self.stream_id, view[start:start + WRITE_CHUNK])
-
-    async def drain(self) -> None:
-        await self._client.drain()
+            self._queue(view[start:start + WRITE_CHUNK])
 
     def write_eof(self) -> None:
         """Half-close: Data with EOF; the gateway shuts down the target's write side."""
-        self._client._send(FrameType.DATA, self.stream_id, b"", Flag.EOF)
+        self._queue(b"", Flag.EOF)
 
-    async def close(self) -> None:
-        """Close the stream and wait for the gateway's CloseAck (or its own Close)."""
-        if not self._closed:
-            self._client._send(FrameType.CLOSE, self.stream_id, codec.encode_close(0))
-            await self._closed_waiter
-        self._client._streams.pop(self.stream_id, None)
 
-    async def wait_closed(self) -> int:
-        """Wait until the gateway closes the stream; returns the Close reason."""
-        return await self._closed_waiter
+class Datagrams(_Flow):
+    """One UDP flow: each send() is one datagram, each recv() returns one."""
+
+    split = False
+
+    def __init__(self, client: "KSW1Client", stream_id: int) -> None:
+        super().__init__(client, stream_id)
+        self._inbox: Deque[bytes] = collections.deque()
+
+    def send(self, datagram: bytes) -> None:
+        self._queue(bytes(datagram))
+
+    async def recv(self) -> bytes:
+        """The next datagram; ConnectionError once the flow is closed and drained."""
+        while not self._inbox:
+            if self._closed:
+                raise ConnectionError("UDP flow closed")
+            await self._wait()
+        datagram = self._inbox.popleft()
+        self._consumed(len(datagram))
+        return datagram
+
+    def _feed(self, data: Any, flags: int) -> None:
+        self._inbox.append(bytes(data))
+        self._wake()
 
 
 class _Listener(WSListener):
@@ -173,7 +268,9 @@ class KSW1Client:
         self.ws: Optional[WSTransport] = None
         self.hello_ack: Optional[HelloAck] = None
         self._hello_waiter: asyncio.Future = self._loop.create_future()
-        self._streams: dict[int, Stream] = {}
+        self._streams: dict[int, _Flow] = {}
+        self.flow_control = False
+        self._initial_credit: Optional[int] = None  # our send window per stream, with FlowControl
         self._opens: dict[int, asyncio.Future] = {}
         self._dns: dict[int, asyncio.Future] = {}
         self._pkcs11: dict[int, asyncio.Future] = {}
@@ -239,10 +336,18 @@ class KSW1Client:
         return await self.open_stream(
             codec.encode_open(Proto.TCP, AddrKind.HOSTNAME, port, host.encode(), token))
 
-    async def open_stream(self, open_payload: bytes) -> Stream:
-        """Open a stream from a caller-built Open payload (raw address kinds, UDP...)."""
+    async def open_udp(self, host: str, port: int, token: bytes = b"") -> Datagrams:
+        """Open a UDP flow to host:port through the gateway (spec §7)."""
+        flow = await self.open_stream(
+            codec.encode_open(Proto.UDP, AddrKind.HOSTNAME, port, host.encode(), token),
+            Datagrams)
+        assert isinstance(flow, Datagrams)
+        return flow
+
+    async def open_stream(self, open_payload: bytes, kind: type = Stream) -> Any:
+        """Open a flow from a caller-built Open payload (raw address kinds...)."""
         stream_id = self._take_id("stream")
-        stream = Stream(self, stream_id)
+        stream = kind(self, stream_id)
         self._streams[stream_id] = stream
         waiter = self._loop.create_future()
         self._opens[stream_id] = waiter
@@ -322,6 +427,10 @@ class KSW1Client:
             stream = self._streams.get(sid)
             if stream is not None:
                 stream._feed(payload, flags)
+        elif type == FrameType.DATA_ACK:
+            stream = self._streams.get(sid)
+            if stream is not None:
+                stream._add_credit(codec.decode_data_ack(payload))
         elif type in (FrameType.CLOSE, FrameType.CLOSE_ACK):
             stream = self._streams.pop(sid, None)
             if stream is not None:
@@ -383,8 +492,11 @@ async def connect(url: str, *, features: int = POLYFILL_FEATURES, max_streams: i
     client.ws = transport
     client._send(FrameType.HELLO, 0, codec.encode_hello(features, max_streams, token))
     try:
-        client.hello_ack = await asyncio.wait_for(client._hello_waiter, timeout)
+        client.hello_ack = ack = await asyncio.wait_for(client._hello_waiter, timeout)
     except BaseException:
         transport.disconnect()
         raise
+    if ack.features & Feature.FLOW_CONTROL:
+        client.flow_control = True
+        client._initial_credit = ack.initial_credit or DEFAULT_INITIAL_CREDIT
     return client

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import struct
 from typing import Callable, Optional
 
@@ -20,16 +21,17 @@ from ksw1fast.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CRED
                                 Pkcs11Status, Proto, WSClose)
 from ksw1fast.errors import MalformedPayload
 from ksw1fast.messages import OpenOkInfo, OpenRequest, SockAddr
-from ksw1fast.resolve import ResolveError, address_bytes, lookup, open_error, open_tcp
+from ksw1fast.resolve import ResolveError, address_bytes, lookup, open_error, open_socket
 
 log = logging.getLogger("ksw1fast")
 
 # What this server really implements; a HelloAck carries the intersection with the client's.
-SERVER_FEATURES = Feature.HALF_CLOSE | Feature.DNS
+SERVER_FEATURES = Feature.FLOW_CONTROL | Feature.HALF_CLOSE | Feature.DNS | Feature.UDP
 NO_PKCS11_MODULE = "no PKCS#11 module configured"
 _CLOSE_ACK = struct.pack("<I", 0)  # what the reference sends; the polyfill accepts either
 _BEFORE_HELLO_OK = {FrameType.HELLO, FrameType.PING}
 _KNOWN_TYPES = {int(t) for t in FrameType}
+_STREAM_CLASSES = {Proto.TCP: relay.TcpStream, Proto.UDP: relay.UdpStream}
 
 
 def _pkcs11_string(text: str) -> bytes:
@@ -72,6 +74,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             FrameType.HELLO: self._on_duplicate_hello,
             FrameType.OPEN: self._on_open,
             FrameType.CLOSE: self._on_close,
+            FrameType.DATA_ACK: self._on_data_ack,
             FrameType.DNS_QUERY: self._on_dns_query,
             FrameType.PKCS11_REQUEST: self._on_pkcs11_request,
             FrameType.PING: self._on_ping,
@@ -163,24 +166,29 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         if req.addr_kind not in (AddrKind.HOSTNAME, AddrKind.IPV4, AddrKind.IPV6):
             self._open_err(stream_id, OpenErrCode.INTERNAL, f"unknown addr_kind {req.addr_kind}")
             return
-        if req.proto != Proto.TCP:
-            self._open_err(stream_id, OpenErrCode.INTERNAL, f"protocol {req.proto} not supported")
+        if req.proto not in _STREAM_CLASSES:
+            self._open_err(stream_id, OpenErrCode.INTERNAL, f"unknown protocol {req.proto}")
             return
         if len(self.streams) >= self.max_streams:
             self._open_err(stream_id, OpenErrCode.TOO_MANY_STREAMS,
                            f"at most {self.max_streams} streams per connection")
             return
-        stream = relay.TcpStream(self, stream_id)
+        stream = _STREAM_CLASSES[req.proto](self, stream_id,
+                                            bool(self.features & Feature.FLOW_CONTROL),
+                                            DEFAULT_INITIAL_CREDIT)
         self.streams[stream_id] = stream
         task = asyncio.get_running_loop().create_task(self._connect(stream, req))
         self._tasks[stream_id] = task
 
-    async def _connect(self, stream: "relay.TcpStream", req: OpenRequest) -> None:
-        dest = f"{req.addr!r}:{req.port}"
+    async def _connect(self, stream: "relay.Stream", req: OpenRequest) -> None:
+        udp = req.proto == Proto.UDP
+        dest = f"{'udp' if udp else 'tcp'} {req.addr!r}:{req.port}"
         try:
             host = _target_host(req)
-            dest = f"{host}:{req.port}"
-            sock = await asyncio.wait_for(open_tcp(host, req.port), self.config.connect_timeout)
+            dest = f"{'udp' if udp else 'tcp'} {host}:{req.port}"
+            sock = await asyncio.wait_for(
+                open_socket(host, req.port, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM),
+                self.config.connect_timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -191,9 +199,12 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             return
         finally:
             self._tasks.pop(stream.stream_id, None)
+        loop = asyncio.get_running_loop()
         try:
-            transport, _ = await asyncio.get_running_loop().create_connection(
-                lambda: stream, sock=sock)
+            if udp:
+                transport, _ = await loop.create_datagram_endpoint(lambda: stream, sock=sock)
+            else:
+                transport, _ = await loop.create_connection(lambda: stream, sock=sock)
         except OSError as exc:
             sock.close()
             if self.streams.get(stream.stream_id) is stream:
@@ -218,6 +229,15 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             task.cancel()
         stream.forget()
         self.send_frame(FrameType.CLOSE_ACK, stream_id, _CLOSE_ACK)
+
+    def _on_data_ack(self, flags: int, stream_id: int, payload: bytes) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return  # unknown or closed stream: ignored (spec §5)
+        try:
+            stream.add_credit(codec.decode_data_ack(payload))
+        except MalformedPayload:
+            self.stream_failed(stream, "malformed DataAck")
 
     def stream_ended(self, stream: "relay.Stream", exc: Optional[BaseException]) -> None:
         """The target closed (or failed) on its own: tell the client and forget the stream."""

@@ -20,12 +20,17 @@ MAX_READ = 256 * 1024
 HIGH_WATER = 1024 * 1024
 LOW_WATER = 256 * 1024
 MAX_PENDING = 1024 * 1024
+INITIAL_CREDIT = 1024 * 1024
+ACK_STEP = 64 * 1024
+FC_HIGH_WATER = 256 * 1024
+MAX_DATAGRAM = 65507
 
 PAUSE_CONNECTING = 1
 PAUSE_WEBSOCKET = 2
 PAUSE_CREDIT = 4
 
 _DATA = int(FrameType.DATA)
+_DATA_ACK = int(FrameType.DATA_ACK)
 _EOF = int(Flag.EOF)
 _WS_HEADROOM = 14  # room picows needs in front of a message for the WebSocket header
 
@@ -46,32 +51,121 @@ def send_frame(ws: WSTransport, type: int, stream_id: int, payload: Any = b"",
 
 
 class Stream:
-    """One entry of a connection's stream table; subclasses relay one protocol."""
+    """One entry of a connection's stream table: state shared by TCP and UDP."""
 
-    def __init__(self, conn: "GatewayListener", stream_id: int) -> None:
+    def __init__(self, conn: "GatewayListener", stream_id: int, flow_control: bool = False,
+                 credit: int = INITIAL_CREDIT) -> None:
         self.conn = conn
         self.stream_id = stream_id
+        self.ws: WSTransport = conn.ws
+        self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
+        self.paused = PAUSE_CONNECTING | (PAUSE_WEBSOCKET if conn.targets_paused else 0)
+        self.forgotten = False
+        self.client_eof = False
+        self.flow_control = flow_control
+        self.send_credit = credit
+        self.recv_credit = credit
+        self.received = 0
+        self.acked = 0
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.dropped = 0
 
     def client_data(self, data: memoryview, flags: int) -> None:
         """Data from the client; `data` is only valid during this call."""
+        if self.forgotten or self.client_eof:
+            return
+        if self.flow_control:
+            self.recv_credit -= len(data)
+            if self.recv_credit < 0:
+                self.conn.stream_failed(self, "client overran its credit")
+                return
+        if self.paused & PAUSE_CONNECTING:
+            if data:
+                self.pending_size += len(data)
+                if self.pending_size > MAX_PENDING:
+                    self.conn.stream_failed(self, "client sent too much before OpenOk")
+                    return
+                self.pending.append(bytes(data))
+            if flags & _EOF:
+                self.client_eof = True
+            return
+        if data:
+            self.received += len(data)
+            self._deliver(data)
+        if flags & _EOF:
+            self._client_eof()
+        if self.flow_control:
+            self._return_credit(False)
+
+    def _deliver(self, data: Any) -> None:
+        """Hand client bytes to the target."""
+
+    def _client_eof(self) -> None:
+        self.client_eof = True
+
+    def _reading(self, on: bool) -> None:
+        """Start or stop reading the target."""
+
+    def _return_credit(self, everything: bool) -> None:
+        ready = self.received - self.acked
+        if self.transport is not None:
+            ready -= self.transport.get_write_buffer_size()
+        if ready > 0 and (everything or ready >= ACK_STEP):
+            self.acked += ready
+            self.recv_credit += ready
+            send_frame(self.ws, _DATA_ACK, self.stream_id, codec.encode_data_ack(ready))
+
+    def _sent(self, n: int) -> None:
+        self.bytes_out += n
+        if self.flow_control:
+            self.send_credit -= n
+            if self.send_credit <= 0:
+                self.set_paused(PAUSE_CREDIT, True)
+
+    def set_paused(self, reason: int, on: bool) -> None:
+        before = self.paused
+        self.paused = (self.paused | reason) if on else (self.paused & ~reason)
+        if self.transport is not None and not self.forgotten and (before == 0) != (self.paused == 0):
+            self._reading(self.paused == 0)
+
+    def add_credit(self, n: int) -> None:
+        if self.flow_control:
+            self.send_credit += n
+            if self.send_credit > 0:
+                self.set_paused(PAUSE_CREDIT, False)
+
+    def start(self) -> None:
+        pending, self.pending, self.pending_size = self.pending, [], 0
+        self.set_paused(PAUSE_CONNECTING, False)
+        for chunk in pending:
+            self.received += len(chunk)
+            self._deliver(chunk)
+        if self.client_eof:
+            self._client_eof()
+        if self.flow_control:
+            self._return_credit(False)
+
+    def forget(self) -> None:
+        self.forgotten = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if not self.forgotten:
+            self.forgotten = True
+            self.conn.stream_ended(self, exc)
 
 
 class TcpStream(Stream, asyncio.BufferedProtocol):
     """asyncio BufferedProtocol of one target TCP connection."""
 
-    def __init__(self, conn: "GatewayListener", stream_id: int) -> None:
-        super().__init__(conn, stream_id)
-        self.ws: WSTransport = conn.ws
-        self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
-        self.paused = PAUSE_CONNECTING | (PAUSE_WEBSOCKET if conn.targets_paused else 0)
-        self.client_eof = False
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.target_eof = False
-        self.forgotten = False
         self.congested = False
-        self.pending: list[bytes] = []
-        self.pending_size = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
         self._read_size = MIN_READ
         self._buf = bytearray(MAX_READ)
 
@@ -79,17 +173,21 @@ class TcpStream(Stream, asyncio.BufferedProtocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        if self.flow_control:
+            transport.set_write_buffer_limits(FC_HIGH_WATER, 0)
+        else:
+            transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         transport.pause_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._buf)[:self._read_size]
+        size = min(self._read_size, self.send_credit) if self.flow_control else self._read_size
+        return memoryview(self._buf)[:size]
 
     def buffer_updated(self, nbytes: int) -> None:
         send_frame(self.ws, _DATA, self.stream_id, memoryview(self._buf)[:nbytes])
-        self.bytes_out += nbytes
         if nbytes == self._read_size and self._read_size < MAX_READ:
             self._read_size *= 2
+        self._sent(nbytes)
 
     def eof_received(self) -> bool:
         self.target_eof = True
@@ -102,46 +200,35 @@ class TcpStream(Stream, asyncio.BufferedProtocol):
         if self.congested:
             self.congested = False
             self.conn.congest(-1)
-        if not self.forgotten:
-            self.forgotten = True
-            self.conn.stream_ended(self, exc)
+        super().connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.congested = True
-        self.conn.congest(1)
+        if not self.flow_control:
+            self.congested = True
+            self.conn.congest(1)
 
     def resume_writing(self) -> None:
         if self.congested:
             self.congested = False
             self.conn.congest(-1)
+        if self.flow_control and not self.forgotten:
+            self._return_credit(True)
 
-    # -- called by the connection -----------------------------------------------
+    # -- Stream hooks -------------------------------------------------------------
 
-    def client_data(self, data: memoryview, flags: int) -> None:
-        if self.client_eof or self.forgotten:
-            return
-        if self.paused & PAUSE_CONNECTING:
-            if data:
-                self.pending_size += len(data)
-                if self.pending_size > MAX_PENDING:
-                    self.conn.stream_failed(self, "client sent too much before OpenOk")
-                    return
-                self.pending.append(bytes(data))
-            if flags & _EOF:
-                self.client_eof = True
-            return
-        if data:
-            self._write(data)
-        if flags & _EOF:
-            self._shutdown_write()
+    def _reading(self, on: bool) -> None:
+        if on:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
 
-    def _write(self, data: Any) -> None:
+    def _deliver(self, data: Any) -> None:
         if self.transport.is_closing():
             return
         self.bytes_in += len(data)
         self.transport.write(bytes(data))  # the view into picows' buffer dies with the callback
 
-    def _shutdown_write(self) -> None:
+    def _client_eof(self) -> None:
         self.client_eof = True
         if self.transport.is_closing():
             return
@@ -149,28 +236,32 @@ class TcpStream(Stream, asyncio.BufferedProtocol):
         if self.target_eof:
             self.transport.close()
 
-    def set_paused(self, reason: int, on: bool) -> None:
-        before = self.paused
-        self.paused = (self.paused | reason) if on else (self.paused & ~reason)
-        if self.transport is None or self.forgotten or (before == 0) == (self.paused == 0):
+
+class UdpStream(Stream, asyncio.DatagramProtocol):
+    """asyncio DatagramProtocol of one connected UDP socket: one Data frame = one datagram."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.forgotten:
             return
-        if self.paused:
-            self.transport.pause_reading()
-        else:
-            self.transport.resume_reading()
+        if self.paused or (self.flow_control and len(data) > self.send_credit):
+            self.dropped += 1
+            return
+        send_frame(self.ws, _DATA, self.stream_id, data)
+        self._sent(len(data))
 
-    def start(self) -> None:
-        pending, self.pending, self.pending_size = self.pending, [], 0
-        self.set_paused(PAUSE_CONNECTING, False)
-        for chunk in pending:
-            self._write(chunk)
-        if self.client_eof:
-            self._shutdown_write()
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors (port unreachable...) are normal for UDP; the flow stays open
 
-    def forget(self) -> None:
-        self.forgotten = True
-        if self.transport is not None:
-            self.transport.abort()
+    def _deliver(self, data: Any) -> None:
+        if (len(data) > MAX_DATAGRAM or self.transport.is_closing()
+                or self.transport.get_write_buffer_size() > HIGH_WATER):
+            self.dropped += 1
+            return
+        self.bytes_in += len(data)
+        self.transport.sendto(bytes(data))
 
 
 class GatewayListener(WSListener):

@@ -61,15 +61,19 @@ def address_bytes(endpoint: Endpoint) -> bytes:
     return socket.inet_pton(endpoint.family, _strip_scope(endpoint.sockaddr[0]))
 
 
-async def connect(endpoints: list[Endpoint]) -> socket.socket:
-    """Connect to the first endpoint that accepts, trying them in order."""
+async def connect(endpoints: list[Endpoint], kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """Connect a socket of `kind` to the first endpoint that accepts, trying them in order.
+
+    For UDP, connecting only fixes the peer: it succeeds unless the address is unusable.
+    """
     loop = asyncio.get_running_loop()
     last: OSError = OSError("no endpoint")
     for endpoint in endpoints:
-        sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+        sock = socket.socket(endpoint.family, kind)
         try:
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.sock_connect(sock, endpoint.sockaddr)
             return sock
         except OSError as exc:
@@ -81,9 +85,9 @@ async def connect(endpoints: list[Endpoint]) -> socket.socket:
     raise last
 
 
-async def open_tcp(host: str, port: int) -> socket.socket:
-    """Resolve `host` and connect to it: the socket of one TCP Open."""
-    return await connect(await lookup(host, port))
+async def open_socket(host: str, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """Resolve `host` and connect a socket of `kind` to it: the socket of one Open."""
+    return await connect(await lookup(host, port), kind)
 
 
 def open_error(exc: BaseException) -> tuple[OpenErrCode, str]:
