@@ -10,8 +10,10 @@ from typing import Optional, Sequence
 
 from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
+from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 
 _D = GatewayConfig()
+_P = Pkcs11Settings()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -47,6 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--idle-ping", type=float, default=_D.idle_ping,
                        help="send a WebSocket ping after this many idle seconds and drop "
                             "the connection if no pong follows; 0 disables")
+    p11 = serve.add_argument_group("PKCS#11 (needs the pkcs11 extra: pip install 'ksw1fast[pkcs11]')")
+    p11.add_argument("--pkcs11-lib", metavar="PATH",
+                     default=os.environ.get("PKCS11_LIB") or os.environ.get("PKCS11_BACKEND"),
+                     help="PKCS#11 module to serve (env PKCS11_LIB, or the reference's "
+                          "PKCS11_BACKEND); without it every call answers 'no PKCS#11 module "
+                          "configured'")
+    p11.add_argument("--pkcs11-isolation", choices=["connection", "worker"],
+                     default=_P.isolation,
+                     help="'connection': an agent process (own login, own sessions) per "
+                          "connection; 'worker': one agent shared by the worker's connections, "
+                          "only with --pkcs11-pin-env")
+    p11.add_argument("--pkcs11-pool-size", type=int, default=_P.pool_size,
+                     help="agent processes kept started for new connections")
+    p11.add_argument("--pkcs11-pin-env", metavar="VAR",
+                     help="environment variable holding the user PIN: the gateway logs in, "
+                          "the browser never sends the PIN")
+    p11.add_argument("--pkcs11-allow-admin", action="store_true",
+                     help="with a gateway-held PIN, still allow InitToken, InitPIN, SetPIN "
+                          "and SO login")
+    p11.add_argument("--pkcs11-allow", metavar="FN", action="append",
+                     help="allow only these functions (repeatable; names as in pkcs11-rpc.md)")
+    p11.add_argument("--pkcs11-deny", metavar="FN", action="append", default=[],
+                     help="refuse these functions with AuthDenied (repeatable)")
+    p11.add_argument("--pkcs11-max-out", type=int, default=_P.max_out,
+                     help="cap on output sizes a client may ask for, in bytes")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="log verbosity (payload bytes are never logged)")
@@ -54,11 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """The settings of `serve`; ValueError with a readable message when they do not fit."""
+    pkcs11 = Pkcs11Settings(
+        lib=args.pkcs11_lib, isolation=args.pkcs11_isolation, pool_size=args.pkcs11_pool_size,
+        pin_env=args.pkcs11_pin_env, allow_admin=args.pkcs11_allow_admin,
+        allow=tuple(args.pkcs11_allow) if args.pkcs11_allow else None,
+        deny=tuple(args.pkcs11_deny), max_out=args.pkcs11_max_out)
     return GatewayConfig(host=args.host, port=args.port, path=args.path,
                          max_streams=args.max_streams, max_payload=args.max_payload,
                          handshake_timeout=args.handshake_timeout,
                          connect_timeout=args.connect_timeout, dns_timeout=args.dns_timeout,
-                         idle_ping=args.idle_ping)
+                         idle_ping=args.idle_ping, pkcs11=pkcs11)
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -74,12 +107,16 @@ async def serve(config: GatewayConfig) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # picows logs every accept on its own; our connection lines say the same with more
     logging.getLogger("picows").setLevel(max(level, logging.WARNING))
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     import uvloop
 
     uvloop.run(serve(config))

@@ -1,9 +1,10 @@
 """Gateway settings: one frozen dataclass shared by the library API and the CLI."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ksw1fast.constants import DEFAULT_MAX_PAYLOAD
+from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class GatewayConfig:
     connect_timeout: float = 10.0    # resolve + TCP connect of one Open
     dns_timeout: float = 5.0         # one DnsQuery
     idle_ping: float = 0.0           # seconds of silence before a WebSocket ping; 0 = off
+    pkcs11: Pkcs11Settings = field(default_factory=Pkcs11Settings)
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):

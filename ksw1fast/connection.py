@@ -10,7 +10,7 @@ import ipaddress
 import logging
 import socket
 import struct
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from picows import WSTransport
 
@@ -20,24 +20,20 @@ from ksw1fast.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CRED
                                 CloseReason, DnsErrCode, Feature, FrameType, OpenErrCode,
                                 Pkcs11Status, Proto, WSClose)
 from ksw1fast.errors import MalformedPayload
-from ksw1fast.messages import OpenOkInfo, OpenRequest, SockAddr
+from ksw1fast.messages import OpenOkInfo, OpenRequest, Pkcs11Request, SockAddr
+from ksw1fast.pkcs11.supervisor import Pkcs11Backend, error_body
 from ksw1fast.resolve import ResolveError, address_bytes, lookup, open_error, open_socket
 
 log = logging.getLogger("ksw1fast")
 
 # What this server really implements; a HelloAck carries the intersection with the client's.
-SERVER_FEATURES = Feature.FLOW_CONTROL | Feature.HALF_CLOSE | Feature.DNS | Feature.UDP
-NO_PKCS11_MODULE = "no PKCS#11 module configured"
+# Pkcs11 is granted even without a module: calls then get a clear Internal error.
+SERVER_FEATURES = (Feature.FLOW_CONTROL | Feature.HALF_CLOSE | Feature.DNS | Feature.UDP
+                   | Feature.PKCS11)
 _CLOSE_ACK = struct.pack("<I", 0)  # what the reference sends; the polyfill accepts either
 _BEFORE_HELLO_OK = {FrameType.HELLO, FrameType.PING}
 _KNOWN_TYPES = {int(t) for t in FrameType}
 _STREAM_CLASSES = {Proto.TCP: relay.TcpStream, Proto.UDP: relay.UdpStream}
-
-
-def _pkcs11_string(text: str) -> bytes:
-    """pkcs11-rpc.md `string`: u32 length + UTF-8."""
-    raw = text.encode()
-    return struct.pack("<I", len(raw)) + raw
 
 
 def _target_host(req: OpenRequest) -> str:
@@ -60,16 +56,18 @@ def _target_host(req: OpenRequest) -> str:
 class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     """State of one client WebSocket of the gateway."""
 
-    def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None]) -> None:
+    def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
+                 pkcs11: Pkcs11Backend) -> None:
         super().__init__(config.max_payload)
         self.config = config
+        self.pkcs11 = pkcs11
         self.peer = "?"
         self.hello_done = False
         self.features = 0
         self.max_streams = 0
         self._on_closed = on_closed
         self._tasks: dict[int, asyncio.Task] = {}  # stream id -> its connect task
-        self._queries: set[asyncio.Task] = set()   # DNS lookups in flight
+        self._queries: set[asyncio.Task] = set()   # DNS lookups and PKCS#11 calls in flight
         self._handlers: dict[int, Callable[[int, int, bytes], None]] = {
             FrameType.HELLO: self._on_duplicate_hello,
             FrameType.OPEN: self._on_open,
@@ -102,6 +100,9 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             info = handshake.sent if handshake.sent is not None else handshake.recv
             code = int(info.code) if info is not None else None
         log.info("connection closed peer=%s open_streams=%d close_code=%s", self.peer, streams, code)
+        close = getattr(self.pkcs11, "close", None)
+        if close is not None:  # ends this connection's agent and its sessions
+            _background(close())
         self._on_closed(self)
 
     def go_away(self) -> None:
@@ -290,13 +291,37 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
 
     def _on_pkcs11_request(self, flags: int, query_id: int, payload: bytes) -> None:
         try:
-            codec.decode_pkcs11_request(payload)
+            request = codec.decode_pkcs11_request(payload)
         except MalformedPayload as exc:
-            status, message = Pkcs11Status.PROTOCOL_ERROR, f"malformed request: {exc}"
-        else:
-            status, message = Pkcs11Status.INTERNAL, NO_PKCS11_MODULE
-        self.send_frame(FrameType.PKCS11_RESPONSE, query_id,
-                        codec.encode_pkcs11_response(status, _pkcs11_string(message)))
+            self._pkcs11_reply(query_id, Pkcs11Status.PROTOCOL_ERROR,
+                               error_body(f"malformed request: {exc}"))
+            return
+        task = asyncio.get_running_loop().create_task(self._pkcs11_call(query_id, request))
+        self._queries.add(task)
+        task.add_done_callback(self._queries.discard)
+
+    async def _pkcs11_call(self, query_id: int, request: Pkcs11Request) -> None:
+        try:
+            status, body = await self.pkcs11.handle(request.fn_id, request.args)
+        except Exception as exc:  # a custom backend's bug must not take the connection down
+            log.exception("PKCS#11 backend failed peer=%s fn=0x%04x", self.peer, request.fn_id)
+            status, body = Pkcs11Status.INTERNAL, error_body(f"backend failure: {exc}")
+        self._pkcs11_reply(query_id, status, body)
+
+    def _pkcs11_reply(self, query_id: int, status: int, body: bytes) -> None:
+        if self.ws is not None and not self.ws.is_disconnected:
+            self.send_frame(FrameType.PKCS11_RESPONSE, query_id,
+                            codec.encode_pkcs11_response(status, body))
+
+
+_tasks_alive: set[asyncio.Task] = set()
+
+
+def _background(coro: Any) -> None:
+    """Run cleanup that must outlive the connection object (held here until done)."""
+    task = asyncio.ensure_future(coro)
+    _tasks_alive.add(task)
+    task.add_done_callback(_tasks_alive.discard)
 
 
 def _sockaddr(addr: tuple) -> SockAddr:

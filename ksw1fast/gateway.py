@@ -13,6 +13,7 @@ from picows import WSUpgradeRequest, ws_create_server
 from ksw1fast.config import GatewayConfig
 from ksw1fast.connection import Connection
 from ksw1fast.constants import HEADER_SIZE
+from ksw1fast.pkcs11.supervisor import NoModule, make_provider
 
 log = logging.getLogger("ksw1fast")
 
@@ -20,14 +21,21 @@ log = logging.getLogger("ksw1fast")
 class Gateway:
     """A running KSW1 gateway; `await close()` (or `async with`) stops it."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, pkcs11_backend: Any = None) -> None:
+        """`pkcs11_backend`: see `ksw1fast.pkcs11.supervisor` (a backend shared by every
+        connection, or a provider with `for_connection()`); default: agents for
+        `config.pkcs11`, or a backend answering "no PKCS#11 module configured"."""
         self.config = config
+        self._pkcs11 = pkcs11_backend or make_provider(config.pkcs11) or NoModule()
         # weak: a connection whose upgrade fails never reports its end
         self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._server: Optional[asyncio.AbstractServer] = None
 
     async def start(self) -> "Gateway":
         cfg = self.config
+        start = getattr(self._pkcs11, "start", None)
+        if start is not None:
+            await start()
         self._server = await ws_create_server(
             self._route, cfg.host, cfg.port,
             websocket_handshake_timeout=cfg.handshake_timeout,
@@ -56,7 +64,9 @@ class Gateway:
     def _route(self, request: WSUpgradeRequest) -> Optional[Connection]:
         if urlsplit(request.path.decode("latin-1")).path != self.config.path:
             return None  # picows answers 404
-        conn = Connection(self.config, self.connections.discard)
+        for_connection = getattr(self._pkcs11, "for_connection", None)
+        backend = for_connection() if for_connection is not None else self._pkcs11
+        conn = Connection(self.config, self.connections.discard, backend)
         self.connections.add(conn)
         return conn
 
@@ -69,6 +79,9 @@ class Gateway:
             conn.go_away()
         await self._server.wait_closed()
         self._server = None
+        close = getattr(self._pkcs11, "close", None)
+        if close is not None:
+            await close()
 
     async def __aenter__(self) -> "Gateway":
         return self
@@ -78,11 +91,15 @@ class Gateway:
 
 
 async def start_gateway(host: str = GatewayConfig.host, port: int = GatewayConfig.port,
-                        path: str = GatewayConfig.path, **settings: Any) -> Gateway:
+                        path: str = GatewayConfig.path, *, pkcs11_backend: Any = None,
+                        **settings: Any) -> Gateway:
     """Start a gateway on the running loop; `settings` are further GatewayConfig fields.
+
+    `pkcs11_backend` replaces the built-in PyKCS11 agents: any object with
+    `async handle(fn_id: int, args: bytes) -> (status, body)` (pkcs11-rpc.md).
 
     The loop should be uvloop's (`uvloop.run(...)`): the relay is tuned for its
     transports, though any asyncio loop works.
     """
     config = dataclasses.replace(GatewayConfig(), host=host, port=port, path=path, **settings)
-    return await Gateway(config).start()
+    return await Gateway(config, pkcs11_backend).start()

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.timeout(60)
 
 async def test_hello_ack_intersects_features_and_limits(connect) -> None:
     client = await connect(features=0x2E, max_streams=64)  # the polyfill's request
-    # Pkcs11 is not granted while no module is configured
-    assert client.features == Feature.HALF_CLOSE | Feature.DNS | Feature.UDP
+    # Pkcs11 is granted even without a module: calls get a clear Internal error
+    assert client.features == Feature.HALF_CLOSE | Feature.DNS | Feature.UDP | Feature.PKCS11
     assert client.max_streams == 64
     assert client.hello_ack.max_payload == 16 * 1024 * 1024
     other = await connect(features=0xFF, max_streams=0)

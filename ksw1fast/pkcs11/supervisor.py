@@ -1,0 +1,286 @@
+"""The gateway's side of PKCS#11: agent processes, the pool, and per-connection backends.
+
+A backend is anything with `async handle(fn_id, args) -> (status, body)`; a connection
+gets its backend from a *provider* (`for_connection()`), and closes it with its WebSocket.
+
+- `ConnectionAgents` (isolation "connection", the default): each connection's first call
+  takes an agent process of its own from a small pool of pre-started ones; closing the
+  connection ends the agent, and with it every session it opened.  Login state belongs
+  to a process, so no connection can ride on another's login.
+- `WorkerAgent` (isolation "worker"): one agent per gateway worker, shared by all its
+  connections, each as its own client with its own handles.  Only with a gateway-held
+  PIN, because then sharing the login is the point.
+- `NoModule`: no module configured; every call answers Internal.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional, Protocol
+
+from ksw1fast.constants import Pkcs11Status
+from ksw1fast.pkcs11 import ipc
+
+log = logging.getLogger("ksw1fast.pkcs11")
+
+NO_MODULE = "no PKCS#11 module configured"
+START_TIMEOUT = 30.0  # loading a module and C_Initialize
+
+
+class Pkcs11Backend(Protocol):
+    async def handle(self, fn_id: int, args: bytes) -> tuple[int, bytes]: ...
+
+
+def error_body(message: str) -> bytes:
+    """The body of ProtocolError / Internal / AuthDenied: a pkcs11-rpc `string`."""
+    raw = message.encode()
+    return struct.pack("<I", len(raw)) + raw
+
+
+@dataclass(frozen=True)
+class Pkcs11Settings:
+    lib: Optional[str] = None              # module path; None = no module configured
+    isolation: str = "connection"          # "connection" or "worker"
+    pool_size: int = 2                     # pre-started agents (isolation "connection")
+    pin_env: Optional[str] = None          # env var holding a gateway-held user PIN
+    allow_admin: bool = False              # token administration despite a gateway PIN
+    allow: Optional[tuple[str, ...]] = None  # fn names allowed (None = all)
+    deny: tuple[str, ...] = field(default_factory=tuple)
+    max_out: int = 1 << 20                 # cap on client-given output sizes
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ("connection", "worker"):
+            raise ValueError("pkcs11 isolation must be 'connection' or 'worker'")
+        if self.isolation == "worker" and not self.pin_env:
+            raise ValueError("pkcs11 isolation 'worker' shares one login between "
+                             "connections: it needs a gateway-held PIN (pin_env)")
+        if self.pool_size < 0 or self.max_out < 1:
+            raise ValueError("pkcs11 pool_size must be >= 0 and max_out >= 1")
+
+    def agent_argv(self, shared: bool) -> list[str]:
+        argv = [sys.executable, "-m", "ksw1fast.pkcs11.agent", "--lib", str(self.lib),
+                "--max-out", str(self.max_out)]
+        if self.pin_env:
+            argv += ["--pin-env", self.pin_env]
+        if self.allow_admin:
+            argv.append("--allow-admin")
+        for name in self.allow or ():
+            argv += ["--allow", name]
+        for name in self.deny:
+            argv += ["--deny", name]
+        if shared:
+            argv.append("--shared")
+        return argv
+
+
+class AgentError(Exception):
+    """The agent could not start, or died."""
+
+
+class AgentProcess:
+    """One running agent: pipelined calls matched to answers by query id."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self._proc = proc
+        self._pending: dict[int, asyncio.Future] = {}
+        self._next_query = 1
+        self._ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.dead: Optional[str] = None  # why it can no longer answer
+        self._reader = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def start(cls, settings: Pkcs11Settings, shared: bool = False) -> "AgentProcess":
+        proc = await asyncio.create_subprocess_exec(
+            *settings.agent_argv(shared), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE)
+        agent = cls(proc)
+        try:
+            await asyncio.wait_for(asyncio.shield(agent._ready), START_TIMEOUT)
+        except BaseException:
+            await agent.stop()
+            raise
+        return agent
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    async def _read(self) -> None:
+        unpacker = ipc.Unpacker()
+        assert self._proc.stdout is not None
+        while data := await self._proc.stdout.read(65536):
+            for message in unpacker.feed(data):
+                self._dispatch(message)
+        code = await self._proc.wait()
+        self._die(f"PKCS#11 agent exited (status {code})")
+
+    def _dispatch(self, message: ipc.Message) -> None:
+        if message.op == ipc.OP_READY:
+            _settle(self._ready, None)
+        elif message.op == ipc.OP_FAILED:
+            self._die(message.body.decode(errors="replace"))
+        else:
+            waiter = self._pending.pop(message.query, None)
+            if message.op == ipc.OP_OPENED:
+                _settle(waiter, message.client)
+            elif message.op == ipc.OP_RESULT:
+                _settle(waiter, (message.body[0], message.body[1:]))
+
+    def _die(self, reason: str) -> None:
+        if self.dead is None:
+            self.dead = reason
+            log.warning("PKCS#11 agent %d: %s", self._proc.pid, reason)
+        error = AgentError(self.dead)
+        for waiter in (self._ready, *self._pending.values()):
+            if not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()  # retrieved: a caller may have gone away meanwhile
+        self._pending.clear()
+
+    def _request(self, op: int, client: int, body: bytes = b"") -> asyncio.Future:
+        waiter = asyncio.get_running_loop().create_future()
+        if self.dead is not None:
+            waiter.set_exception(AgentError(self.dead))
+            return waiter
+        query = self._next_query
+        self._next_query = query + 1 if query < 0xFFFFFFFF else 1
+        self._pending[query] = waiter
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(ipc.pack(op, client, query, body))
+        return waiter
+
+    async def open_client(self) -> int:
+        return await self._request(ipc.OP_OPEN, 0)
+
+    async def call(self, client: int, fn_id: int, args: bytes) -> tuple[int, bytes]:
+        return await self._request(ipc.OP_CALL, client, struct.pack("<H", fn_id) + args)
+
+    def close_client(self, client: int) -> None:
+        if self.dead is None and self._proc.stdin is not None:
+            self._proc.stdin.write(ipc.pack(ipc.OP_CLOSE, client, 0))
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Close its stdin (it finalises and exits); kill it if it does not."""
+        if self._proc.returncode is None:
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+            try:
+                await asyncio.wait_for(self._proc.wait(), timeout)
+            except asyncio.TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
+        await self._reader
+
+
+def _settle(waiter: Optional[asyncio.Future], value: Any) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(value)
+
+
+class AgentClient:
+    """One connection's backend: a client on an agent, answering Internal once it is gone."""
+
+    def __init__(self, acquire: Callable[[], Awaitable[AgentProcess]], own_agent: bool) -> None:
+        self._acquire = acquire      # called on the first PKCS#11 call only
+        self._own_agent = own_agent  # end the whole agent with the connection
+        self._agent: Optional[AgentProcess] = None
+        self._client: Optional[int] = None
+        self._lock = asyncio.Lock()
+
+    async def _attach(self) -> tuple[AgentProcess, int]:
+        async with self._lock:
+            if self._agent is None:
+                self._agent = await self._acquire()
+            if self._client is None:
+                self._client = await self._agent.open_client()
+        return self._agent, self._client
+
+    async def handle(self, fn_id: int, args: bytes) -> tuple[int, bytes]:
+        try:
+            agent, client = await self._attach()
+            return await agent.call(client, fn_id, args)
+        except AgentError as exc:
+            return Pkcs11Status.INTERNAL, error_body(str(exc))
+
+    async def close(self) -> None:
+        if self._agent is None:
+            return
+        if self._own_agent:
+            await self._agent.stop()
+        elif self._client is not None:
+            self._agent.close_client(self._client)
+
+
+class ConnectionAgents:
+    """Isolation "connection": an agent process per connection, from a pre-started pool."""
+
+    def __init__(self, settings: Pkcs11Settings) -> None:
+        self.settings = settings
+        self._pool: list[asyncio.Future] = []
+
+    async def start(self) -> None:
+        self._refill()
+
+    def _refill(self) -> None:
+        while len(self._pool) < self.settings.pool_size:
+            self._pool.append(asyncio.ensure_future(AgentProcess.start(self.settings)))
+
+    def _take(self) -> "asyncio.Future[AgentProcess]":
+        source = (self._pool.pop(0) if self._pool
+                  else asyncio.ensure_future(AgentProcess.start(self.settings)))
+        self._refill()
+        return source
+
+    def for_connection(self) -> AgentClient:
+        # taken on first use: only a connection that calls PKCS#11 costs a process
+        return AgentClient(self._take, own_agent=True)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, []
+        for source in pool:
+            try:
+                agent = await source
+            except (AgentError, OSError, asyncio.TimeoutError):
+                continue
+            await agent.stop()
+
+
+class WorkerAgent:
+    """Isolation "worker": one agent shared by this worker's connections."""
+
+    def __init__(self, settings: Pkcs11Settings) -> None:
+        self.settings = settings
+        self._agent: Optional[asyncio.Future] = None
+
+    async def start(self) -> None:
+        self._agent = asyncio.ensure_future(AgentProcess.start(self.settings, shared=True))
+
+    def for_connection(self) -> AgentClient:
+        assert self._agent is not None, "start() first"
+        shared = self._agent
+        # shielded: a connection giving up its first call must not cancel everyone's agent
+        return AgentClient(lambda: asyncio.shield(shared), own_agent=False)
+
+    async def close(self) -> None:
+        if self._agent is not None:
+            try:
+                agent = await self._agent
+            except (AgentError, OSError, asyncio.TimeoutError):
+                return
+            await agent.stop()
+
+
+class NoModule:
+    """No module configured: a clear error for every call."""
+
+    async def handle(self, fn_id: int, args: bytes) -> tuple[int, bytes]:
+        return Pkcs11Status.INTERNAL, error_body(NO_MODULE)
+
+
+def make_provider(settings: Pkcs11Settings) -> Any:
+    if settings.lib is None:
+        return None
+    return (WorkerAgent if settings.isolation == "worker" else ConnectionAgents)(settings)
