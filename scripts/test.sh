@@ -1,9 +1,30 @@
 #!/usr/bin/env bash
-# Installs everything the test suite needs into ./.venv and runs the whole suite.
+# The whole test suite, run against the INSTALLED package: builds the sdist and a wheel
+# from it, checks and repairs the wheel with auditwheel, installs it into a fresh
+# virtual environment and runs pytest from outside the source tree, so a file missing
+# from the wheel or a build step missing from the sdist fails here.
 # Usage: ./scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/_venv.sh
-# editable: builds the Cython extensions in place, so the tests run the compiled code
-.venv/bin/python -m pip install -q -e '.[test]'
-exec .venv/bin/python -m pytest "$@"
+root=$PWD
+export DEBIAN_FRONTEND=noninteractive
+
+. scripts/_venv.sh  # .venv: the build tools
+# auditwheel after 6.5 wants a newer patchelf than Debian 12's 0.14.3
+.venv/bin/python -m pip install -q build "auditwheel>=6.4,<6.6"
+command -v patchelf >/dev/null || { apt-get update -qq && apt-get install -y -qq patchelf >/dev/null; }
+
+rm -rf dist wheelhouse
+.venv/bin/python -m build --outdir dist . >/dev/null   # the sdist, then a wheel built from it
+.venv/bin/auditwheel show dist/*.whl
+.venv/bin/auditwheel repair --wheel-dir wheelhouse dist/*.whl >/dev/null
+
+rm -rf .venv-test
+"$python" -m venv .venv-test
+.venv-test/bin/python -m pip install -q --upgrade pip
+.venv-test/bin/python -m pip install -q "$(ls wheelhouse/*.whl)[test,pkcs11]"
+
+cd "$(mktemp -d)"  # where the source tree's ksw1fast/ is not importable
+"$root/.venv-test/bin/python" -c 'import ksw1fast, sys; f = ksw1fast.__file__; \
+    sys.exit(0 if "site-packages" in f else f"testing {f}, not the installed wheel")'
+exec "$root/.venv-test/bin/python" -m pytest "$root/tests" -p no:cacheprovider "$@"
