@@ -1,0 +1,432 @@
+"""Egress policy: which destinations a client may open, resolve or reach (spec §4, §7, §8).
+
+Pure decisions over plain values, no I/O.
+
+Rule syntax (CLI and TOML strings)::
+
+    ACTION [PROTO] TARGET
+
+    ACTION  allow | deny
+    PROTO   tcp | udp | any                       (default any)
+    TARGET  HOST[:PORTS] | [IPV6[/LEN]][:PORTS] | IPV6[/LEN]
+    HOST    *                    any destination, name or address
+            a host name pattern  `*` matches any run of characters, dots included;
+                                 case-insensitive; no other wildcards
+            an IPv4 address or CIDR
+    PORTS   N | N-M | *          (default *: every port)
+
+An IPv6 address or network takes brackets when it has ports (`[::1]:1-65535`,
+`[fd00::/8]:22`); without ports it may be bare (`deny fd00::/8`). Examples::
+
+    allow tcp db.internal:5432
+    allow tcp *.internal:8000-8999
+    allow udp *:53
+    allow tcp [::1]:1-65535
+    deny any 10.0.0.0/8
+    deny 169.254.0.0/16
+    allow 169.254.169.254:80      # the metadata service, on purpose
+
+TOML may give the same rule as a table: ``{action = "allow", proto = "tcp",
+host = "*.internal", ports = "5432"}`` (`proto` defaults to any, `host` to `*`,
+`ports` to every port; `ports` may be an integer).
+
+Semantics:
+
+- Rules are tried in order and the first rule matching protocol, port and host wins.
+- With no matching rule the default is deny when any `allow` rule exists, else allow.
+- `*.example.com` does not match `example.com`; list both when both are meant.
+  A name pattern never matches an IP literal: write a CIDR for those.
+- Special addresses (link-local 169.254.0.0/16 and fe80::/10, where cloud metadata
+  lives, cloud metadata fd00:ec2::254 and 100.100.100.200, 0.0.0.0/8, `::`,
+  multicast, broadcast) are denied unless a CIDR `allow` lying inside that special
+  range admits them: neither `*` nor name rules nor `allow 0.0.0.0/0` reach
+  169.254.169.254. IPv4-mapped IPv6 (`::ffff:169.254.169.254`) counts as its IPv4.
+
+Using it against DNS rebinding (the server's job, made natural here)::
+
+    policy.check_name(host, port, proto)             # before resolving: may one ask?
+    for ip in resolved:                              # then every address to be used
+        policy.check_address(ip, port, proto, name=host)
+    policy.filter_dns(name, addresses)               # DnsResult: keep allowed answers
+
+`check_name` judges name rules only (a CIDR `allow` admits a name provisionally,
+pending its addresses); `check_address` is authoritative, so a name allowed by pattern
+that resolves to 169.254.169.254 is still denied. Name `deny` rules are advisory
+(resolver search domains, numeric forms like `2852039166`); CIDR denies are not.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Iterable, Mapping, TypeVar
+
+from ksw1fast.constants import Proto
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Addr = TypeVar("Addr", bound="str | bytes | IPAddress")
+
+ANY_PORT = (0, 65535)
+_PROTOS = ("tcp", "udp")
+_SYNTAX = "expected 'allow|deny [tcp|udp|any] HOST[:PORTS]'"
+_NAME_PATTERN = re.compile(r"[a-z0-9_*-]+(\.[a-z0-9_*-]+)*")
+_NUMERIC = re.compile(r"[0-9.*]+")
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+_SPECIAL: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(net), what) for net, what in (
+        ("169.254.0.0/16", "link-local (cloud metadata)"),
+        ("fe80::/10", "link-local"),
+        ("fd00:ec2::254/128", "cloud metadata (AWS IPv6)"),
+        ("100.100.100.200/32", "cloud metadata (Alibaba)"),
+        ("0.0.0.0/8", "in 0.0.0.0/8 (reaches the local host)"),
+        ("::/128", "the unspecified address (reaches the local host)"),
+        ("224.0.0.0/4", "multicast"),
+        ("ff00::/8", "multicast"),
+        ("255.255.255.255/32", "broadcast"),
+    ))
+
+
+def compile_wildcard(pattern: str, star: str = ".*") -> re.Pattern[str]:
+    """A regex (for `fullmatch`) where `*` matches `star` and all else is literal.
+
+    Unlike fnmatch there are no `?` or `[...]` classes, so `[::1]` means itself.
+    Callers lower-case both sides.
+    """
+    return re.compile(star.join(map(re.escape, pattern.split("*"))))
+
+
+_compiled = lru_cache(maxsize=1024)(compile_wildcard)
+
+
+def normalize_name(name: str) -> str | None:
+    """A host name as the resolver sees it: IDNA (punycode), lower case, no final dot.
+
+    None when it cannot be encoded (getaddrinfo would refuse it too).
+    """
+    name = name.strip()
+    name = name[:-1] if name.endswith(".") else name
+    try:
+        name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    return name.lower() or None
+
+
+def _unmap(ip: IPAddress) -> IPAddress:
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped if mapped is not None else ip
+
+
+def to_address(ip: str | bytes | IPAddress) -> IPAddress:
+    """An address from text (zone id allowed), 4/16 raw bytes or an address; IPv4-mapped
+    IPv6 becomes its IPv4. Raises ValueError for anything else."""
+    return _unmap(ipaddress.ip_address(ip))
+
+
+def _literal(host: str) -> IPAddress | None:
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return to_address(text)
+    except ValueError:
+        return None
+
+
+def normalize_proto(proto: str | int | None) -> str | None:
+    """'tcp', 'udp' or None (any) from tcp/udp/any, a `Proto` or None; ValueError else."""
+    if proto is None:
+        return None
+    if isinstance(proto, int):
+        return Proto(proto).name.lower()
+    name = proto.strip().lower()
+    if name == "any":
+        return None
+    if name not in _PROTOS:
+        raise ValueError(f"unknown protocol {proto!r}: use tcp, udp or any")
+    return name
+
+
+def _special(ip: IPAddress) -> tuple[IPNetwork, str] | None:
+    for net, what in _SPECIAL:
+        if ip.version == net.version and ip in net:
+            return net, what
+    return None
+
+
+def _dest(host: object, port: int | None, proto: str | None) -> str:
+    text = f"[{host}]" if ":" in str(host) and port is not None else str(host)
+    return f"{proto or 'any'} {text}" + (f":{port}" if port is not None else "")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer of a check; `reason` is fit for logs and OpenErr messages."""
+
+    allowed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One parsed rule. `host` is `*`, a lower-case name pattern or the network's text."""
+
+    action: str                       # "allow" or "deny"
+    proto: str | None                 # "tcp", "udp" or None for any
+    host: str
+    network: IPNetwork | None = None  # set when the host is an address or CIDR
+    ports: tuple[int, int] = ANY_PORT
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, object]) -> Rule:
+        """A rule from a TOML table: keys action (required), proto, host, ports."""
+        where = f"rule {dict(data)!r}"
+        unknown = set(data) - {"action", "proto", "host", "ports"}
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        if "action" not in data:
+            raise ValueError(f"{where}: 'action' (allow or deny) is required")
+        host = str(data.get("host", "*")).strip()
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        return cls(_action(str(data["action"]), where),
+                   _rule_proto(str(data.get("proto", "any")), where),
+                   *_host(host, where), _ports(str(data.get("ports", "*")), where))
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        lo, hi = self.ports
+        ports = "" if self.ports == ANY_PORT else f":{lo}" if lo == hi else f":{lo}-{hi}"
+        return f"{self.action} {self.proto or 'any'} {host}{ports}"
+
+    def matches(self, host: str, port: int | None = None, proto: str | int | None = None) -> bool:
+        """Whether this rule covers a destination as a client names it (a host name or an
+        IP literal); a None port or proto is not checked."""
+        proto = normalize_proto(proto)
+        if proto is not None and self.proto not in (None, proto):
+            return False
+        if port is not None and not self.ports[0] <= port <= self.ports[1]:
+            return False
+        ip = _literal(host)
+        return self._host_matches(ip, normalize_name(host) if ip is None else None)
+
+    def _host_matches(self, ip: IPAddress | None, name: str | None) -> bool:
+        if self.network is not None:
+            return ip is not None and ip.version == self.network.version and ip in self.network
+        if self.host == "*":
+            return True
+        return name is not None and _compiled(self.host).fullmatch(name) is not None
+
+
+def _action(text: str, where: str) -> str:
+    action = text.strip().lower()
+    if action not in ("allow", "deny"):
+        raise ValueError(f"{where}: action must be allow or deny, not {text!r}")
+    return action
+
+
+def _rule_proto(text: str, where: str) -> str | None:
+    try:
+        return normalize_proto(text)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _host(text: str, where: str) -> tuple[str, IPNetwork | None]:
+    if text == "*":
+        return "*", None
+    try:
+        net = ipaddress.ip_network(text)
+    except ValueError as exc:
+        if "/" in text or ":" in text:
+            raise ValueError(f"{where}: {exc}") from None
+    else:
+        if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
+            net = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+        return str(net.network_address if net.num_addresses == 1 else net), net
+    name = normalize_name(text)
+    if name is None or not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"{where}: {text!r} is not a host name pattern, address or CIDR")
+    if _NUMERIC.fullmatch(name):  # `10.*` would silently never match an address
+        raise ValueError(f"{where}: {text!r} looks like an address; write a CIDR (10.0.0.0/8)")
+    return name, None
+
+
+def _ports(text: str, where: str) -> tuple[int, int]:
+    text = text.strip()
+    if text == "*":
+        return ANY_PORT
+    low, dash, high = text.partition("-")
+    try:
+        lo, hi = int(low), int(high if dash else low)
+    except ValueError:
+        raise ValueError(f"{where}: ports must be N, N-M or *, not {text!r}") from None
+    if not 1 <= lo <= hi <= 65535:
+        raise ValueError(f"{where}: ports {text!r} must lie in 1-65535, low first")
+    return lo, hi
+
+
+def _target(text: str, where: str) -> tuple[str, IPNetwork | None, tuple[int, int]]:
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{where}: write an IPv6 target as [ADDRESS[/LEN]][:PORTS]")
+        if ":" not in host:
+            raise ValueError(f"{where}: brackets are for IPv6 addresses, not {host!r}")
+        ports = rest[1:] if rest else "*"
+    elif text.count(":") > 1:  # a bare IPv6 address or network, every port
+        host, ports = text, "*"
+    else:
+        host, colon, ports = text.partition(":")
+        ports = ports if colon else "*"
+    if not host:
+        raise ValueError(f"{where}: the host is empty ({_SYNTAX})")
+    return (*_host(host, where), _ports(ports, where))
+
+
+def _parse(action: str, words: list[str], where: str) -> Rule:
+    if len(words) == 1 and words[0].lower() not in (*_PROTOS, "any"):
+        return Rule(action, None, *_target(words[0], where))
+    if len(words) == 2:
+        return Rule(action, _rule_proto(words[0], where), *_target(words[1], where))
+    raise ValueError(f"{where}: {_SYNTAX}")
+
+
+def parse_rule(text: str) -> Rule:
+    """Parse `ACTION [PROTO] TARGET`, e.g. `allow tcp db.internal:5432`; ValueError if bad."""
+    where = f"rule {text.strip()!r}"
+    words = text.split()
+    if not words:
+        raise ValueError(f"{where}: {_SYNTAX}")
+    return _parse(_action(words[0], where), words[1:], where)
+
+
+def parse_destination(text: str) -> Rule:
+    """Parse `[PROTO] TARGET` (a rule without its action) as an allow rule, e.g. a token
+    scope entry `udp *:53`."""
+    return _parse("allow", text.split(), f"destination {text.strip()!r}")
+
+
+def _uncovered(lo: int, hi: int, covered: list[tuple[int, int]]) -> bool:
+    """Whether some port in lo..hi lies in none of the `covered` ranges."""
+    for a, b in sorted(covered):
+        if a > lo:
+            return True
+        lo = max(lo, b + 1)
+        if lo > hi:
+            return False
+    return lo <= hi
+
+
+RuleSource = Rule | str | Mapping[str, object]
+
+
+def _as_rule(source: RuleSource) -> Rule:
+    if isinstance(source, Rule):
+        return source
+    return parse_rule(source) if isinstance(source, str) else Rule.from_mapping(source)
+
+
+class EgressPolicy:
+    """An ordered rule list; see the module docstring for syntax and semantics.
+
+    Every check takes `port` and `proto` (tcp, udp, any, a `Proto`); None for either
+    (DnsQuery has neither) asks whether ANY port/protocol would be allowed.
+    """
+
+    def __init__(self, rules: Iterable[RuleSource] = ()) -> None:
+        self.rules: tuple[Rule, ...] = tuple(map(_as_rule, rules))
+        self.default_allow = not any(r.action == "allow" for r in self.rules)
+
+    def __repr__(self) -> str:
+        return f"EgressPolicy({[str(r) for r in self.rules]!r})"
+
+    def is_default(self) -> bool:
+        """True for the permissive default: no rules (special addresses still denied)."""
+        return not self.rules
+
+    def check_name(self, name: str, port: int | None = None,
+                   proto: str | int | None = None) -> Decision:
+        """May a client ask for `name` at all (before resolving; DnsQuery)?
+
+        Name rules and `*` decide; a CIDR `allow` admits the name pending its addresses.
+        An IP literal is judged as `check_address` would.
+        """
+        ip = _literal(name)
+        if ip is not None:
+            return self.check_address(ip, port, proto)
+        norm = normalize_name(name)
+        if norm is None:
+            return Decision(False, f"invalid host name {name!r}")
+
+        def host_match(rule: Rule) -> bool:
+            if rule.network is not None:
+                return rule.action == "allow"
+            return rule._host_matches(None, norm)
+
+        proto = normalize_proto(proto)
+        return self._evaluate(host_match, port, proto, _dest(norm, port, proto), None)
+
+    def check_address(self, ip: str | bytes | IPAddress, port: int | None = None,
+                      proto: str | int | None = None, name: str | None = None) -> Decision:
+        """May the gateway use address `ip` (after resolving `name`, if given)?
+
+        CIDR rules, `*`, and name rules for `name` apply; a special address needs a CIDR
+        allow inside its special range. `ip`: text, 4/16 raw bytes or an address.
+        """
+        addr = to_address(ip)
+        norm = None if name is None or _literal(name) is not None else normalize_name(name)
+        special = _special(addr)
+
+        def host_match(rule: Rule) -> bool:
+            if special is not None and rule.action == "allow":
+                net = rule.network
+                return (net is not None and net.version == addr.version and addr in net
+                        and net.subnet_of(special[0]))  # type: ignore[arg-type]
+            return rule._host_matches(addr, norm)
+
+        proto = normalize_proto(proto)
+        dest = _dest(addr, port, proto) + (f" ({norm})" if norm else "")
+        reason = None if special is None else f"{addr} is {special[1]}"
+        return self._evaluate(host_match, port, proto, dest, reason)
+
+    def filter_dns(self, name: str, addresses: Iterable[Addr]) -> list[Addr]:
+        """The DnsResult answers for `name` the rules allow, as given; empty → Refused."""
+        return [a for a in addresses if self.check_address(a, None, None, name).allowed]
+
+    def _evaluate(self, host_match: Callable[[Rule], bool], port: int | None,
+                  proto: str | None, dest: str, special: str | None) -> Decision:
+        # First match, generalised to unknown port/proto: allowed when some (proto, port)
+        # of the query reaches an allow rule before every deny covering it.
+        protos = _PROTOS if proto is None else (proto,)
+        lo, hi = (1, 65535) if port is None else (port, port)  # port 0 is no destination
+        denied: dict[str, list[tuple[int, int]]] = {p: [] for p in protos}
+        first_deny: Rule | None = None
+        for rule in self.rules:
+            r_lo, r_hi = max(lo, rule.ports[0]), min(hi, rule.ports[1])
+            hit = [p for p in protos if rule.proto in (None, p)]
+            if r_lo > r_hi or not hit or not host_match(rule):
+                continue
+            if rule.action == "deny":
+                for p in hit:
+                    denied[p].append((r_lo, r_hi))
+                first_deny = first_deny or rule
+            elif any(_uncovered(r_lo, r_hi, denied[p]) for p in hit):
+                return Decision(True, f"{dest} allowed by rule '{rule}'")
+        if (self.default_allow and special is None
+                and any(_uncovered(lo, hi, denied[p]) for p in protos)):
+            return Decision(True, f"{dest} allowed by default (no allow rules)")
+        if first_deny is not None:
+            return Decision(False, f"{dest} denied by rule '{first_deny}'")
+        return Decision(False, special or f"no rule allows {dest}")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen address is loopback only: 127.0.0.0/8, ::1 (or mapped), localhost."""
+    if normalize_name(host) == "localhost":
+        return True
+    ip = _literal(host)
+    return ip is not None and ip.is_loopback
