@@ -1,4 +1,4 @@
-"""`ksw1fast` command line: `serve` runs the gateway; `--version` prints the version."""
+"""`ksw1fast` command line: `serve`, `check-config`, `token issue`, `--version`."""
 from __future__ import annotations
 
 import argparse
@@ -6,92 +6,136 @@ import asyncio
 import logging
 import os
 import signal
-from typing import Optional, Sequence
+import sys
+from typing import Any, Optional, Sequence
 
 from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
+from ksw1fast.config_file import ConfigError, check_config_file, make_config, read_config_file
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
+from ksw1fast.token_cli import add_token_commands
 
 _D = GatewayConfig()
 _P = Pkcs11Settings()
 
+# serve flag -> (GatewayConfig field, or "pkcs11.<field>")
+_FIELDS = {
+    "host": "host", "port": "port", "path": "path", "max_streams": "max_streams",
+    "max_payload": "max_payload", "handshake_timeout": "handshake_timeout",
+    "connect_timeout": "connect_timeout", "dns_timeout": "dns_timeout",
+    "idle_ping": "idle_ping", "token_file": "token_file",
+    "token_secret_env": "token_secret_env", "open_token": "open_token",
+    "allow_origin": "allow_origins", "egress": "egress", "insecure": "insecure",
+    "pkcs11_lib": "pkcs11.lib", "pkcs11_isolation": "pkcs11.isolation",
+    "pkcs11_pool_size": "pkcs11.pool_size", "pkcs11_pin_env": "pkcs11.pin_env",
+    "pkcs11_allow_admin": "pkcs11.allow_admin", "pkcs11_allow": "pkcs11.allow",
+    "pkcs11_deny": "pkcs11.deny", "pkcs11_max_out": "pkcs11.max_out",
+}
+# environment names of the reference server
+_ENV = {"GATEWAY_HOST": ("host", str), "GATEWAY_PORT": ("port", int),
+        "GATEWAY_PATH": ("path", str), "PKCS11_BACKEND": ("pkcs11.lib", str),
+        "PKCS11_LIB": ("pkcs11.lib", str)}
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value else default
+
+def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
+    """Flags default to None: only what is given overrides the file and the environment."""
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file (see README)")
+    net = serve.add_argument_group("listening")
+    net.add_argument("--host", help=f"address to listen on (env GATEWAY_HOST; default {_D.host})")
+    net.add_argument("--port", type=int,
+                     help=f"TCP port; 0 picks a free one (env GATEWAY_PORT; default {_D.port})")
+    net.add_argument("--path", help=f"URL path of the endpoint (env GATEWAY_PATH; default {_D.path})")
+    limits = serve.add_argument_group("limits")
+    limits.add_argument("--max-streams", type=int,
+                        help=f"most streams per connection (default {_D.max_streams})")
+    limits.add_argument("--max-payload", type=int,
+                        help=f"largest frame payload in bytes, above it close 1009 "
+                             f"(default {_D.max_payload})")
+    limits.add_argument("--handshake-timeout", type=float,
+                        help=f"seconds to complete the upgrade (default {_D.handshake_timeout})")
+    limits.add_argument("--connect-timeout", type=float,
+                        help=f"seconds to resolve and connect an Open (default {_D.connect_timeout})")
+    limits.add_argument("--dns-timeout", type=float,
+                        help=f"seconds for a DnsQuery (default {_D.dns_timeout})")
+    limits.add_argument("--idle-ping", type=float,
+                        help="ping after this many idle seconds and drop the connection "
+                             "without a pong; 0 disables (default 0)")
+    sec = serve.add_argument_group("security (README: Security)")
+    sec.add_argument("--token-file", metavar="FILE",
+                     help="accepted tokens, one per line, or sha256:<hex> of each")
+    sec.add_argument("--token-secret-env", metavar="VAR",
+                     help="environment variable with the HMAC secret of signed tokens "
+                          "(ksw1fast token issue)")
+    sec.add_argument("--open-token", action="store_const", const=True,
+                     help="upgrade without a handshake token; each Open, DnsQuery and "
+                          "Pkcs11Request then needs a valid token (Open field or Hello)")
+    sec.add_argument("--allow-origin", metavar="PATTERN", action="append",
+                     help="browser Origin allowed to connect, '*' wildcards (repeatable); "
+                          "default: no Origin, or localhost / 127.0.0.1 / [::1] on any port")
+    sec.add_argument("--egress", metavar="RULE", action="append",
+                     help="egress rule, e.g. 'allow tcp db.internal:5432' or "
+                          "'deny any 10.0.0.0/8' (repeatable, first match wins; any allow "
+                          "rule makes the default deny)")
+    sec.add_argument("--insecure", action="store_const", const=True,
+                     help="listen on a non-loopback address without tokens")
+    p11 = serve.add_argument_group("PKCS#11 (needs the extra: pip install 'ksw1fast[pkcs11]')")
+    p11.add_argument("--pkcs11-lib", metavar="PATH",
+                     help="PKCS#11 module to serve (env PKCS11_LIB, or the reference's "
+                          "PKCS11_BACKEND); without one every call answers 'no PKCS#11 "
+                          "module configured'")
+    p11.add_argument("--pkcs11-isolation", choices=["connection", "worker"],
+                     help="'connection' (default): an agent process, with its own login and "
+                          "sessions, per connection; 'worker': one agent shared by the "
+                          "worker's connections, only with --pkcs11-pin-env")
+    p11.add_argument("--pkcs11-pool-size", type=int,
+                     help=f"agents kept started for new connections (default {_P.pool_size})")
+    p11.add_argument("--pkcs11-pin-env", metavar="VAR",
+                     help="environment variable with the user PIN: the gateway logs in and "
+                          "the browser never sends the PIN")
+    p11.add_argument("--pkcs11-allow-admin", action="store_const", const=True,
+                     help="with a gateway-held PIN, still allow InitToken, InitPIN, SetPIN "
+                          "and SO login")
+    p11.add_argument("--pkcs11-allow", metavar="FN", action="append",
+                     help="allow only these functions (repeatable; pkcs11-rpc.md names)")
+    p11.add_argument("--pkcs11-deny", metavar="FN", action="append",
+                     help="refuse these functions with AuthDenied (repeatable)")
+    p11.add_argument("--pkcs11-max-out", type=int,
+                     help=f"cap on output sizes a client may ask for (default {_P.max_out})")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"],
+                       help="log verbosity; payloads, tokens and PINs are never logged")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ksw1fast", description="KSW1 WebSocket gateway")
     parser.add_argument("--version", action="version", version=f"ksw1fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser(
+    _add_serve_flags(sub.add_parser(
         "serve", help="run the gateway",
-        description="Serve KSW1 on ws://HOST:PORT/PATH. Defaults come from GATEWAY_HOST, "
-                    "GATEWAY_PORT and GATEWAY_PATH when set.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    serve.add_argument("--host", default=os.environ.get("GATEWAY_HOST") or _D.host,
-                       help="address to listen on (env GATEWAY_HOST)")
-    serve.add_argument("--port", type=int, default=_env_int("GATEWAY_PORT", _D.port),
-                       help="TCP port to listen on; 0 picks a free one (env GATEWAY_PORT)")
-    serve.add_argument("--path", default=os.environ.get("GATEWAY_PATH") or _D.path,
-                       help="URL path of the WebSocket endpoint (env GATEWAY_PATH)")
-    serve.add_argument("--max-streams", type=int, default=_D.max_streams,
-                       help="most streams one connection may have open")
-    serve.add_argument("--max-payload", type=int, default=_D.max_payload,
-                       help="largest KSW1 frame payload in bytes; larger closes with 1009")
-    serve.add_argument("--handshake-timeout", type=float, default=_D.handshake_timeout,
-                       help="seconds a client has to complete the WebSocket upgrade")
-    serve.add_argument("--connect-timeout", type=float, default=_D.connect_timeout,
-                       help="seconds to resolve and connect one Open")
-    serve.add_argument("--dns-timeout", type=float, default=_D.dns_timeout,
-                       help="seconds for one DnsQuery")
-    serve.add_argument("--idle-ping", type=float, default=_D.idle_ping,
-                       help="send a WebSocket ping after this many idle seconds and drop "
-                            "the connection if no pong follows; 0 disables")
-    p11 = serve.add_argument_group("PKCS#11 (needs the pkcs11 extra: pip install 'ksw1fast[pkcs11]')")
-    p11.add_argument("--pkcs11-lib", metavar="PATH",
-                     default=os.environ.get("PKCS11_LIB") or os.environ.get("PKCS11_BACKEND"),
-                     help="PKCS#11 module to serve (env PKCS11_LIB, or the reference's "
-                          "PKCS11_BACKEND); without it every call answers 'no PKCS#11 module "
-                          "configured'")
-    p11.add_argument("--pkcs11-isolation", choices=["connection", "worker"],
-                     default=_P.isolation,
-                     help="'connection': an agent process (own login, own sessions) per "
-                          "connection; 'worker': one agent shared by the worker's connections, "
-                          "only with --pkcs11-pin-env")
-    p11.add_argument("--pkcs11-pool-size", type=int, default=_P.pool_size,
-                     help="agent processes kept started for new connections")
-    p11.add_argument("--pkcs11-pin-env", metavar="VAR",
-                     help="environment variable holding the user PIN: the gateway logs in, "
-                          "the browser never sends the PIN")
-    p11.add_argument("--pkcs11-allow-admin", action="store_true",
-                     help="with a gateway-held PIN, still allow InitToken, InitPIN, SetPIN "
-                          "and SO login")
-    p11.add_argument("--pkcs11-allow", metavar="FN", action="append",
-                     help="allow only these functions (repeatable; names as in pkcs11-rpc.md)")
-    p11.add_argument("--pkcs11-deny", metavar="FN", action="append", default=[],
-                     help="refuse these functions with AuthDenied (repeatable)")
-    p11.add_argument("--pkcs11-max-out", type=int, default=_P.max_out,
-                     help="cap on output sizes a client may ask for, in bytes")
-    serve.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"],
-                       help="log verbosity (payload bytes are never logged)")
+        description="Serve KSW1 on ws://HOST:PORT/PATH (default ws://127.0.0.1:8088/ws). "
+                    "Settings: defaults < --config file < environment < flags."))
+    check = sub.add_parser("check-config", help="validate a TOML configuration file")
+    check.add_argument("file")
+    add_token_commands(sub)
     return parser
 
 
+def _put(values: dict[str, Any], key: str, value: Any) -> None:
+    table, _, name = key.rpartition(".")
+    (values.setdefault(table, {}) if table else values)[name] = value
+
+
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    """The settings of `serve`; ValueError with a readable message when they do not fit."""
-    pkcs11 = Pkcs11Settings(
-        lib=args.pkcs11_lib, isolation=args.pkcs11_isolation, pool_size=args.pkcs11_pool_size,
-        pin_env=args.pkcs11_pin_env, allow_admin=args.pkcs11_allow_admin,
-        allow=tuple(args.pkcs11_allow) if args.pkcs11_allow else None,
-        deny=tuple(args.pkcs11_deny), max_out=args.pkcs11_max_out)
-    return GatewayConfig(host=args.host, port=args.port, path=args.path,
-                         max_streams=args.max_streams, max_payload=args.max_payload,
-                         handshake_timeout=args.handshake_timeout,
-                         connect_timeout=args.connect_timeout, dns_timeout=args.dns_timeout,
-                         idle_ping=args.idle_ping, pkcs11=pkcs11)
+    """Merge file, environment and flags; ValueError (ConfigError) when they do not fit."""
+    values: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    for env, (key, kind) in _ENV.items():
+        if os.environ.get(env):
+            _put(values, key, kind(os.environ[env]))
+    for flag, key in _FIELDS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            _put(values, key, tuple(value) if isinstance(value, list) else value)
+    return make_config(values)
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -109,13 +153,26 @@ async def serve(config: GatewayConfig) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "token":
+        sys.exit(args.run(args))
+    if args.command == "check-config":
+        try:
+            check_config_file(args.file)
+        except (ConfigError, OSError) as exc:
+            print(f"ksw1fast: {exc}", file=sys.stderr)
+            sys.exit(2)
+        print(f"{args.file}: ok")
+        return
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # picows logs every accept on its own; our connection lines say the same with more
     logging.getLogger("picows").setLevel(max(level, logging.WARNING))
     try:
         config = config_from_args(args)
-    except ValueError as exc:
+        from ksw1fast.security import Security
+
+        Security(config)  # refuse unsafe settings before anything listens
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
     import uvloop
 

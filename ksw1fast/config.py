@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ksw1fast.constants import DEFAULT_MAX_PAYLOAD
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
@@ -19,6 +20,14 @@ class GatewayConfig:
     dns_timeout: float = 5.0         # one DnsQuery
     idle_ping: float = 0.0           # seconds of silence before a WebSocket ping; 0 = off
     pkcs11: Pkcs11Settings = field(default_factory=Pkcs11Settings)
+    # -- security (README "Security") --
+    token_file: Optional[str] = None       # static tokens, one per line or sha256:<hex>
+    token_secret_env: Optional[str] = None  # env var holding the HMAC secret of signed tokens
+    open_token: bool = False               # upgrade without a handshake token; each Open
+                                           # must then carry one (OpenToken)
+    allow_origins: tuple[str, ...] = ()    # Origin patterns; empty = none or localhost only
+    egress: tuple[str, ...] = ()           # egress rules, first match wins (ksw1fast.policy)
+    insecure: bool = False                 # listen beyond loopback without auth
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):

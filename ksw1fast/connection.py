@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 from picows import WSTransport
 
 from ksw1fast._impl import codec, relay
+from ksw1fast.auth import AuthError, Grant
 from ksw1fast.config import GatewayConfig
 from ksw1fast.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CREDIT, AddrKind,
                                 CloseReason, DnsErrCode, Feature, FrameType, OpenErrCode,
@@ -23,6 +24,7 @@ from ksw1fast.errors import MalformedPayload
 from ksw1fast.messages import OpenOkInfo, OpenRequest, Pkcs11Request, SockAddr
 from ksw1fast.pkcs11.supervisor import Pkcs11Backend, error_body
 from ksw1fast.resolve import ResolveError, address_bytes, lookup, open_error, open_socket
+from ksw1fast.security import Security
 
 log = logging.getLogger("ksw1fast")
 
@@ -57,10 +59,13 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     """State of one client WebSocket of the gateway."""
 
     def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
-                 pkcs11: Pkcs11Backend) -> None:
+                 pkcs11: Pkcs11Backend, security: Security, grant: Optional[Grant]) -> None:
         super().__init__(config.max_payload)
         self.config = config
         self.pkcs11 = pkcs11
+        self.security = security
+        self.grant = grant              # from the handshake token (or the Hello extension)
+        self._grant_error: Optional[AuthError] = None  # why a presented token was refused
         self.peer = "?"
         self.hello_done = False
         self.features = 0
@@ -135,7 +140,13 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         except MalformedPayload as exc:
             self.fail(WSClose.PROTOCOL_ERROR, f"malformed Hello: {exc}")
             return
-        self.features = hello.features & SERVER_FEATURES
+        if hello.token and self.grant is None:
+            try:
+                self.grant = self.security.verify(hello.token)
+            except AuthError as exc:
+                self._grant_error = exc
+        server = SERVER_FEATURES | (Feature.OPEN_TOKEN if self.security.open_token else 0)
+        self.features = hello.features & server
         self.max_streams = min(hello.max_streams or DEFAULT_CLIENT_MAX_STREAMS,
                                self.config.max_streams)
         self.hello_done = True
@@ -147,6 +158,18 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
 
     def _on_ping(self, flags: int, stream_id: int, payload: bytes) -> None:
         self.send_frame(FrameType.PONG, 0, payload)
+
+    def _authorize(self, token: bytes = b"") -> Grant:
+        """The grant for one request: its own token, else the connection's; AuthError."""
+        if token:
+            grant = self.security.verify(token)
+        elif self.grant is not None:
+            grant = self.grant
+        else:
+            raise self._grant_error or AuthError("missing")
+        if grant.expired():
+            raise AuthError("expired")
+        return grant
 
     # -- streams --------------------------------------------------------------------
 
@@ -174,21 +197,37 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             self._open_err(stream_id, OpenErrCode.TOO_MANY_STREAMS,
                            f"at most {self.max_streams} streams per connection")
             return
+        try:
+            host = _target_host(req)
+        except ResolveError as exc:
+            self._open_err(stream_id, OpenErrCode.RESOLVE_FAIL, str(exc))
+            return
+        proto = "udp" if req.proto == Proto.UDP else "tcp"
+        dest = f"{proto} {host}:{req.port}"
+        try:
+            grant = self._authorize(req.token)
+        except AuthError as exc:
+            self._open_err(stream_id, exc.open_err, f"token {exc.kind}", dest)
+            return
+        if (proto == "udp" and not grant.allows_udp) or not grant.allows_open(host, req.port,
+                                                                                proto):
+            self._open_err(stream_id, OpenErrCode.AUTH_FAILED,
+                           "the token does not allow this destination", dest)
+            return
         stream = _STREAM_CLASSES[req.proto](self, stream_id,
                                             bool(self.features & Feature.FLOW_CONTROL),
                                             DEFAULT_INITIAL_CREDIT)
         self.streams[stream_id] = stream
-        task = asyncio.get_running_loop().create_task(self._connect(stream, req))
+        task = asyncio.get_running_loop().create_task(
+            self._connect(stream, host, req.port, proto == "udp", dest))
         self._tasks[stream_id] = task
 
-    async def _connect(self, stream: "relay.Stream", req: OpenRequest) -> None:
-        udp = req.proto == Proto.UDP
-        dest = f"{'udp' if udp else 'tcp'} {req.addr!r}:{req.port}"
+    async def _connect(self, stream: "relay.Stream", host: str, port: int, udp: bool,
+                       dest: str) -> None:
         try:
-            host = _target_host(req)
-            dest = f"{'udp' if udp else 'tcp'} {host}:{req.port}"
             sock = await asyncio.wait_for(
-                open_socket(host, req.port, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM),
+                open_socket(host, port, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
+                            self.security.egress),
                 self.config.connect_timeout)
         except asyncio.CancelledError:
             raise
@@ -267,6 +306,16 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         except MalformedPayload as exc:
             self._dns_err(query_id, DnsErrCode.FORMAT_ERROR, str(exc))
             return
+        try:
+            allowed = self._authorize().allows_dns(query.name)
+        except AuthError as exc:
+            self._dns_err(query_id, DnsErrCode.REFUSED, f"token {exc.kind}")
+            return
+        decision = self.security.egress.check_name(query.name)
+        if not allowed or not decision.allowed:
+            self._dns_err(query_id, DnsErrCode.REFUSED,
+                          decision.reason if allowed else "the token does not allow DNS here")
+            return
         task = asyncio.get_running_loop().create_task(self._resolve(query_id, query.name,
                                                                     query.family))
         self._queries.add(task)
@@ -281,7 +330,11 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         except asyncio.TimeoutError:
             self._dns_err(query_id, DnsErrCode.TIMEOUT, "lookup timed out")
             return
-        addresses = list(dict.fromkeys(address_bytes(e) for e in endpoints))
+        addresses = self.security.egress.filter_dns(
+            name, list(dict.fromkeys(address_bytes(e) for e in endpoints)))
+        if not addresses:
+            self._dns_err(query_id, DnsErrCode.REFUSED, "every address is denied by policy")
+            return
         self.send_frame(FrameType.DNS_RESULT, query_id, codec.encode_dns_result(addresses))
 
     def _dns_err(self, query_id: int, code: DnsErrCode, message: str) -> None:
@@ -295,6 +348,16 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         except MalformedPayload as exc:
             self._pkcs11_reply(query_id, Pkcs11Status.PROTOCOL_ERROR,
                                error_body(f"malformed request: {exc}"))
+            return
+        try:
+            allowed = self._authorize().allows_pkcs11
+        except AuthError as exc:
+            allowed = False
+            reason = f"token {exc.kind}"
+        else:
+            reason = "the token does not allow PKCS#11"
+        if not allowed:
+            self._pkcs11_reply(query_id, Pkcs11Status.AUTH_DENIED, error_body(reason))
             return
         task = asyncio.get_running_loop().create_task(self._pkcs11_call(query_id, request))
         self._queries.add(task)

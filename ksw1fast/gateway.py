@@ -8,12 +8,14 @@ import weakref
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from picows import WSUpgradeRequest, ws_create_server
+from picows import (WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener,
+                    ws_create_server)
 
 from ksw1fast.config import GatewayConfig
 from ksw1fast.connection import Connection
 from ksw1fast.constants import HEADER_SIZE
 from ksw1fast.pkcs11.supervisor import NoModule, make_provider
+from ksw1fast.security import HandshakeRefused, Security
 
 log = logging.getLogger("ksw1fast")
 
@@ -26,6 +28,7 @@ class Gateway:
         connection, or a provider with `for_connection()`); default: agents for
         `config.pkcs11`, or a backend answering "no PKCS#11 module configured"."""
         self.config = config
+        self.security = Security(config)  # ValueError for settings that do not fit
         self._pkcs11 = pkcs11_backend or make_provider(config.pkcs11) or NoModule()
         # weak: a connection whose upgrade fails never reports its end
         self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
@@ -61,14 +64,23 @@ class Gateway:
             host = f"[{host}]"
         return f"ws://{host}:{self.port}{self.config.path}"
 
-    def _route(self, request: WSUpgradeRequest) -> Optional[Connection]:
-        if urlsplit(request.path.decode("latin-1")).path != self.config.path:
+    def _route(self, request: WSUpgradeRequest) -> Optional[WSUpgradeResponseWithListener]:
+        path = request.path.decode("latin-1")
+        if urlsplit(path).path != self.config.path:
             return None  # picows answers 404
+        try:
+            grant, subprotocol = self.security.admit(path, request.headers)
+        except HandshakeRefused as exc:
+            log.info("handshake refused status=%d reason=%s", exc.status, exc)
+            return WSUpgradeResponseWithListener(
+                WSUpgradeResponse.create_error_response(exc.status, str(exc).encode()), None)
         for_connection = getattr(self._pkcs11, "for_connection", None)
         backend = for_connection() if for_connection is not None else self._pkcs11
-        conn = Connection(self.config, self.connections.discard, backend)
+        conn = Connection(self.config, self.connections.discard, backend, self.security, grant)
         self.connections.add(conn)
-        return conn
+        # a browser that offered subprotocols drops the connection unless one is echoed
+        headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
+        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), conn)
 
     async def close(self) -> None:
         """Stop listening and close every connection with 1001 (going away)."""

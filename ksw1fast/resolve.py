@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import socket
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from ksw1fast.constants import DnsErrCode, OpenErrCode
+from ksw1fast.policy import EgressPolicy
 
 _FAMILIES = {0: socket.AF_UNSPEC, 4: socket.AF_INET, 6: socket.AF_INET6}
 _NO_NAME = {socket.EAI_NONAME} | {getattr(socket, n) for n in ("EAI_NODATA", "EAI_ADDRFAMILY")
@@ -20,6 +22,10 @@ class ResolveError(Exception):
     def __init__(self, dns_code: DnsErrCode, message: str) -> None:
         super().__init__(message)
         self.dns_code = dns_code
+
+
+class Blocked(Exception):
+    """The egress policy denies the destination (OpenErr Blocked)."""
 
 
 class Endpoint(NamedTuple):
@@ -85,13 +91,43 @@ async def connect(endpoints: list[Endpoint], kind: int = socket.SOCK_STREAM) -> 
     raise last
 
 
-async def open_socket(host: str, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """Resolve `host` and connect a socket of `kind` to it: the socket of one Open."""
-    return await connect(await lookup(host, port), kind)
+async def open_socket(host: str, port: int, kind: int = socket.SOCK_STREAM,
+                      policy: Optional[EgressPolicy] = None) -> socket.socket:
+    """Resolve `host` and connect a socket of `kind` to it: the socket of one Open.
+
+    With a policy, the name is checked first, then every resolved address, and the
+    socket connects to a checked address itself: nothing resolves the name again
+    between the check and the connect (DNS rebinding).
+    """
+    proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+    if policy is not None:
+        decision = policy.check_name(host, port, proto)
+        if not decision.allowed:
+            raise Blocked(decision.reason)
+    endpoints = await lookup(host, port)
+    if policy is not None:
+        name = None if _is_literal(host) else host
+        decisions = [policy.check_address(e.sockaddr[0], port, proto, name=name)
+                     for e in endpoints]
+        allowed = [e for e, d in zip(endpoints, decisions) if d.allowed]
+        if not allowed:
+            raise Blocked(decisions[0].reason)
+        endpoints = allowed
+    return await connect(endpoints, kind)
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(_strip_scope(host))
+    except ValueError:
+        return False
+    return True
 
 
 def open_error(exc: BaseException) -> tuple[OpenErrCode, str]:
     """Map a failed resolve/connect to an OpenErr code and message (spec §4)."""
+    if isinstance(exc, Blocked):
+        return OpenErrCode.BLOCKED, str(exc)
     if isinstance(exc, ResolveError):
         return OpenErrCode.RESOLVE_FAIL, str(exc)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):

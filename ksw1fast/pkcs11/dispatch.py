@@ -1,0 +1,844 @@
+"""Executes PKCS#11 RPC calls (spec pkcs11-rpc.md) against a loaded module.
+
+One `Dispatcher` lives in an agent process and owns the module there:
+PyKCS11's low-level API (`CPKCS11Lib`) makes the calls it has and gets
+right, `ckapi.Module` (ctypes, same dlopen handle) the rest; ckapi.py says
+which and why.
+
+Every call is synchronous and answers a `(status, body)` pair, never an
+exception. Each client (one browser connection) has its own handle tables:
+u32 row ids from 1, never reused, so a foreign or stale id is "unknown".
+
+Threads: the module is initialised by PyKCS11 with NULL arguments, which
+promises it one thread at a time, so every module call and table change
+runs under one lock. A blocking WaitForSlotEvent (`is_blocking`) polls the
+module with CKF_DONT_BLOCK every POLL_INTERVAL seconds, taking the lock only
+for each poll: an agent runs it on a side thread while other calls go on. It
+ends at an event, at `close_client` of its client (CkError
+CKR_FUNCTION_CANCELED) or after `wait_cap` seconds (CkError CKR_NO_EVENT).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Generic, Iterable, TypeVar
+
+import PyKCS11.LowLevel as LL
+from PyKCS11 import CKF, CKR, CKU
+
+from . import ckapi, wire
+from .ckapi import CkrError, NativeParameter, check
+from .wire import FUNCTION_IDS, FUNCTIONS, HandleKind, Reader, Response, WireError, Writer
+
+DEFAULT_MAX_OUT = 1 << 20
+DEFAULT_WAIT_CAP = 300.0
+POLL_INTERVAL = 0.1
+WAIT_FOR_SLOT_EVENT = FUNCTION_IDS["WaitForSlotEvent"]
+DONT_BLOCK = 0x1  # WaitForSlotEvent flags bit0
+OPEN_RW = 0x1     # OpenSession flags bit0; bit1 (serial) is always set for the module
+ADMIN_FUNCTIONS = frozenset({"InitToken", "InitPIN", "SetPIN", "LoginVendor"})  # + Login as SO
+CKU_VENDOR_DEFINED = 0x80000000
+
+_CKR_OK = CKR["CKR_OK"]
+
+
+class _Refusal(Exception):
+    """Ends a call with a non-CkError answer (ProtocolError, AuthDenied, Internal)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response)
+        self.response = response
+
+
+R = TypeVar("R", bound="_Row")
+
+
+@dataclass
+class _Row:
+    id: int = field(default=0, init=False)
+
+
+@dataclass
+class _Session(_Row):
+    pk: Any  # PyKCS11's CK_SESSION_HANDLE
+    slot: int
+
+    @property
+    def handle(self) -> int:
+        return self.pk.value()
+
+
+@dataclass
+class _Object(_Row):
+    handle: int
+    sessions: list[int]  # row ids: the one it came through, then ObjectBind's
+    refs: int = 1
+
+
+@dataclass
+class _Cursor(_Row):
+    session: int  # row id
+
+
+class _Table(Generic[R]):
+    """One client's rows of one kind."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.rows: dict[int, R] = {}
+        self._next = 1
+
+    def add(self, row: R) -> int:
+        if self._next > 0xFFFFFFFF:
+            raise _Refusal(wire.internal(f"{self.kind} handles exhausted"))
+        row.id = self._next
+        self.rows[row.id] = row
+        self._next += 1
+        return row.id
+
+    def get(self, rid: int) -> R:
+        try:
+            return self.rows[rid]
+        except KeyError:
+            raise _Refusal(wire.protocol_error(f"unknown {self.kind} handle")) from None
+
+    def pop(self, rid: int) -> R:
+        row = self.get(rid)
+        del self.rows[rid]
+        return row
+
+
+class Client:
+    """One browser connection: its handles and the signal that ends its waits."""
+
+    def __init__(self) -> None:
+        self.sessions: _Table[_Session] = _Table("session")
+        self.objects: _Table[_Object] = _Table("object")
+        self.cursors: _Table[_Cursor] = _Table("cursor")
+        self.object_ids: dict[int, int] = {}  # module object handle -> row id
+        self.closed = threading.Event()
+
+
+# --- argument specs --------------------------------------------------------------------
+# A handler declares its args as words: Reader methods (u8, u32, u64, bool, bytes,
+# string), or one of these, which also resolve handles and check sizes.
+
+def _size(d: "Dispatcher", c: Client, r: Reader) -> int:
+    size = r.u32()
+    if size > d.max_out:
+        raise _Refusal(wire.protocol_error(
+            f"requested size {size} exceeds the cap of {d.max_out}"))
+    return size
+
+
+def _key(d: "Dispatcher", c: Client, r: Reader) -> int:
+    return c.objects.get(r.u32()).handle
+
+
+_RESOLVERS: dict[str, Callable[["Dispatcher", Client, Reader], Any]] = {
+    "-": lambda d, c, r: None,  # an argument this variant does not have
+    "session": lambda d, c, r: c.sessions.get(r.u32()),
+    "object": lambda d, c, r: c.objects.get(r.u32()),
+    "cursor": lambda d, c, r: c.cursors.get(r.u32()),
+    "key": _key,
+    "opt_key": lambda d, c, r: r.option(lambda: _key(d, c, r)) or 0,  # 0: CK_INVALID_HANDLE
+    "size": _size,
+    "mechanism": lambda d, c, r: NativeParameter(r.mechanism()),
+    "template": lambda d, c, r: [(a.type, ckapi.native_value(a)) for a in r.attributes()],
+    "types": lambda d, c, r: r.list(r.u32),
+    "opt_string": lambda d, c, r: r.option(r.string),
+}
+
+
+def _parse(d: "Dispatcher", c: Client, spec: str, args: bytes) -> list[Any]:
+    reader = Reader(args)
+    values = [_RESOLVERS[word](d, c, reader) if word in _RESOLVERS else getattr(reader, word)()
+              for word in spec.split()]
+    reader.end()
+    return values
+
+
+_HandlerSpecs = list[tuple[int, str]]
+
+
+def _fn(fn_id: int, spec: str = "") -> Callable[[Callable[..., bytes]], Callable[..., bytes]]:
+    """Registers a Dispatcher method as the handler of fn_id, taking the args in spec."""
+    def register(method: Callable[..., bytes]) -> Callable[..., bytes]:
+        specs: _HandlerSpecs = method.__dict__.setdefault("_pkcs11_fns", [])
+        specs.append((fn_id, spec))
+        return method
+    return register
+
+
+# --- the operation families ------------------------------------------------------------
+
+SIZED = "sized"  # output into the client's max_out (u32 arg)
+QUERY = "query"  # output sized by the PKCS#11 length query (no arg)
+CHECK = "check"  # a signature in (bytes arg), no output
+
+
+@dataclass(frozen=True)
+class _Op:
+    """An operation kind: C_{kind}Init, C_{kind} (one-shot), C_{kind}Update, C_{kind}Final.
+
+    SIZED kinds also return output from Update. `multipart` holds the fn ids of
+    Init, Update, Final and Abort, for the kinds that have them.
+    """
+
+    kind: str
+    keyed: bool
+    result: str
+    one_shot: int
+    multipart: tuple[int, int, int, int] | None = None
+
+    @property
+    def tail(self) -> str:
+        """The spec word of the arg after the data (one-shot) or the session (Final)."""
+        return {SIZED: "size", QUERY: "-", CHECK: "bytes"}[self.result]
+
+    @property
+    def init_spec(self) -> str:
+        return "session mechanism " + ("key" if self.keyed else "-")
+
+
+_OPS = (
+    _Op("Encrypt", True, SIZED, 0x010B, (0x011E, 0x011F, 0x0120, 0x0121)),
+    _Op("Decrypt", True, SIZED, 0x010A, (0x0122, 0x0123, 0x0124, 0x0125)),
+    _Op("Sign", True, QUERY, 0x0108, (0x0126, 0x0127, 0x0128, 0x0129)),
+    _Op("Verify", True, CHECK, 0x0109, (0x012A, 0x012B, 0x012C, 0x012D)),
+    _Op("Digest", False, QUERY, 0x010C, (0x012E, 0x012F, 0x0130, 0x0131)),
+    _Op("SignRecover", True, SIZED, 0x0112),
+    _Op("VerifyRecover", True, SIZED, 0x0113),
+)
+
+
+def _rv(function: Callable[..., object], *args: Any) -> int:
+    """The CKR a ckapi call answers, for calls whose failure is expected."""
+    try:
+        function(*args)
+    except CkrError as exc:
+        return exc.rv
+    return _CKR_OK
+
+
+def _bytes_body(data: bytes) -> bytes:
+    return Writer().bytes(data).getvalue()
+
+
+def _pk_object(handle: int) -> Any:
+    obj = LL.CK_OBJECT_HANDLE()
+    obj.assign(handle)
+    return obj
+
+
+def _pk_bytes(data: bytes) -> Any:
+    return LL.ckbytelist(data)
+
+
+def _pk_template(template: list[tuple[int, bytes]]) -> Any:
+    """A PyKCS11 template of the values as they are: native_value already made them C."""
+    attrs = LL.ckattrlist(len(template))
+    for index, (cka, value) in enumerate(template):
+        attrs[index].SetBin(cka, _pk_bytes(value))  # indexing gives the element, iterating a copy
+    return attrs
+
+
+class _PkMechanism:
+    """A CK_MECHANISM for PyKCS11, holding the parameter buffers it points to."""
+
+    def __init__(self, native: NativeParameter) -> None:
+        self._native = native
+        self.ck = LL.CK_MECHANISM()
+        self.ck.mechanism = native.type
+        if native.blob:
+            self._param = _pk_bytes(native.blob)
+            self.ck.pParameter = self._param
+            self.ck.ulParameterLen = len(native.blob)
+
+
+class Dispatcher:
+    """The function table over one module; see the module docstring.
+
+    pin: a gateway-held user PIN. Login then ignores the client's PIN and logs
+    the user in with this one (CKR_USER_ALREADY_LOGGED_IN counts as success),
+    and token administration (InitToken, InitPIN, SetPIN, LoginVendor, Login
+    as SO) is AuthDenied unless allow_admin.
+    shared: several clients use this dispatcher (worker mode); needs pin.
+    Logout is then a successful no-op, since the login state belongs to the
+    process and a Logout would end every client's login.
+    allow / deny: fn names (as in wire.FUNCTIONS) permitted; None allows all.
+    A legacy id shares its name with the current one.
+    max_out: the largest output size (max_out, len, max) a client may ask for.
+    wait_cap: seconds a blocking WaitForSlotEvent waits at most.
+    """
+
+    def __init__(self, lib_path: str, *, pin: bytes | None = None, allow_admin: bool = False,
+                 shared: bool = False, allow: Iterable[str] | None = None,
+                 deny: Iterable[str] = (), max_out: int = DEFAULT_MAX_OUT,
+                 wait_cap: float = DEFAULT_WAIT_CAP) -> None:
+        allowed = frozenset(FUNCTION_IDS) if allow is None else wire.check_function_names(allow)
+        self._permitted = allowed - wire.check_function_names(deny)
+        if shared and pin is None:
+            raise ValueError("a shared PKCS#11 agent needs a gateway-held PIN")
+        self._pin = pin
+        self._allow_admin = allow_admin
+        self._shared = shared
+        self.max_out = max_out
+        self._wait_cap = wait_cap
+        self._lib = LL.CPKCS11Lib()
+        rv = self._lib.Load(lib_path)  # dlopen + C_Initialize(NULL); already initialised is fine
+        if rv != _CKR_OK:
+            raise OSError(f"cannot load PKCS#11 module {lib_path}: {ckapi.ckr_name(rv)}")
+        self._ck = ckapi.Module(lib_path)
+        self._lock = threading.Lock()
+        self._clients: set[Client] = set()
+        self._closed = False
+        self._handlers: dict[int, tuple[str, Callable[..., bytes]]] = {}
+        for name in dir(type(self)):
+            method = getattr(self, name)
+            for fn_id, spec in getattr(method, "_pkcs11_fns", ()):
+                self._handlers[fn_id] = (spec, method)
+        self._add_operations()
+        assert self._handlers.keys() == FUNCTIONS.keys()
+
+    def _add_operations(self) -> None:
+        for op in _OPS:
+            self._handlers[op.one_shot] = (f"{op.init_spec} bytes {op.tail}",
+                                           partial(self._one_shot, op))
+            if op.multipart:
+                init, update, final, abort = op.multipart
+                self._handlers[init] = (op.init_spec, partial(self._op_init, op))
+                self._handlers[update] = ("session bytes bool", partial(self._op_update, op))
+                self._handlers[final] = (f"session {op.tail}", partial(self._op_final, op))
+                self._handlers[abort] = ("session", partial(self._op_abort, op))
+
+    # --- public API ----------------------------------------------------------------------
+
+    def open_client(self) -> Client:
+        client = Client()
+        with self._lock:
+            self._clients.add(client)
+        return client
+
+    def is_blocking(self, fn_id: int, args: bytes) -> bool:
+        """Whether call() may block: a WaitForSlotEvent without don't-block. Run it off the
+        thread that serves other calls."""
+        if fn_id != WAIT_FOR_SLOT_EVENT or len(args) != 4:
+            return False
+        return not Reader(args).u32() & DONT_BLOCK
+
+    def call(self, client: Client, fn_id: int, args: bytes) -> Response:
+        """Runs one request; never raises. Thread-safe."""
+        name = FUNCTIONS.get(fn_id)
+        try:
+            if name is None:
+                return wire.protocol_error(f"unknown fn id 0x{fn_id:04x}")
+            if name not in self._permitted:
+                return wire.auth_denied(f"fn {name} not allowed")
+            if name in ADMIN_FUNCTIONS:
+                self._check_admin(name)
+            spec, handler = self._handlers[fn_id]
+            if fn_id == WAIT_FOR_SLOT_EVENT:  # locks for each poll only
+                return wire.ok(handler(client, *_parse(self, client, spec, args)))
+            with self._lock:
+                if self._closed:
+                    return wire.internal("PKCS#11 agent closed")
+                if client.closed.is_set():
+                    return wire.internal("PKCS#11 client closed")
+                return wire.ok(handler(client, *_parse(self, client, spec, args)))
+        except _Refusal as refusal:
+            return refusal.response
+        except WireError as exc:
+            return wire.protocol_error(f"malformed {name} args: {exc}")
+        except CkrError as exc:
+            return wire.ck_error(exc.rv, str(exc))
+        except Exception as exc:  # the contract: a call never raises
+            return wire.internal(f"{type(exc).__name__}: {exc}")
+
+    def close_client(self, client: Client) -> None:
+        """Ends the client's waits and closes its sessions. Thread-safe, idempotent."""
+        client.closed.set()
+        with self._lock:
+            self._drop_client(client)
+
+    def close(self) -> None:
+        """Closes every client and finalises the module (PyKCS11 unload). Once, at exit."""
+        with self._lock:
+            for client in list(self._clients):
+                client.closed.set()
+                self._drop_client(client)
+            if not self._closed:
+                self._closed = True
+                self._lib.Unload()
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _check_admin(self, what: str) -> None:
+        if self._pin is not None and not self._allow_admin:
+            raise _Refusal(wire.auth_denied(f"fn {what} not allowed with a gateway-held PIN"))
+
+    def _drop_client(self, client: Client) -> None:
+        for sid in list(client.sessions.rows):
+            self._close_session(client, sid, check_rv=False)
+        client.objects.rows.clear()
+        client.object_ids.clear()
+        self._clients.discard(client)
+
+    def _close_session(self, c: Client, sid: int, check_rv: bool = True) -> None:
+        session = c.sessions.pop(sid)
+        for cid in [cid for cid, cursor in c.cursors.rows.items() if cursor.session == sid]:
+            del c.cursors.rows[cid]
+        rv = self._lib.C_CloseSession(session.pk)
+        if check_rv:
+            check(rv, "C_CloseSession")
+
+    def _mint_object(self, c: Client, session: _Session, handle: int) -> int:
+        """The client's row for a module object: a new one, or one more reference."""
+        rid = c.object_ids.get(handle)
+        if rid is None:
+            rid = c.objects.add(_Object(handle, [session.id]))
+            c.object_ids[handle] = rid
+            return rid
+        obj = c.objects.rows[rid]
+        obj.refs += 1
+        if session.id not in obj.sessions:
+            obj.sessions.append(session.id)
+        return rid
+
+    def _forget_object(self, c: Client, obj: _Object) -> None:
+        del c.objects.rows[obj.id]
+        del c.object_ids[obj.handle]
+
+    def _object_session(self, c: Client, obj: _Object) -> _Session:
+        for sid in obj.sessions:
+            if sid in c.sessions.rows:
+                return c.sessions.rows[sid]
+        raise _Refusal(wire.protocol_error("object handle has no open session"))
+
+    def _new_object(self, c: Client, session: _Session, make: Callable[[Any], int],
+                    function: str) -> bytes:
+        """Runs a PyKCS11 call that creates one object; its u32 handle as the body."""
+        out = LL.CK_OBJECT_HANDLE()
+        check(make(out), function)
+        return Writer().u32(self._mint_object(c, session, out.value())).getvalue()
+
+    # --- slot and token ------------------------------------------------------------------
+
+    @_fn(0x0000, "bool")
+    def _get_slot_list(self, c: Client, token_present: bool) -> bytes:
+        slots = LL.ckulonglist()
+        check(self._lib.C_GetSlotList(token_present, slots), "C_GetSlotList")
+        return _u64_list(list(slots))
+
+    @_fn(0x0001, "u64")
+    @_fn(0x000A, "u32")
+    def _get_slot_info(self, c: Client, slot: int) -> bytes:
+        info = LL.CK_SLOT_INFO()
+        check(self._lib.C_GetSlotInfo(slot, info), "C_GetSlotInfo")
+        return Writer().slot_info(wire.SlotInfo(
+            info.GetSlotDescription(), info.GetManufacturerID(), info.flags,
+            _version(info.hardwareVersion), _version(info.firmwareVersion))).getvalue()
+
+    @_fn(0x0002, "u64")
+    @_fn(0x000B, "u32")
+    def _get_token_info(self, c: Client, slot: int) -> bytes:
+        t = LL.CK_TOKEN_INFO()
+        check(self._lib.C_GetTokenInfo(slot, t), "C_GetTokenInfo")
+        clock = t.flags & CKF["CKF_CLOCK_ON_TOKEN"]
+        return Writer().token_info(wire.TokenInfo(
+            t.GetLabel(), t.GetManufacturerID(), t.GetModel(), t.GetSerialNumber(), t.flags,
+            t.ulMaxSessionCount, t.ulSessionCount, t.ulMaxRwSessionCount, t.ulRwSessionCount,
+            t.ulMaxPinLen, t.ulMinPinLen, t.ulTotalPublicMemory, t.ulFreePublicMemory,
+            t.ulTotalPrivateMemory, t.ulFreePrivateMemory, _version(t.hardwareVersion),
+            _version(t.firmwareVersion), t.GetUtcTime() if clock else None)).getvalue()
+
+    @_fn(0x0003, "u32 opt_string string")
+    def _init_token(self, c: Client, slot: int, so_pin: str | None, label: str) -> bytes:
+        raw = label.encode("utf-8")
+        if len(raw) > 32:
+            raise _Refusal(wire.protocol_error("token label longer than 32 bytes"))
+        # C_InitToken reads exactly 32 bytes, blank padded
+        padded = (raw + b" " * (32 - len(raw))).decode("utf-8")
+        pin = _pk_bytes(so_pin.encode("utf-8") if so_pin is not None else b"")
+        check(self._lib.C_InitToken(slot, pin, padded), "C_InitToken")
+        return b""
+
+    @_fn(0x0004, "u32 u32")
+    def _open_session(self, c: Client, slot: int, flags: int) -> bytes:
+        if flags & ~0x3:
+            raise _Refusal(wire.protocol_error(f"unknown OpenSession flags 0x{flags:x}"))
+        ck_flags = CKF["CKF_SERIAL_SESSION"] | (CKF["CKF_RW_SESSION"] if flags & OPEN_RW else 0)
+        pk = LL.CK_SESSION_HANDLE()
+        check(self._lib.C_OpenSession(slot, ck_flags, pk), "C_OpenSession")
+        return Writer().u32(c.sessions.add(_Session(pk, slot))).getvalue()
+
+    @_fn(0x0005, "u32")
+    def _get_mechanism_list(self, c: Client, slot: int) -> bytes:
+        mechanisms = LL.ckulonglist()
+        check(self._lib.C_GetMechanismList(slot, mechanisms), "C_GetMechanismList")
+        return _u64_list(list(mechanisms))
+
+    @_fn(0x0006, "opt_string")
+    def _initialize(self, c: Client, config: str | None) -> bytes:
+        return b""  # the agent initialised the module once for every client; config unused
+
+    @_fn(0x0007)
+    def _finalize(self, c: Client) -> bytes:
+        for sid in list(c.sessions.rows):
+            self._close_session(c, sid, check_rv=False)
+        c.objects.rows.clear()
+        c.object_ids.clear()
+        return b""
+
+    @_fn(0x0008, "u32")
+    def _close_all_sessions(self, c: Client, slot: int) -> bytes:
+        for sid in [sid for sid, s in c.sessions.rows.items() if s.slot == slot]:
+            self._close_session(c, sid, check_rv=False)
+        return b""
+
+    @_fn(0x0009)
+    def _get_info(self, c: Client) -> bytes:
+        info = LL.CK_INFO()
+        check(self._lib.C_GetInfo(info), "C_GetInfo")
+        return Writer().module_info(wire.ModuleInfo(
+            _version(info.cryptokiVersion), info.GetManufacturerID(), info.flags,
+            info.GetLibraryDescription(), _version(info.libraryVersion))).getvalue()
+
+    @_fn(WAIT_FOR_SLOT_EVENT, "u32")
+    def _wait_for_slot_event(self, c: Client, flags: int) -> bytes:
+        deadline = time.monotonic() + self._wait_cap
+        while True:
+            with self._lock:
+                body = self._slot_event()
+            if body is not None:
+                return body
+            if flags & DONT_BLOCK or time.monotonic() >= deadline:
+                raise CkrError(CKR["CKR_NO_EVENT"], "C_WaitForSlotEvent")
+            if c.closed.wait(POLL_INTERVAL):
+                raise CkrError(CKR["CKR_FUNCTION_CANCELED"], "WaitForSlotEvent")
+
+    def _slot_event(self) -> bytes | None:
+        """One don't-block poll: the event's body, or None for CKR_NO_EVENT."""
+        try:
+            slot = self._ck.wait_for_slot_event(ckapi.CKF_DONT_BLOCK)
+        except CkrError as exc:
+            if exc.rv == CKR["CKR_NO_EVENT"]:
+                return None
+            raise
+        info = LL.CK_SLOT_INFO()
+        check(self._lib.C_GetSlotInfo(slot, info), "C_GetSlotInfo")
+        present = bool(info.flags & CKF["CKF_TOKEN_PRESENT"])
+        return Writer().u32(slot).bool(present).getvalue()
+
+    @_fn(0x000D, "u32 u64")
+    def _get_mechanism_info(self, c: Client, slot: int, mechanism: int) -> bytes:
+        info = LL.CK_MECHANISM_INFO()
+        check(self._lib.C_GetMechanismInfo(slot, mechanism, info), "C_GetMechanismInfo")
+        return Writer().mechanism_info(wire.MechanismInfo(
+            info.ulMinKeySize, info.ulMaxKeySize, info.flags)).getvalue()
+
+    # --- session, login ------------------------------------------------------------------
+
+    @_fn(0x0100, "session u32 bytes")
+    def _login(self, c: Client, s: _Session, user_type: int, pin: bytes) -> bytes:
+        if self._pin is not None:
+            if user_type == CKU["CKU_SO"]:
+                self._check_admin("Login as SO")
+            else:  # user and context-specific logins use the gateway's PIN
+                rv = self._lib.C_Login(s.pk, user_type, _pk_bytes(self._pin))
+                if rv == CKR["CKR_USER_ALREADY_LOGGED_IN"] and user_type == CKU["CKU_USER"]:
+                    return b""
+                check(rv, "C_Login")
+                return b""
+        check(self._lib.C_Login(s.pk, user_type, _pk_bytes(pin)), "C_Login")
+        return b""
+
+    @_fn(0x0132, "session u32 bytes")
+    def _login_vendor(self, c: Client, s: _Session, user_type: int, pin: bytes) -> bytes:
+        if user_type < CKU_VENDOR_DEFINED:
+            raise _Refusal(wire.protocol_error(
+                "LoginVendor takes a vendor-defined user type (0x80000000 and up)"))
+        check(self._lib.C_Login(s.pk, user_type, _pk_bytes(pin)), "C_Login")
+        return b""
+
+    @_fn(0x0101, "session")
+    def _logout(self, c: Client, s: _Session) -> bytes:
+        if not self._shared:  # shared: the login is every client's; see the class docstring
+            check(self._lib.C_Logout(s.pk), "C_Logout")
+        return b""
+
+    @_fn(0x0102, "session")
+    def _close_session_fn(self, c: Client, s: _Session) -> bytes:
+        self._close_session(c, s.id)
+        return b""
+
+    @_fn(0x0103, "session bytes")
+    def _init_pin(self, c: Client, s: _Session, pin: bytes) -> bytes:
+        check(self._lib.C_InitPIN(s.pk, _pk_bytes(pin)), "C_InitPIN")
+        return b""
+
+    @_fn(0x0110, "session bytes bytes")
+    def _set_pin(self, c: Client, s: _Session, old: bytes, new: bytes) -> bytes:
+        check(self._lib.C_SetPIN(s.pk, _pk_bytes(old), _pk_bytes(new)), "C_SetPIN")
+        return b""
+
+    @_fn(0x011D, "session")
+    def _get_session_info(self, c: Client, s: _Session) -> bytes:
+        info = LL.CK_SESSION_INFO()
+        check(self._lib.C_GetSessionInfo(s.pk, info), "C_GetSessionInfo")
+        return Writer().session_info(wire.SessionInfo(
+            info.slotID, info.state, info.flags, info.ulDeviceError)).getvalue()
+
+    @_fn(0x010F, "session")
+    def _cancel_function(self, c: Client, s: _Session) -> bytes:
+        self._ck.call("C_CancelFunction", s.handle)
+        return b""
+
+    # --- find ----------------------------------------------------------------------------
+
+    @_fn(0x0104, "session template")
+    def _find_objects_init(self, c: Client, s: _Session, template: list) -> bytes:
+        check(self._lib.C_FindObjectsInit(s.pk, _pk_template(template)), "C_FindObjectsInit")
+        return Writer().u32(c.cursors.add(_Cursor(s.id))).getvalue()
+
+    @_fn(0x0105, "cursor size")
+    def _find_objects(self, c: Client, cursor: _Cursor, count: int) -> bytes:
+        session = c.sessions.get(cursor.session)
+        if count == 0:  # PyKCS11 would answer CKR_ARGUMENTS_BAD itself
+            return Writer().u32(0).getvalue()
+        found = LL.ckulonglist(count)
+        check(self._lib.C_FindObjects(session.pk, found), "C_FindObjects")
+        ids = [self._mint_object(c, session, handle) for handle in found]
+        return _u32_list(ids)
+
+    @_fn(0x0106, "cursor")
+    def _find_objects_final(self, c: Client, cursor: _Cursor) -> bytes:
+        c.cursors.pop(cursor.id)
+        session = c.sessions.get(cursor.session)
+        check(self._lib.C_FindObjectsFinal(session.pk), "C_FindObjectsFinal")
+        return b""
+
+    # --- objects and keys ----------------------------------------------------------------
+
+    @_fn(0x0114, "session template")
+    def _create_object(self, c: Client, s: _Session, template: list) -> bytes:
+        return self._new_object(
+            c, s, lambda out: self._lib.C_CreateObject(s.pk, _pk_template(template), out),
+            "C_CreateObject")
+
+    @_fn(0x011A, "session key template")
+    def _copy_object(self, c: Client, s: _Session, source: int, template: list) -> bytes:
+        handle = self._ck.copy_object(s.handle, source, template)
+        return Writer().u32(self._mint_object(c, s, handle)).getvalue()
+
+    @_fn(0x0116, "session mechanism template")
+    def _generate_key(self, c: Client, s: _Session, mech: NativeParameter,
+                      template: list) -> bytes:
+        m = _PkMechanism(mech)
+        return self._new_object(
+            c, s, lambda out: self._lib.C_GenerateKey(s.pk, m.ck, _pk_template(template), out),
+            "C_GenerateKey")
+
+    @_fn(0x0107, "session mechanism template template")
+    def _generate_key_pair(self, c: Client, s: _Session, mech: NativeParameter,
+                           public: list, private: list) -> bytes:
+        pub, priv = LL.CK_OBJECT_HANDLE(), LL.CK_OBJECT_HANDLE()
+        check(self._lib.C_GenerateKeyPair(s.pk, _PkMechanism(mech).ck, _pk_template(public),
+                                          _pk_template(private), pub, priv),
+              "C_GenerateKeyPair")
+        return (Writer().u32(self._mint_object(c, s, pub.value()))
+                .u32(self._mint_object(c, s, priv.value())).getvalue())
+
+    @_fn(0x0117, "session key mechanism template")
+    def _derive_key(self, c: Client, s: _Session, base: int, mech: NativeParameter,
+                    template: list) -> bytes:
+        m = _PkMechanism(mech)
+        return self._new_object(
+            c, s, lambda out: self._lib.C_DeriveKey(s.pk, m.ck, _pk_object(base),
+                                                    _pk_template(template), out),
+            "C_DeriveKey")
+
+    @_fn(0x0118, "session mechanism key key")
+    def _wrap_key(self, c: Client, s: _Session, mech: NativeParameter, wrapping: int,
+                  key: int) -> bytes:
+        m = _PkMechanism(mech)
+        wrapped = LL.ckbytelist()
+        for _ in range(2):  # an empty buffer is PyKCS11's length query; then the real call
+            check(self._lib.C_WrapKey(s.pk, m.ck, _pk_object(wrapping), _pk_object(key),
+                                      wrapped), "C_WrapKey")
+        return _bytes_body(bytes(wrapped))
+
+    @_fn(0x0119, "session mechanism key bytes template")
+    def _unwrap_key(self, c: Client, s: _Session, mech: NativeParameter, unwrapping: int,
+                    wrapped: bytes, template: list) -> bytes:
+        m = _PkMechanism(mech)
+        return self._new_object(
+            c, s, lambda out: self._lib.C_UnwrapKey(s.pk, m.ck, _pk_object(unwrapping),
+                                                    _pk_bytes(wrapped),
+                                                    _pk_template(template), out),
+            "C_UnwrapKey")
+
+    @_fn(0x0111, "session key")
+    def _digest_key(self, c: Client, s: _Session, key: int) -> bytes:
+        check(self._lib.C_DigestKey(s.pk, _pk_object(key)), "C_DigestKey")
+        return b""
+
+    @_fn(0x0200, "object types")
+    def _get_attribute_value(self, c: Client, obj: _Object, types: list[int]) -> bytes:
+        session = self._object_session(c, obj)
+        values = self._ck.get_attribute_value(session.handle, obj.handle, types)
+        return Writer().attributes(ckapi.wire_attribute(t, raw) for t, raw in values).getvalue()
+
+    @_fn(0x0201, "object")
+    def _destroy_object(self, c: Client, obj: _Object) -> bytes:
+        session = self._object_session(c, obj)
+        check(self._lib.C_DestroyObject(session.pk, _pk_object(obj.handle)), "C_DestroyObject")
+        self._forget_object(c, obj)  # every reference: the object is gone
+        return b""
+
+    @_fn(0x0202, "object")
+    def _get_object_size(self, c: Client, obj: _Object) -> bytes:
+        session = self._object_session(c, obj)
+        return Writer().u64(self._ck.object_size(session.handle, obj.handle)).getvalue()
+
+    @_fn(0x0203, "object template")
+    def _set_attribute_value(self, c: Client, obj: _Object, template: list) -> bytes:
+        session = self._object_session(c, obj)
+        check(self._lib.C_SetAttributeValue(session.pk, _pk_object(obj.handle),
+                                            _pk_template(template)), "C_SetAttributeValue")
+        return b""
+
+    @_fn(0x0204, "session object")
+    def _object_bind(self, c: Client, s: _Session, obj: _Object) -> bytes:
+        obj.refs += 1
+        if s.id not in obj.sessions:
+            obj.sessions.append(s.id)
+        return Writer().u32(obj.id).getvalue()
+
+    @_fn(0xFF00, "u8 u32")
+    def _handle_drop(self, c: Client, kind: int, rid: int) -> bytes:
+        if kind == HandleKind.SESSION:
+            self._close_session(c, rid)
+        elif kind == HandleKind.OBJECT:
+            obj = c.objects.get(rid)
+            obj.refs -= 1
+            if obj.refs == 0:
+                self._forget_object(c, obj)
+        elif kind == HandleKind.CURSOR:
+            self._find_objects_final(c, c.cursors.get(rid))
+        else:
+            raise _Refusal(wire.protocol_error(f"unknown handle kind {kind}"))
+        return b""
+
+    # --- random and operation state ------------------------------------------------------
+
+    @_fn(0x010D, "session bytes")
+    def _seed_random(self, c: Client, s: _Session, seed: bytes) -> bytes:
+        check(self._lib.C_SeedRandom(s.pk, _pk_bytes(seed)), "C_SeedRandom")
+        return b""
+
+    @_fn(0x010E, "session size")
+    def _generate_random(self, c: Client, s: _Session, length: int) -> bytes:
+        data = LL.ckbytelist(length)
+        check(self._lib.C_GenerateRandom(s.pk, data), "C_GenerateRandom")
+        return _bytes_body(bytes(data))
+
+    @_fn(0x011B, "session size")
+    def _get_operation_state(self, c: Client, s: _Session, size: int) -> bytes:
+        return _bytes_body(self._ck.output("C_GetOperationState", s.handle, size=size))
+
+    @_fn(0x011C, "session bytes opt_key opt_key")
+    def _set_operation_state(self, c: Client, s: _Session, state: bytes, encryption_key: int,
+                             authentication_key: int) -> bytes:
+        self._ck.call("C_SetOperationState", s.handle, state, len(state), encryption_key,
+                      authentication_key)
+        return b""
+
+    # --- encrypt, decrypt, sign, verify, digest (driven by _OPS) -------------------------
+
+    def _init(self, op: _Op, s: _Session, mech: NativeParameter, key: int | None) -> None:
+        name = f"C_{op.kind}Init"
+        if not hasattr(self._lib, name):  # the Recover kinds: PyKCS11 lacks them
+            self._ck.recover_init(name, s.handle, mech, key)
+            return
+        keys = (_pk_object(key),) if op.keyed else ()
+        check(getattr(self._lib, name)(s.pk, _PkMechanism(mech).ck, *keys), name)
+
+    def _finish(self, op: _Op, session: int, stage: str, inputs: tuple[bytes, ...],
+                tail: int | bytes | None) -> bytes:
+        """The call that ends an operation (one-shot or Final) and its Ok body."""
+        name = f"C_{op.kind}{stage}"
+        if op.result == CHECK:
+            self._ck.feed(name, session, *inputs, tail)  # type: ignore[arg-type]
+            return b""
+        return _bytes_body(self._ck.output(name, session, *inputs, size=tail))  # type: ignore
+
+    def _discard(self, op: _Op, session: int, stage: str, inputs: tuple[bytes, ...]) -> None:
+        """Drives an operation to its end, ignoring result and error: PKCS#11 ends it at
+        any call other than a length query or CKR_BUFFER_TOO_SMALL, so the output
+        buffer is sized by a length query and a signature is left empty."""
+        name = f"C_{op.kind}{stage}"
+        if op.result == CHECK:
+            _rv(self._ck.feed, name, session, *inputs, b"")
+        else:
+            _rv(self._ck.output, name, session, *inputs)
+
+    def _active(self, op: _Op, session: int) -> bool:
+        """Whether an operation of this kind is active: an empty Update does nothing
+        to one (or ends it with an error) and answers NOT_INITIALIZED without one."""
+        name = f"C_{op.kind}Update"
+        call = self._ck.output if op.result == SIZED else self._ck.feed
+        return _rv(call, name, session, b"") != CKR["CKR_OPERATION_NOT_INITIALIZED"]
+
+    def _one_shot(self, op: _Op, c: Client, s: _Session, mech: NativeParameter,
+                  key: int | None, data: bytes, tail: int | bytes | None) -> bytes:
+        self._init(op, s, mech, key)
+        try:
+            return self._finish(op, s.handle, "", (data,), tail)
+        except CkrError as exc:
+            if exc.rv == CKR["CKR_BUFFER_TOO_SMALL"]:  # the one failure that keeps it active
+                self._discard(op, s.handle, "", (data,))
+            raise
+
+    def _op_init(self, op: _Op, c: Client, s: _Session, mech: NativeParameter,
+                 key: int | None) -> bytes:
+        self._init(op, s, mech, key)
+        return b""
+
+    def _op_update(self, op: _Op, c: Client, s: _Session, part: bytes, last_hint: bool) -> bytes:
+        # last_hint is advisory: PKCS#11 has no such argument
+        name = f"C_{op.kind}Update"
+        if op.result == SIZED:
+            return _bytes_body(self._ck.output(name, s.handle, part))
+        self._ck.feed(name, s.handle, part)
+        return b""
+
+    def _op_final(self, op: _Op, c: Client, s: _Session, tail: int | bytes | None) -> bytes:
+        return self._finish(op, s.handle, "Final", (), tail)
+
+    def _op_abort(self, op: _Op, c: Client, s: _Session) -> bytes:
+        """PKCS#11 v2.40 has no abort: end the operation by finishing it (Final,
+        then the one-shot call on empty data) until none of this kind is active."""
+        for stage, inputs in (("Final", ()), ("", (b"",))):
+            if not self._active(op, s.handle):
+                return b""
+            self._discard(op, s.handle, stage, inputs)
+        if self._active(op, s.handle):
+            raise CkrError(CKR["CKR_OPERATION_ACTIVE"], f"{op.kind}Abort")
+        return b""
+
+
+def _version(version: Any) -> wire.Version:
+    return version.major, version.minor
+
+
+def _u64_list(values: list[int]) -> bytes:
+    writer = Writer()
+    return writer.list(values, writer.u64).getvalue()
+
+
+def _u32_list(values: list[int]) -> bytes:
+    writer = Writer()
+    return writer.list(values, writer.u32).getvalue()

@@ -1,0 +1,59 @@
+"""What the gateway enforces, built once from its config: tokens, Origins, egress rules."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ksw1fast.auth import AuthError, Grant, TokenVerifier, secret_from_env
+from ksw1fast.config import GatewayConfig
+from ksw1fast.handshake import OriginPolicy, find_token, header_values
+from ksw1fast.policy import EgressPolicy, is_loopback_host
+
+
+class HandshakeRefused(Exception):
+    """The upgrade request is refused with HTTP `status`."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class Security:
+    def __init__(self, config: GatewayConfig) -> None:
+        secret = secret_from_env(config.token_secret_env) if config.token_secret_env else None
+        self.tokens = TokenVerifier(static_file=config.token_file, secret=secret)
+        self.origins = OriginPolicy(config.allow_origins)
+        self.egress = EgressPolicy(config.egress)
+        self.open_token = config.open_token
+        if not self.tokens.enabled and config.open_token:
+            raise ValueError("open_token needs tokens: set token_file or token_secret_env")
+        if not (is_loopback_host(config.host) or self.tokens.enabled or config.insecure):
+            raise ValueError(
+                f"refusing to listen on {config.host!r} without auth: anyone who can reach "
+                "it could open sockets into this network through it. Configure tokens "
+                "(--token-file / --token-secret-env) or pass --insecure if something in "
+                "front of the gateway already authenticates")
+
+    def admit(self, path: str, headers: object) -> tuple[Optional[Grant], Optional[str]]:
+        """Check an upgrade request: the connection's grant (None when tokens are to come
+        per frame) and the subprotocol to echo; HandshakeRefused otherwise."""
+        origins = header_values(headers, "origin")  # type: ignore[arg-type]
+        if not self.origins.allowed(origins[0] if origins else None):
+            raise HandshakeRefused(403, "origin not allowed")
+        offer = find_token(path, headers)  # type: ignore[arg-type]
+        # echoed even with auth off: a browser drops a connection whose offer is unanswered
+        subprotocol = offer.subprotocol if offer is not None else None
+        if not self.tokens.enabled:
+            return self.tokens.verify(None), subprotocol  # the unrestricted grant
+        if offer is None:
+            if self.open_token:
+                return None, None
+            raise HandshakeRefused(401, "a token is required")
+        try:
+            return self.tokens.verify(offer.token), subprotocol
+        except AuthError as exc:
+            raise HandshakeRefused(exc.http_status, f"token {exc.kind}") from None
+
+    def verify(self, token: bytes) -> Grant:
+        """A token carried in a frame (Hello extension, Open); AuthError when not valid."""
+        return self.tokens.verify(token)
+
