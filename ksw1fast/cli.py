@@ -23,7 +23,8 @@ _FIELDS = {
     "host": "host", "port": "port", "path": "path", "max_streams": "max_streams",
     "max_payload": "max_payload", "handshake_timeout": "handshake_timeout",
     "connect_timeout": "connect_timeout", "dns_timeout": "dns_timeout",
-    "idle_ping": "idle_ping", "token_file": "token_file",
+    "idle_ping": "idle_ping", "tls_cert": "tls_cert", "tls_key": "tls_key",
+    "token_file": "token_file",
     "token_secret_env": "token_secret_env", "open_token": "open_token",
     "allow_origin": "allow_origins", "egress": "egress", "insecure": "insecure",
     "pkcs11_lib": "pkcs11.lib", "pkcs11_isolation": "pkcs11.isolation",
@@ -45,6 +46,8 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     net.add_argument("--port", type=int,
                      help=f"TCP port; 0 picks a free one (env GATEWAY_PORT; default {_D.port})")
     net.add_argument("--path", help=f"URL path of the endpoint (env GATEWAY_PATH; default {_D.path})")
+    net.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve wss://")
+    net.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     limits = serve.add_argument_group("limits")
     limits.add_argument("--max-streams", type=int,
                         help=f"most streams per connection (default {_D.max_streams})")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ipaddress
+import ssl
 from typing import Any, Deque, Optional
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
@@ -481,14 +482,18 @@ def _fail(waiter: Optional[asyncio.Future], exc: BaseException) -> None:
 async def connect(url: str, *, features: int = POLYFILL_FEATURES, max_streams: int = 64,
                   token: Optional[bytes] = None, max_payload: int = DEFAULT_MAX_PAYLOAD,
                   extra_headers: Optional[dict[str, str]] = None,
+                  ssl_context: Optional[ssl.SSLContext] = None,
                   timeout: float = 10.0) -> KSW1Client:
-    """Open a WebSocket to a KSW1 gateway and complete Hello/HelloAck."""
+    """Open a WebSocket to a KSW1 gateway and complete Hello/HelloAck.
+
+    `ssl_context` verifies a wss:// gateway (default: the system's trusted CAs).
+    """
     client = KSW1Client(max_payload)
     transport, _ = await ws_connect(lambda: _Listener(client), url,
                                     max_frame_size=max_payload + 64,
                                     extra_headers=extra_headers,
                                     websocket_handshake_timeout=timeout,
-                                    use_aiofastnet=False)
+                                    ssl_context=ssl_context, use_aiofastnet=False)
     client.ws = transport
     client._send(FrameType.HELLO, 0, codec.encode_hello(features, max_streams, token))
     try:

@@ -19,6 +19,8 @@ class GatewayConfig:
     connect_timeout: float = 10.0    # resolve + TCP connect of one Open
     dns_timeout: float = 5.0         # one DnsQuery
     idle_ping: float = 0.0           # seconds of silence before a WebSocket ping; 0 = off
+    tls_cert: Optional[str] = None   # PEM certificate chain: serve wss://
+    tls_key: Optional[str] = None    # its private key (PEM)
     pkcs11: Pkcs11Settings = field(default_factory=Pkcs11Settings)
     # -- security (README "Security") --
     token_file: Optional[str] = None       # static tokens, one per line or sha256:<hex>
@@ -41,3 +43,5 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be positive")
         if self.idle_ping < 0:
             raise ValueError("idle_ping must be >= 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")

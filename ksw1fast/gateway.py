@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import ssl
 import weakref
 from typing import Any, Optional
 from urllib.parse import urlsplit
@@ -48,9 +49,17 @@ class Gateway:
             auto_ping_idle_timeout=cfg.idle_ping or 20,
             auto_ping_reply_timeout=cfg.idle_ping or 20,
             use_aiofastnet=False,  # uvloop's own transports: pause_reading and write limits
+            ssl=self._tls_context(),
         )
         log.info("ksw1fast serving %s", self.address)
         return self
+
+    def _tls_context(self) -> Optional[ssl.SSLContext]:
+        if not self.config.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return context
 
     @property
     def port(self) -> int:
@@ -62,7 +71,8 @@ class Gateway:
         host = self.config.host
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}{self.config.path}"
+        scheme = "wss" if self.config.tls_cert else "ws"
+        return f"{scheme}://{host}:{self.port}{self.config.path}"
 
     def _route(self, request: WSUpgradeRequest) -> Optional[WSUpgradeResponseWithListener]:
         path = request.path.decode("latin-1")
