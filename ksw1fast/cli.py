@@ -13,7 +13,11 @@ from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
 from ksw1fast.config_file import ConfigError, check_config_file, make_config, read_config_file
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
+from ksw1fast.logs import configure as configure_logging
 from ksw1fast.token_cli import add_token_commands
+from ksw1fast.workers import Supervisor, worker_count
+
+log = logging.getLogger("ksw1fast")
 
 _D = GatewayConfig()
 _P = Pkcs11Settings()
@@ -24,6 +28,8 @@ _FIELDS = {
     "max_payload": "max_payload", "handshake_timeout": "handshake_timeout",
     "connect_timeout": "connect_timeout", "dns_timeout": "dns_timeout",
     "idle_ping": "idle_ping", "tls_cert": "tls_cert", "tls_key": "tls_key",
+    "workers": "workers", "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
+    "metrics_host": "metrics_host", "log_format": "log_format",
     "token_file": "token_file",
     "token_secret_env": "token_secret_env", "open_token": "open_token",
     "allow_origin": "allow_origins", "egress": "egress", "insecure": "insecure",
@@ -104,9 +110,22 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                      help="refuse these functions with AuthDenied (repeatable)")
     p11.add_argument("--pkcs11-max-out", type=int,
                      help=f"cap on output sizes a client may ask for (default {_P.max_out})")
-    serve.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"],
-                       help="log verbosity; payloads, tokens and PINs are never logged")
+    ops = serve.add_argument_group("operations (README: Operating)")
+    ops.add_argument("--workers", type=worker_count,
+                     help="worker processes, or 'auto' for one per CPU (default 1); each has "
+                          "its own event loop and SO_REUSEPORT listener, and a supervisor "
+                          "restarts any that dies")
+    ops.add_argument("--drain-timeout", type=float,
+                     help=f"on SIGTERM/SIGINT, seconds open connections get to finish before "
+                          f"they are closed with 1001 (default {_D.drain_timeout:g})")
+    ops.add_argument("--metrics-port", type=int,
+                     help="serve /metrics (Prometheus), /healthz and /readyz on this port "
+                          "(default off; needs the metrics extra)")
+    ops.add_argument("--metrics-host", help=f"address of that listener (default {_D.metrics_host})")
+    ops.add_argument("--log-format", choices=["text", "json"], help="default text")
+    ops.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="log verbosity; payloads, tokens and PINs are never logged")
+    ops.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,19 +157,30 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         value = getattr(args, flag)
         if value is not None:
             _put(values, key, tuple(value) if isinstance(value, list) else value)
+    if args.worker_process:  # one of a supervisor's workers: it serves the metrics itself
+        values.update(workers=1, reuse_port=True, metrics_port=None)
     return make_config(values)
 
 
 async def serve(config: GatewayConfig) -> None:
-    """Run a gateway until SIGINT or SIGTERM."""
+    """Run one gateway process until SIGINT or SIGTERM, then drain it."""
     from ksw1fast.gateway import Gateway
+    from ksw1fast.ops_http import OpsServer
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with await Gateway(config).start():
-        await stop.wait()
+    gateway = await Gateway(config).start()
+    ops = None
+    if config.metrics_port is not None:
+        ops = await OpsServer(lambda: gateway.ready).start(config.metrics_host,
+                                                           config.metrics_port)
+    await stop.wait()
+    log.info("draining for up to %gs", config.drain_timeout)
+    await gateway.drain(config.drain_timeout)
+    if ops is not None:
+        await ops.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -166,10 +196,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             sys.exit(2)
         print(f"{args.file}: ok")
         return
-    level = getattr(logging, args.log_level.upper())
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # picows logs every accept on its own; our connection lines say the same with more
-    logging.getLogger("picows").setLevel(max(level, logging.WARNING))
     try:
         config = config_from_args(args)
         from ksw1fast.security import Security
@@ -177,6 +203,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         Security(config)  # refuse unsafe settings before anything listens
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
+    configure_logging(args.log_level, config.log_format)
+    if config.workers > 1:
+        serve_argv = list(argv if argv is not None else sys.argv[1:])
+        sys.exit(Supervisor(config, serve_argv[serve_argv.index("serve") + 1:]).run())
     import uvloop
 
     uvloop.run(serve(config))

@@ -19,6 +19,13 @@ class GatewayConfig:
     connect_timeout: float = 10.0    # resolve + TCP connect of one Open
     dns_timeout: float = 5.0         # one DnsQuery
     idle_ping: float = 0.0           # seconds of silence before a WebSocket ping; 0 = off
+    # -- operations (README "Operating") --
+    workers: int = 1                 # worker processes (each its own loop and listener)
+    reuse_port: bool = False         # SO_REUSEPORT listener (set for workers)
+    drain_timeout: float = 30.0      # seconds open connections get after SIGTERM
+    metrics_port: Optional[int] = None  # /metrics, /healthz, /readyz listener; None = off
+    metrics_host: str = "127.0.0.1"
+    log_format: str = "text"         # "text" or "json"
     tls_cert: Optional[str] = None   # PEM certificate chain: serve wss://
     tls_key: Optional[str] = None    # its private key (PEM)
     pkcs11: Pkcs11Settings = field(default_factory=Pkcs11Settings)
@@ -43,5 +50,9 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be positive")
         if self.idle_ping < 0:
             raise ValueError("idle_ping must be >= 0")
+        if self.workers < 1 or self.drain_timeout < 0:
+            raise ValueError("workers must be >= 1 and drain_timeout >= 0")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be 'text' or 'json'")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")

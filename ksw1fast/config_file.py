@@ -64,6 +64,15 @@ def _egress(value: Any) -> Any:
             if isinstance(item, (str, Mapping)) else item for item in value]
 
 
+def _workers(value: str) -> Any:
+    from ksw1fast.workers import worker_count
+
+    try:
+        return worker_count(value)
+    except ValueError:
+        return value  # reported as a type error with its line
+
+
 def _line_of(text: str, table: str, key: str) -> int:
     """Best-effort line of `key` (TOML parsers do not keep positions)."""
     start = 0
@@ -93,6 +102,8 @@ def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
             where = f"{path}:{_line_of(text, table, key)}: key '{f'{table}.' if table else ''}{key}'"
             if key not in hints:
                 raise ConfigError(f"{where}: unknown setting")
+            if key == "workers" and isinstance(value, str):
+                value = _workers(value)
             try:
                 target[key] = _check(_egress(value) if key == "egress" else value, hints[key])
             except (TypeError, ValueError) as exc:

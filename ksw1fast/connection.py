@@ -10,10 +10,12 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 from typing import Any, Callable, Optional
 
 from picows import WSTransport
 
+from ksw1fast import metrics
 from ksw1fast._impl import codec, relay
 from ksw1fast.auth import AuthError, Grant
 from ksw1fast.config import GatewayConfig
@@ -22,7 +24,8 @@ from ksw1fast.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CRED
                                 Pkcs11Status, Proto, WSClose)
 from ksw1fast.errors import MalformedPayload
 from ksw1fast.messages import OpenOkInfo, OpenRequest, Pkcs11Request, SockAddr
-from ksw1fast.pkcs11.supervisor import Pkcs11Backend, error_body
+from ksw1fast.pkcs11 import wire
+from ksw1fast.pkcs11.supervisor import Pkcs11Backend
 from ksw1fast.resolve import ResolveError, address_bytes, lookup, open_error, open_socket
 from ksw1fast.security import Security
 
@@ -73,6 +76,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         self._on_closed = on_closed
         self._tasks: dict[int, asyncio.Task] = {}  # stream id -> its connect task
         self._queries: set[asyncio.Task] = set()   # DNS lookups and PKCS#11 calls in flight
+        self._counted: dict[Any, tuple[int, int]] = {}  # stream -> bytes already in metrics
         self._handlers: dict[int, Callable[[int, int, bytes], None]] = {
             FrameType.HELLO: self._on_duplicate_hello,
             FrameType.OPEN: self._on_open,
@@ -90,11 +94,14 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         peer = transport.underlying_transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         log.info("connection open peer=%s", self.peer)
+        metrics.CONNECTIONS.inc()
+        metrics.CONNECTIONS_TOTAL.inc()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         streams = len(self.streams)
         for stream in self.streams.values():
             stream.forget()
+            self._count_bytes(stream, final=True)
         self.streams.clear()
         for task in (*self._tasks.values(), *self._queries):
             task.cancel()
@@ -105,6 +112,8 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             info = handshake.sent if handshake.sent is not None else handshake.recv
             code = int(info.code) if info is not None else None
         log.info("connection closed peer=%s open_streams=%d close_code=%s", self.peer, streams, code)
+        metrics.CONNECTIONS.dec()
+        metrics.CONNECTIONS_CLOSED.labels(str(code)).inc()
         close = getattr(self.pkcs11, "close", None)
         if close is not None:  # ends this connection's agent and its sessions
             _background(close())
@@ -176,6 +185,10 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     def _open_err(self, stream_id: int, code: OpenErrCode, message: str, dest: str = "?") -> None:
         log.info("open refused peer=%s stream=%d dest=%s reason=%s: %s",
                  self.peer, stream_id, dest, code.name, message)
+        metrics.STREAMS.labels(dest.split(" ", 1)[0] if " " in dest else "?",
+                               code.name.lower()).inc()
+        if code == OpenErrCode.BLOCKED:
+            metrics.POLICY_DENIALS.labels("egress").inc()
         self.send_frame(FrameType.OPEN_ERR, stream_id, codec.encode_open_err(code, message))
 
     def _on_open(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -207,10 +220,12 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         try:
             grant = self._authorize(req.token)
         except AuthError as exc:
+            metrics.AUTH_FAILURES.labels(exc.kind).inc()
             self._open_err(stream_id, exc.open_err, f"token {exc.kind}", dest)
             return
         if (proto == "udp" and not grant.allows_udp) or not grant.allows_open(host, req.port,
                                                                                 proto):
+            metrics.AUTH_FAILURES.labels("scope").inc()
             self._open_err(stream_id, OpenErrCode.AUTH_FAILED,
                            "the token does not allow this destination", dest)
             return
@@ -224,6 +239,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
 
     async def _connect(self, stream: "relay.Stream", host: str, port: int, udp: bool,
                        dest: str) -> None:
+        started = time.monotonic()
         try:
             sock = await asyncio.wait_for(
                 open_socket(host, port, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
@@ -258,6 +274,8 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             OpenOkInfo(_sockaddr(transport.get_extra_info("sockname")),
                        _sockaddr(transport.get_extra_info("peername")))))
         stream.start()
+        metrics.STREAMS.labels("udp" if udp else "tcp", "ok").inc()
+        metrics.OPEN_SECONDS.observe(time.monotonic() - started)
         log.debug("stream open peer=%s stream=%d dest=%s", self.peer, stream.stream_id, dest)
 
     def _on_close(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -268,6 +286,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         if task is not None:
             task.cancel()
         stream.forget()
+        self._count_bytes(stream, final=True)
         self.send_frame(FrameType.CLOSE_ACK, stream_id, _CLOSE_ACK)
 
     def _on_data_ack(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -281,6 +300,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
 
     def stream_ended(self, stream: "relay.Stream", exc: Optional[BaseException]) -> None:
         """The target closed (or failed) on its own: tell the client and forget the stream."""
+        self._count_bytes(stream, final=True)
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
             reason = CloseReason.NORMAL if exc is None else CloseReason.ERROR
@@ -292,6 +312,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
         stream.forget()
+        self._count_bytes(stream, final=True)
         self.send_frame(FrameType.CLOSE, stream.stream_id, codec.encode_close(CloseReason.ERROR))
 
     # -- DNS ---------------------------------------------------------------------------
@@ -309,6 +330,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         try:
             allowed = self._authorize().allows_dns(query.name)
         except AuthError as exc:
+            metrics.AUTH_FAILURES.labels(exc.kind).inc()
             self._dns_err(query_id, DnsErrCode.REFUSED, f"token {exc.kind}")
             return
         decision = self.security.egress.check_name(query.name)
@@ -335,9 +357,13 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         if not addresses:
             self._dns_err(query_id, DnsErrCode.REFUSED, "every address is denied by policy")
             return
+        metrics.DNS_QUERIES.labels("ok").inc()
         self.send_frame(FrameType.DNS_RESULT, query_id, codec.encode_dns_result(addresses))
 
     def _dns_err(self, query_id: int, code: DnsErrCode, message: str) -> None:
+        metrics.DNS_QUERIES.labels(code.name.lower()).inc()
+        if code == DnsErrCode.REFUSED:
+            metrics.POLICY_DENIALS.labels("dns").inc()
         self.send_frame(FrameType.DNS_ERR, query_id, codec.encode_dns_err(code, message))
 
     # -- PKCS#11 ----------------------------------------------------------------------
@@ -346,32 +372,51 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         try:
             request = codec.decode_pkcs11_request(payload)
         except MalformedPayload as exc:
-            self._pkcs11_reply(query_id, Pkcs11Status.PROTOCOL_ERROR,
-                               error_body(f"malformed request: {exc}"))
+            self._pkcs11_reply(*wire.protocol_error(f"malformed request: {exc}"), query_id)
             return
         try:
             allowed = self._authorize().allows_pkcs11
         except AuthError as exc:
+            metrics.AUTH_FAILURES.labels(exc.kind).inc()
             allowed = False
             reason = f"token {exc.kind}"
         else:
             reason = "the token does not allow PKCS#11"
         if not allowed:
-            self._pkcs11_reply(query_id, Pkcs11Status.AUTH_DENIED, error_body(reason))
+            self._pkcs11_reply(*wire.auth_denied(reason), query_id)
             return
         task = asyncio.get_running_loop().create_task(self._pkcs11_call(query_id, request))
         self._queries.add(task)
         task.add_done_callback(self._queries.discard)
 
     async def _pkcs11_call(self, query_id: int, request: Pkcs11Request) -> None:
+        started = time.monotonic()
         try:
             status, body = await self.pkcs11.handle(request.fn_id, request.args)
         except Exception as exc:  # a custom backend's bug must not take the connection down
             log.exception("PKCS#11 backend failed peer=%s fn=0x%04x", self.peer, request.fn_id)
-            status, body = Pkcs11Status.INTERNAL, error_body(f"backend failure: {exc}")
-        self._pkcs11_reply(query_id, status, body)
+            status, body = wire.internal(f"backend failure: {exc}")
+        metrics.PKCS11_SECONDS.observe(time.monotonic() - started)
+        metrics.PKCS11_CALLS.labels(wire.FUNCTIONS.get(request.fn_id, "unknown"),
+                                    _status_name(status)).inc()
+        self._pkcs11_reply(status, body, query_id)
 
-    def _pkcs11_reply(self, query_id: int, status: int, body: bytes) -> None:
+    def count_bytes(self) -> None:
+        """Add what the streams relayed since the last look to the byte counters."""
+        for stream in self.streams.values():
+            self._count_bytes(stream)
+
+    def _count_bytes(self, stream: "relay.Stream", final: bool = False) -> None:
+        seen_in, seen_out = (self._counted.pop(stream, (0, 0)) if final
+                             else self._counted.get(stream, (0, 0)))
+        if stream.bytes_in > seen_in:
+            metrics.BYTES.labels("to_target").inc(stream.bytes_in - seen_in)
+        if stream.bytes_out > seen_out:
+            metrics.BYTES.labels("to_client").inc(stream.bytes_out - seen_out)
+        if not final:
+            self._counted[stream] = (stream.bytes_in, stream.bytes_out)
+
+    def _pkcs11_reply(self, status: int, body: bytes, query_id: int) -> None:
         if self.ws is not None and not self.ws.is_disconnected:
             self.send_frame(FrameType.PKCS11_RESPONSE, query_id,
                             codec.encode_pkcs11_response(status, body))
@@ -385,6 +430,13 @@ def _background(coro: Any) -> None:
     task = asyncio.ensure_future(coro)
     _tasks_alive.add(task)
     task.add_done_callback(_tasks_alive.discard)
+
+
+def _status_name(status: int) -> str:
+    try:
+        return Pkcs11Status(status).name.lower()
+    except ValueError:
+        return "invalid"
 
 
 def _sockaddr(addr: tuple) -> SockAddr:

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from picows import (WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener,
                     ws_create_server)
 
+from ksw1fast import metrics
 from ksw1fast.config import GatewayConfig
 from ksw1fast.connection import Connection
 from ksw1fast.constants import HEADER_SIZE
@@ -34,6 +35,8 @@ class Gateway:
         # weak: a connection whose upgrade fails never reports its end
         self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._server: Optional[asyncio.AbstractServer] = None
+        self._byte_counter: Optional[asyncio.Task] = None
+        self.draining = False
 
     async def start(self) -> "Gateway":
         cfg = self.config
@@ -50,9 +53,36 @@ class Gateway:
             auto_ping_reply_timeout=cfg.idle_ping or 20,
             use_aiofastnet=False,  # uvloop's own transports: pause_reading and write limits
             ssl=self._tls_context(),
+            reuse_port=cfg.reuse_port or None,
         )
+        self._byte_counter = asyncio.ensure_future(self._count_bytes())
         log.info("ksw1fast serving %s", self.address)
         return self
+
+    async def _count_bytes(self) -> None:
+        """Harvest the streams' byte counters into the metrics once a second."""
+        while True:
+            await asyncio.sleep(1.0)
+            for conn in list(self.connections):
+                conn.count_bytes()
+
+    @property
+    def ready(self) -> bool:
+        """Accepting connections (for /readyz)."""
+        return self._server is not None and not self.draining
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, give open connections `timeout` seconds to finish, then close
+        the rest with 1001 (going away)."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()  # listening sockets only: open connections carry on
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.connections:
+            log.info("drain timeout: closing %d connection(s) with 1001", len(self.connections))
+        await self.close()
 
     def _tls_context(self) -> Optional[ssl.SSLContext]:
         if not self.config.tls_cert:
@@ -82,6 +112,10 @@ class Gateway:
             grant, subprotocol = self.security.admit(path, request.headers)
         except HandshakeRefused as exc:
             log.info("handshake refused status=%d reason=%s", exc.status, exc)
+            if exc.kind == "origin":
+                metrics.POLICY_DENIALS.labels("origin").inc()
+            else:
+                metrics.AUTH_FAILURES.labels(exc.kind).inc()
             return WSUpgradeResponseWithListener(
                 WSUpgradeResponse.create_error_response(exc.status, str(exc).encode()), None)
         for_connection = getattr(self._pkcs11, "for_connection", None)
@@ -97,6 +131,8 @@ class Gateway:
         if self._server is None:
             return
         self._server.close()
+        if self._byte_counter is not None:
+            self._byte_counter.cancel()
         for conn in list(self.connections):
             conn.go_away()
         await self._server.wait_closed()

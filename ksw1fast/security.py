@@ -10,11 +10,13 @@ from ksw1fast.policy import EgressPolicy, is_loopback_host
 
 
 class HandshakeRefused(Exception):
-    """The upgrade request is refused with HTTP `status`."""
+    """The upgrade request is refused with HTTP `status`; `kind` is "origin" or the
+    token problem ("missing", "invalid", "expired")."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, kind: str, reason: str) -> None:
         super().__init__(reason)
         self.status = status
+        self.kind = kind
 
 
 class Security:
@@ -38,7 +40,7 @@ class Security:
         per frame) and the subprotocol to echo; HandshakeRefused otherwise."""
         origins = header_values(headers, "origin")  # type: ignore[arg-type]
         if not self.origins.allowed(origins[0] if origins else None):
-            raise HandshakeRefused(403, "origin not allowed")
+            raise HandshakeRefused(403, "origin", "origin not allowed")
         offer = find_token(path, headers)  # type: ignore[arg-type]
         # echoed even with auth off: a browser drops a connection whose offer is unanswered
         subprotocol = offer.subprotocol if offer is not None else None
@@ -47,11 +49,11 @@ class Security:
         if offer is None:
             if self.open_token:
                 return None, None
-            raise HandshakeRefused(401, "a token is required")
+            raise HandshakeRefused(401, "missing", "a token is required")
         try:
             return self.tokens.verify(offer.token), subprotocol
         except AuthError as exc:
-            raise HandshakeRefused(exc.http_status, f"token {exc.kind}") from None
+            raise HandshakeRefused(exc.http_status, exc.kind, f"token {exc.kind}") from None
 
     def verify(self, token: bytes) -> Grant:
         """A token carried in a frame (Hello extension, Open); AuthError when not valid."""

@@ -40,7 +40,7 @@ class GatewayProcess:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:  # bounded: the process exits or prints its address
             self.log.append(line)
-            match = re.search(r"serving (ws://\S+)", line)
+            match = re.search(r"serving (wss?://[^\s\"]+)", line)
             if match:
                 self.address = match.group(1)
                 break

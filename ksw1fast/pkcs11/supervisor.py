@@ -21,8 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
-from ksw1fast.constants import Pkcs11Status
-from ksw1fast.pkcs11 import ipc
+from ksw1fast import metrics
+from ksw1fast.pkcs11 import ipc, wire
 
 log = logging.getLogger("ksw1fast.pkcs11")
 
@@ -32,12 +32,6 @@ START_TIMEOUT = 30.0  # loading a module and C_Initialize
 
 class Pkcs11Backend(Protocol):
     async def handle(self, fn_id: int, args: bytes) -> tuple[int, bytes]: ...
-
-
-def error_body(message: str) -> bytes:
-    """The body of ProtocolError / Internal / AuthDenied: a pkcs11-rpc `string`."""
-    raw = message.encode()
-    return struct.pack("<I", len(raw)) + raw
 
 
 @dataclass(frozen=True)
@@ -97,6 +91,7 @@ class AgentProcess:
             *settings.agent_argv(shared), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE)
         agent = cls(proc)
+        metrics.AGENTS.inc()
         try:
             await asyncio.wait_for(asyncio.shield(agent._ready), START_TIMEOUT)
         except BaseException:
@@ -115,6 +110,7 @@ class AgentProcess:
             for message in unpacker.feed(data):
                 self._dispatch(message)
         code = await self._proc.wait()
+        metrics.AGENTS.dec()
         self._die(f"PKCS#11 agent exited (status {code})")
 
     def _dispatch(self, message: ipc.Message) -> None:
@@ -203,7 +199,7 @@ class AgentClient:
             agent, client = await self._attach()
             return await agent.call(client, fn_id, args)
         except AgentError as exc:
-            return Pkcs11Status.INTERNAL, error_body(str(exc))
+            return wire.internal(str(exc))
 
     async def close(self) -> None:
         if self._agent is None:
@@ -277,7 +273,7 @@ class NoModule:
     """No module configured: a clear error for every call."""
 
     async def handle(self, fn_id: int, args: bytes) -> tuple[int, bytes]:
-        return Pkcs11Status.INTERNAL, error_body(NO_MODULE)
+        return wire.internal(NO_MODULE)
 
 
 def make_provider(settings: Pkcs11Settings) -> Any:

@@ -1,0 +1,83 @@
+"""Prometheus metrics (the `metrics` extra: prometheus_client).
+
+Every worker records into prometheus_client's metrics; with several workers they write
+to PROMETHEUS_MULTIPROC_DIR and the supervisor's /metrics aggregates them.  Without
+prometheus_client the same names exist as no-ops, so the relay never checks.  Nothing
+here runs per frame: bytes are harvested from the streams' own counters once a second.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    import prometheus_client as prom
+except ImportError:  # pragma: no cover - exercised by installs without the extra
+    prom = None
+
+AVAILABLE = prom is not None
+
+
+class _NoOp:
+    def labels(self, *args: Any, **kwargs: Any) -> "_NoOp":
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+
+def _metric(kind: str, name: str, doc: str, labels: tuple[str, ...] = (), **kw: Any) -> Any:
+    if prom is None:
+        return _NoOp()
+    return getattr(prom, kind)(name, doc, labels, **kw)
+
+
+CONNECTIONS = _metric("Gauge", "ksw1fast_connections_open", "Open WebSocket connections",
+                      multiprocess_mode="livesum")
+CONNECTIONS_TOTAL = _metric("Counter", "ksw1fast_connections",
+                            "WebSocket connections accepted")
+CONNECTIONS_CLOSED = _metric("Counter", "ksw1fast_connections_closed",
+                             "WebSocket connections closed, by close code", ("code",))
+STREAMS = _metric("Counter", "ksw1fast_streams", "Opens, by protocol and result",
+                  ("proto", "result"))
+OPEN_SECONDS = _metric("Histogram", "ksw1fast_open_seconds",
+                       "Time from Open to OpenOk (resolve and connect)",
+                       buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+BYTES = _metric("Counter", "ksw1fast_bytes", "Payload bytes relayed, by direction",
+                ("direction",))
+DNS_QUERIES = _metric("Counter", "ksw1fast_dns_queries", "DnsQuery answers, by result",
+                      ("result",))
+PKCS11_CALLS = _metric("Counter", "ksw1fast_pkcs11_calls", "PKCS#11 calls, by fn and status",
+                       ("fn", "status"))
+PKCS11_SECONDS = _metric("Histogram", "ksw1fast_pkcs11_call_seconds",
+                         "PKCS#11 call latency through the gateway")
+POLICY_DENIALS = _metric("Counter", "ksw1fast_policy_denials",
+                         "Requests denied by Origin or egress policy", ("reason",))
+AUTH_FAILURES = _metric("Counter", "ksw1fast_auth_failures", "Refused tokens, by reason",
+                        ("reason",))
+AGENTS = _metric("Gauge", "ksw1fast_pkcs11_agents", "Running PKCS#11 agent processes",
+                 multiprocess_mode="livesum")
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of this process, or of all workers in multiprocess mode."""
+    if prom is None:
+        raise RuntimeError("metrics need prometheus_client: pip install 'ksw1fast[metrics]'")
+    import os
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = prom.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = prom.REGISTRY
+    return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST

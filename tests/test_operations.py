@@ -1,0 +1,156 @@
+"""Workers and their supervisor, graceful drain, metrics and health, JSON logs."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from ksw1fast import client as kclient
+
+from conftest import GatewayProcess, port_of, serve_tcp
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _workers(proc: GatewayProcess) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children()
+
+
+def _worker_of(worker_pids: list[int], gateway_port: int, client_port: int) -> int:
+    """Which worker holds the connection from our client_port."""
+    for pid in worker_pids:
+        for c in psutil.Process(pid).net_connections("tcp"):
+            if c.laddr and c.laddr.port == gateway_port and c.raddr and c.raddr.port == client_port:
+                return pid
+    raise LookupError(client_port)
+
+
+async def _echo_once(client: kclient.KSW1Client, port: int, payload: bytes) -> bytes:
+    stream = await client.open_connection("127.0.0.1", port)
+    stream.write(payload)
+    data = await asyncio.wait_for(stream.readexactly(len(payload)), 10)
+    await stream.close()
+    return data
+
+
+async def test_a_killed_worker_is_replaced_and_others_never_notice(echo_port) -> None:
+    metrics_port = _free_port()
+    proc = await asyncio.to_thread(GatewayProcess, "--workers", "2", "--metrics-port",
+                                   str(metrics_port))
+    try:
+        gateway_port = int(proc.address.rsplit(":", 1)[1].split("/")[0])
+        for _ in range(50):  # both workers up
+            if len(_workers(proc)) == 2:
+                break
+            await asyncio.sleep(0.1)
+        pids = [w.pid for w in _workers(proc)]
+        clients = [await kclient.connect(proc.address) for _ in range(20)]
+        owner = {}
+        for c in clients:
+            local_port = c.ws.underlying_transport.get_extra_info("sockname")[1]
+            owner[c] = await asyncio.to_thread(_worker_of, pids, gateway_port, local_port)
+        assert set(owner.values()) == set(pids), "connections did not spread over both workers"
+        victim = pids[0]
+        os.kill(victim, signal.SIGKILL)
+        survivors = [c for c in clients if owner[c] != victim]
+        for round_ in range(5):
+            for c in survivors:
+                assert await _echo_once(c, echo_port, b"round %d" % round_) == b"round %d" % round_
+        fresh = await kclient.connect(proc.address)
+        assert await _echo_once(fresh, echo_port, b"new") == b"new"
+        for _ in range(100):  # the supervisor starts a replacement within seconds
+            if len(_workers(proc)) == 2 and victim not in [w.pid for w in _workers(proc)]:
+                break
+            await asyncio.sleep(0.1)
+        assert len(_workers(proc)) == 2 and victim not in [w.pid for w in _workers(proc)]
+        status, text = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/metrics")
+        assert status == 200
+        total = sum(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("ksw1fast_connections_total"))
+        assert total >= 21  # aggregated over the workers, the dead one included
+        assert "ksw1fast_streams_total" in text and "ksw1fast_open_seconds_bucket" in text
+        assert (await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/healthz"))[0] == 200
+        assert (await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/readyz"))[0] == 200
+        for c in [*survivors, fresh]:
+            await c.close()
+    finally:
+        await asyncio.to_thread(proc.stop)
+
+
+async def test_sigterm_drains_a_transfer_and_refuses_new_connections() -> None:
+    total = 8 * 1024 * 1024
+
+    async def slow_source(reader, writer):
+        block = bytes(256 * 1024)
+        for _ in range(total // len(block)):  # about 1.6 s in all
+            writer.write(block)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.close()
+
+    metrics_port = _free_port()
+    proc = await asyncio.to_thread(GatewayProcess, "--drain-timeout", "20", "--metrics-port",
+                                   str(metrics_port))
+    async with await serve_tcp(slow_source) as source:
+        client = await kclient.connect(proc.address)
+        stream = await client.open_connection("127.0.0.1", port_of(source))
+        first = await stream.read()
+        proc.proc.send_signal(signal.SIGTERM)
+        for _ in range(50):  # readiness goes false first
+            if (await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/readyz"))[0] == 503:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("/readyz never turned 503 while draining")
+        with pytest.raises(OSError):
+            await kclient.connect(proc.address, timeout=3)
+        rest = await asyncio.wait_for(stream.read_until_eof(), 30)
+        assert len(first) + len(rest) == total
+        await client.close()
+    assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+
+
+async def test_drain_timeout_closes_the_rest_with_1001() -> None:
+    from conftest import RawClient
+
+    proc = await asyncio.to_thread(GatewayProcess, "--drain-timeout", "0.5")
+    async with RawClient(proc.address) as raw:
+        await raw.hello()
+        started = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert await raw.close_code(timeout=15) == 1001
+        assert time.monotonic() - started < 15
+    assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+
+
+async def test_json_logs(echo_port) -> None:
+    proc = await asyncio.to_thread(GatewayProcess, "--log-format", "json")
+    client = await kclient.connect(proc.address)
+    await _echo_once(client, echo_port, b"x")
+    await client.close()
+    log = await asyncio.to_thread(proc.stop)
+    entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    messages = [e["message"] for e in entries]
+    assert any(m.startswith("connection open peer=") for m in messages)
+    assert all({"ts", "level", "logger", "pid", "message"} <= e.keys() for e in entries)
