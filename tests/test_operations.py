@@ -60,8 +60,8 @@ async def test_a_killed_worker_is_replaced_and_others_never_notice(echo_port) ->
                                    str(metrics_port))
     try:
         gateway_port = int(proc.address.rsplit(":", 1)[1].split("/")[0])
-        for _ in range(50):  # both workers up
-            if len(_workers(proc)) == 2:
+        for _ in range(100):  # both workers listening
+            if "".join(proc.log).count("ksw1fast serving") >= 2:
                 break
             await asyncio.sleep(0.1)
         pids = [w.pid for w in _workers(proc)]

@@ -10,14 +10,13 @@ from typing import TYPE_CHECKING, Any
 from .wire import FUNCTION_IDS, FUNCTIONS, WireError, check_function_names
 
 if TYPE_CHECKING:
-    from .dispatch import Client, Dispatcher
+    from .dispatch import Dispatcher
 
-__all__ = ["FUNCTIONS", "FUNCTION_IDS", "Client", "Dispatcher", "WireError",
-           "check_function_names"]
+__all__ = ["FUNCTIONS", "FUNCTION_IDS", "Dispatcher", "WireError", "check_function_names"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Dispatcher", "Client"):
-        from . import dispatch
-        return getattr(dispatch, name)
+    if name == "Dispatcher":
+        from .dispatch import Dispatcher
+        return Dispatcher
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

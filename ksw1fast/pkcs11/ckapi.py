@@ -13,7 +13,7 @@ gets wrong:
   an empty part fed;
 - C_GetAttributeValue: PyKCS11 gives a sensitive or invalid attribute the
   same empty value as a genuinely empty one;
-- C_WaitForSlotEvent: one place for the don't-block poll and its slot.
+- C_GetObjectSize: PyKCS11 has no way to pass the CK_ULONG* it fills.
 
 Types follow the PKCS#11 v2.40 header: CK_ULONG is C `unsigned long` (8
 bytes on LP64), CK_FUNCTION_LIST is the version then 68 function pointers in
@@ -36,7 +36,6 @@ CK_ULONG_MAX = (1 << (8 * ctypes.sizeof(CK_ULONG))) - 1
 CK_UNAVAILABLE_INFORMATION = CK_ULONG_MAX
 
 CKR_OK = CKR["CKR_OK"]
-CKF_DONT_BLOCK = 1
 
 
 class CK_VERSION(ctypes.Structure):
@@ -94,7 +93,6 @@ _SHAPES: tuple[tuple[tuple[Any, ...], tuple[str, ...]], ...] = (
     ((_H, _H, _P, _N), ("C_GetAttributeValue",)),
     ((_H, _H, _LP), ("C_GetObjectSize",)),
     ((_H,), ("C_CancelFunction",)),
-    ((_N, _LP, _P), ("C_WaitForSlotEvent",)),
 )
 
 
@@ -119,17 +117,26 @@ def check(rv: int, function: str) -> None:
 Buffer = bytes | bytearray
 
 
-class Module:
-    """The module's function list, called with Python bytes in and out."""
+class OutputTooLarge(Exception):
+    """The module wants to return more than the Module's max_output bytes."""
 
-    def __init__(self, path: str) -> None:
+
+class Module:
+    """The module's function list, called with Python bytes in and out.
+
+    max_output bounds what a length the module reports may make it allocate:
+    such answers are not always sane (SoftHSM's C_DecryptFinal after no data
+    reports a wrapped-around length).
+    """
+
+    def __init__(self, path: str, max_output: int) -> None:
+        self.max_output = max_output
         self._dll = ctypes.CDLL(path)  # same handle as the module PyKCS11 loaded
         get_list = self._dll.C_GetFunctionList
         get_list.restype = CK_ULONG
         get_list.argtypes = [POINTER(POINTER(CK_FUNCTION_LIST))]
         table = POINTER(CK_FUNCTION_LIST)()
         check(get_list(byref(table)), "C_GetFunctionList")
-        self.version = (table.contents.version.major, table.contents.version.minor)
         self._functions: dict[str, Any] = {}
         for argtypes, names in _SHAPES:
             prototype = ctypes.CFUNCTYPE(CK_ULONG, *argtypes)
@@ -163,6 +170,9 @@ class Module:
         if size is None:
             self.call(name, session, *args, None, byref(length))
             size = length.value
+            if size > self.max_output:
+                raise OutputTooLarge(f"{name} wants {size} bytes of output, "
+                                     f"more than the cap of {self.max_output}")
         out = ctypes.create_string_buffer(size)
         length.value = size
         self.call(name, session, *args, out, byref(length))
@@ -179,6 +189,9 @@ class Module:
         buffers: list[Any] = []
         for attr in template:
             available = attr.ulValueLen != CK_UNAVAILABLE_INFORMATION
+            if available and attr.ulValueLen > self.max_output:
+                raise OutputTooLarge(f"attribute 0x{attr.type:X} has {attr.ulValueLen} bytes, "
+                                     f"more than the cap of {self.max_output}")
             buffers.append(ctypes.create_string_buffer(attr.ulValueLen) if available else None)
             attr.pValue = ctypes.cast(buffers[-1], c_void_p) if available else None
             attr.ulValueLen = attr.ulValueLen if available else 0
@@ -186,7 +199,7 @@ class Module:
         if rv not in tolerated:
             check(rv, "C_GetAttributeValue")
         return [(attr.type, buf.raw[:attr.ulValueLen])
-                for attr, buf in zip(template, buffers)
+                for attr, buf in zip(template, buffers, strict=True)
                 if buf is not None and attr.ulValueLen != CK_UNAVAILABLE_INFORMATION]
 
     def copy_object(self, session: int, obj: int, template: Sequence[tuple[int, bytes]]) -> int:
@@ -205,11 +218,6 @@ class Module:
         """C_SignRecoverInit / C_VerifyRecoverInit."""
         self.call(name, session, byref(mechanism.c_mechanism()), key)
 
-    def wait_for_slot_event(self, flags: int) -> int:
-        slot = CK_ULONG(0)
-        self.call("C_WaitForSlotEvent", flags, byref(slot), None)
-        return slot.value
-
 
 def _spread(buffers: Sequence[Buffer]) -> list[Any]:
     """(pointer, length) pairs; b"" still gives a non-NULL pointer, as modules expect."""
@@ -224,7 +232,7 @@ def c_template(template: Sequence[tuple[int, bytes]]) -> tuple[Any, list[Any]]:
     keep = [ctypes.create_string_buffer(value, len(value)) for _, value in template]
     array = (CK_ATTRIBUTE * len(template))(*(
         CK_ATTRIBUTE(cka, ctypes.cast(buf, c_void_p), len(value))
-        for (cka, value), buf in zip(template, keep)))
+        for (cka, value), buf in zip(template, keep, strict=True)))
     return array, keep
 
 

@@ -38,7 +38,10 @@ POLL_INTERVAL = 0.1
 WAIT_FOR_SLOT_EVENT = FUNCTION_IDS["WaitForSlotEvent"]
 DONT_BLOCK = 0x1  # WaitForSlotEvent flags bit0
 OPEN_RW = 0x1     # OpenSession flags bit0; bit1 (serial) is always set for the module
-ADMIN_FUNCTIONS = frozenset({"InitToken", "InitPIN", "SetPIN", "LoginVendor"})  # + Login as SO
+# refused with a gateway-held PIN unless allow_admin, and so is Login as anyone but
+# the user (_GATEWAY_PIN_USERS, who log in with that PIN)
+ADMIN_FUNCTIONS = frozenset({"InitToken", "InitPIN", "SetPIN", "LoginVendor"})
+_GATEWAY_PIN_USERS = frozenset({CKU["CKU_USER"], CKU["CKU_CONTEXT_SPECIFIC"]})
 CKU_VENDOR_DEFINED = 0x80000000
 
 _CKR_OK = CKR["CKR_OK"]
@@ -110,7 +113,7 @@ class _Table(Generic[R]):
         return row
 
 
-class Client:
+class _Client:
     """One browser connection: its handles and the signal that ends its waits."""
 
     def __init__(self) -> None:
@@ -125,7 +128,7 @@ class Client:
 # A handler declares its args as words: Reader methods (u8, u32, u64, bool, bytes,
 # string), or one of these, which also resolve handles and check sizes.
 
-def _size(d: "Dispatcher", c: Client, r: Reader) -> int:
+def _size(d: "Dispatcher", c: _Client, r: Reader) -> int:
     size = r.u32()
     if size > d.max_out:
         raise _Refusal(wire.protocol_error(
@@ -133,26 +136,28 @@ def _size(d: "Dispatcher", c: Client, r: Reader) -> int:
     return size
 
 
-def _key(d: "Dispatcher", c: Client, r: Reader) -> int:
+def _key(d: "Dispatcher", c: _Client, r: Reader) -> int:
     return c.objects.get(r.u32()).handle
 
 
-_RESOLVERS: dict[str, Callable[["Dispatcher", Client, Reader], Any]] = {
+Template = list[tuple[int, bytes]]  # (CKA, the value as the module's C type)
+
+_RESOLVERS: dict[str, Callable[["Dispatcher", _Client, Reader], Any]] = {
     "-": lambda d, c, r: None,  # an argument this variant does not have
     "session": lambda d, c, r: c.sessions.get(r.u32()),
     "object": lambda d, c, r: c.objects.get(r.u32()),
     "cursor": lambda d, c, r: c.cursors.get(r.u32()),
     "key": _key,
-    "opt_key": lambda d, c, r: r.option(lambda: _key(d, c, r)) or 0,  # 0: CK_INVALID_HANDLE
+    "opt_key": lambda d, c, r: r.option(partial(_key, d, c)) or 0,  # 0: CK_INVALID_HANDLE
     "size": _size,
     "mechanism": lambda d, c, r: NativeParameter(r.mechanism()),
     "template": lambda d, c, r: [(a.type, ckapi.native_value(a)) for a in r.attributes()],
-    "types": lambda d, c, r: r.list(r.u32),
-    "opt_string": lambda d, c, r: r.option(r.string),
+    "types": lambda d, c, r: r.list(Reader.u32),
+    "opt_string": lambda d, c, r: r.option(Reader.string),
 }
 
 
-def _parse(d: "Dispatcher", c: Client, spec: str, args: bytes) -> list[Any]:
+def _parse(d: "Dispatcher", c: _Client, spec: str, args: bytes) -> list[Any]:
     reader = Reader(args)
     values = [_RESOLVERS[word](d, c, reader) if word in _RESOLVERS else getattr(reader, word)()
               for word in spec.split()]
@@ -237,7 +242,7 @@ def _pk_bytes(data: bytes) -> Any:
     return LL.ckbytelist(data)
 
 
-def _pk_template(template: list[tuple[int, bytes]]) -> Any:
+def _pk_template(template: Template) -> Any:
     """A PyKCS11 template of the values as they are: native_value already made them C."""
     attrs = LL.ckattrlist(len(template))
     for index, (cka, value) in enumerate(template):
@@ -246,7 +251,8 @@ def _pk_template(template: list[tuple[int, bytes]]) -> Any:
 
 
 class _PkMechanism:
-    """A CK_MECHANISM for PyKCS11, holding the parameter buffers it points to."""
+    """A CK_MECHANISM for PyKCS11 (`.ck`), holding the parameter buffers it points to:
+    keep this object, not just `.ck`, alive for the whole call."""
 
     def __init__(self, native: NativeParameter) -> None:
         self._native = native
@@ -291,9 +297,10 @@ class Dispatcher:
         rv = self._lib.Load(lib_path)  # dlopen + C_Initialize(NULL); already initialised is fine
         if rv != _CKR_OK:
             raise OSError(f"cannot load PKCS#11 module {lib_path}: {ckapi.ckr_name(rv)}")
-        self._ck = ckapi.Module(lib_path)
+        self._ck = ckapi.Module(lib_path, max_out)
         self._lock = threading.Lock()
-        self._clients: set[Client] = set()
+        self._clients: dict[int, _Client] = {}
+        self._last_client = 0
         self._closed = False
         self._handlers: dict[int, tuple[str, Callable[..., bytes]]] = {}
         for name in dir(type(self)):
@@ -316,11 +323,12 @@ class Dispatcher:
 
     # --- public API ----------------------------------------------------------------------
 
-    def open_client(self) -> Client:
-        client = Client()
+    def open_client(self) -> int:
+        """A new client id: the handle space of one browser connection."""
         with self._lock:
-            self._clients.add(client)
-        return client
+            self._last_client += 1
+            self._clients[self._last_client] = _Client()
+            return self._last_client
 
     def is_blocking(self, fn_id: int, args: bytes) -> bool:
         """Whether call() may block: a WaitForSlotEvent without don't-block. Run it off the
@@ -329,10 +337,13 @@ class Dispatcher:
             return False
         return not Reader(args).u32() & DONT_BLOCK
 
-    def call(self, client: Client, fn_id: int, args: bytes) -> Response:
-        """Runs one request; never raises. Thread-safe."""
+    def call(self, client: int, fn_id: int, args: bytes) -> Response:
+        """Runs one request of a client; never raises. Thread-safe."""
         name = FUNCTIONS.get(fn_id)
+        state = self._clients.get(client)
         try:
+            if state is None:
+                return wire.internal("unknown or closed PKCS#11 client")
             if name is None:
                 return wire.protocol_error(f"unknown fn id 0x{fn_id:04x}")
             if name not in self._permitted:
@@ -341,34 +352,35 @@ class Dispatcher:
                 self._check_admin(name)
             spec, handler = self._handlers[fn_id]
             if fn_id == WAIT_FOR_SLOT_EVENT:  # locks for each poll only
-                return wire.ok(handler(client, *_parse(self, client, spec, args)))
+                return wire.ok(handler(state, *_parse(self, state, spec, args)))
             with self._lock:
-                if self._closed:
-                    return wire.internal("PKCS#11 agent closed")
-                if client.closed.is_set():
-                    return wire.internal("PKCS#11 client closed")
-                return wire.ok(handler(client, *_parse(self, client, spec, args)))
+                if state.closed.is_set():
+                    return wire.internal("unknown or closed PKCS#11 client")
+                return wire.ok(handler(state, *_parse(self, state, spec, args)))
         except _Refusal as refusal:
             return refusal.response
         except WireError as exc:
             return wire.protocol_error(f"malformed {name} args: {exc}")
         except CkrError as exc:
             return wire.ck_error(exc.rv, str(exc))
+        except ckapi.OutputTooLarge as exc:
+            return wire.internal(str(exc))
         except Exception as exc:  # the contract: a call never raises
             return wire.internal(f"{type(exc).__name__}: {exc}")
 
-    def close_client(self, client: Client) -> None:
+    def close_client(self, client: int) -> None:
         """Ends the client's waits and closes its sessions. Thread-safe, idempotent."""
-        client.closed.set()
-        with self._lock:
-            self._drop_client(client)
+        state = self._clients.pop(client, None)
+        if state is not None:
+            state.closed.set()  # before the lock: a waiting poll lets go of it
+            with self._lock:
+                self._drop_client(state)
 
     def close(self) -> None:
         """Closes every client and finalises the module (PyKCS11 unload). Once, at exit."""
+        for client in list(self._clients):
+            self.close_client(client)
         with self._lock:
-            for client in list(self._clients):
-                client.closed.set()
-                self._drop_client(client)
             if not self._closed:
                 self._closed = True
                 self._lib.Unload()
@@ -379,14 +391,13 @@ class Dispatcher:
         if self._pin is not None and not self._allow_admin:
             raise _Refusal(wire.auth_denied(f"fn {what} not allowed with a gateway-held PIN"))
 
-    def _drop_client(self, client: Client) -> None:
-        for sid in list(client.sessions.rows):
-            self._close_session(client, sid, check_rv=False)
-        client.objects.rows.clear()
-        client.object_ids.clear()
-        self._clients.discard(client)
+    def _drop_client(self, c: _Client) -> None:
+        for sid in list(c.sessions.rows):
+            self._close_session(c, sid, check_rv=False)
+        c.objects.rows.clear()
+        c.object_ids.clear()
 
-    def _close_session(self, c: Client, sid: int, check_rv: bool = True) -> None:
+    def _close_session(self, c: _Client, sid: int, check_rv: bool = True) -> None:
         session = c.sessions.pop(sid)
         for cid in [cid for cid, cursor in c.cursors.rows.items() if cursor.session == sid]:
             del c.cursors.rows[cid]
@@ -394,7 +405,7 @@ class Dispatcher:
         if check_rv:
             check(rv, "C_CloseSession")
 
-    def _mint_object(self, c: Client, session: _Session, handle: int) -> int:
+    def _mint_object(self, c: _Client, session: _Session, handle: int) -> int:
         """The client's row for a module object: a new one, or one more reference."""
         rid = c.object_ids.get(handle)
         if rid is None:
@@ -407,17 +418,17 @@ class Dispatcher:
             obj.sessions.append(session.id)
         return rid
 
-    def _forget_object(self, c: Client, obj: _Object) -> None:
+    def _forget_object(self, c: _Client, obj: _Object) -> None:
         del c.objects.rows[obj.id]
         del c.object_ids[obj.handle]
 
-    def _object_session(self, c: Client, obj: _Object) -> _Session:
+    def _object_session(self, c: _Client, obj: _Object) -> _Session:
         for sid in obj.sessions:
             if sid in c.sessions.rows:
                 return c.sessions.rows[sid]
         raise _Refusal(wire.protocol_error("object handle has no open session"))
 
-    def _new_object(self, c: Client, session: _Session, make: Callable[[Any], int],
+    def _new_object(self, c: _Client, session: _Session, make: Callable[[Any], int],
                     function: str) -> bytes:
         """Runs a PyKCS11 call that creates one object; its u32 handle as the body."""
         out = LL.CK_OBJECT_HANDLE()
@@ -427,14 +438,14 @@ class Dispatcher:
     # --- slot and token ------------------------------------------------------------------
 
     @_fn(0x0000, "bool")
-    def _get_slot_list(self, c: Client, token_present: bool) -> bytes:
+    def _get_slot_list(self, c: _Client, token_present: bool) -> bytes:
         slots = LL.ckulonglist()
         check(self._lib.C_GetSlotList(token_present, slots), "C_GetSlotList")
         return _u64_list(list(slots))
 
     @_fn(0x0001, "u64")
     @_fn(0x000A, "u32")
-    def _get_slot_info(self, c: Client, slot: int) -> bytes:
+    def _get_slot_info(self, c: _Client, slot: int) -> bytes:
         info = LL.CK_SLOT_INFO()
         check(self._lib.C_GetSlotInfo(slot, info), "C_GetSlotInfo")
         return Writer().slot_info(wire.SlotInfo(
@@ -443,7 +454,7 @@ class Dispatcher:
 
     @_fn(0x0002, "u64")
     @_fn(0x000B, "u32")
-    def _get_token_info(self, c: Client, slot: int) -> bytes:
+    def _get_token_info(self, c: _Client, slot: int) -> bytes:
         t = LL.CK_TOKEN_INFO()
         check(self._lib.C_GetTokenInfo(slot, t), "C_GetTokenInfo")
         clock = t.flags & CKF["CKF_CLOCK_ON_TOKEN"]
@@ -455,7 +466,7 @@ class Dispatcher:
             _version(t.firmwareVersion), t.GetUtcTime() if clock else None)).getvalue()
 
     @_fn(0x0003, "u32 opt_string string")
-    def _init_token(self, c: Client, slot: int, so_pin: str | None, label: str) -> bytes:
+    def _init_token(self, c: _Client, slot: int, so_pin: str | None, label: str) -> bytes:
         raw = label.encode("utf-8")
         if len(raw) > 32:
             raise _Refusal(wire.protocol_error("token label longer than 32 bytes"))
@@ -466,7 +477,7 @@ class Dispatcher:
         return b""
 
     @_fn(0x0004, "u32 u32")
-    def _open_session(self, c: Client, slot: int, flags: int) -> bytes:
+    def _open_session(self, c: _Client, slot: int, flags: int) -> bytes:
         if flags & ~0x3:
             raise _Refusal(wire.protocol_error(f"unknown OpenSession flags 0x{flags:x}"))
         ck_flags = CKF["CKF_SERIAL_SESSION"] | (CKF["CKF_RW_SESSION"] if flags & OPEN_RW else 0)
@@ -475,31 +486,28 @@ class Dispatcher:
         return Writer().u32(c.sessions.add(_Session(pk, slot))).getvalue()
 
     @_fn(0x0005, "u32")
-    def _get_mechanism_list(self, c: Client, slot: int) -> bytes:
+    def _get_mechanism_list(self, c: _Client, slot: int) -> bytes:
         mechanisms = LL.ckulonglist()
         check(self._lib.C_GetMechanismList(slot, mechanisms), "C_GetMechanismList")
         return _u64_list(list(mechanisms))
 
     @_fn(0x0006, "opt_string")
-    def _initialize(self, c: Client, config: str | None) -> bytes:
+    def _initialize(self, c: _Client, config: str | None) -> bytes:
         return b""  # the agent initialised the module once for every client; config unused
 
     @_fn(0x0007)
-    def _finalize(self, c: Client) -> bytes:
-        for sid in list(c.sessions.rows):
-            self._close_session(c, sid, check_rv=False)
-        c.objects.rows.clear()
-        c.object_ids.clear()
+    def _finalize(self, c: _Client) -> bytes:
+        self._drop_client(c)  # this client's handles only: the module stays initialised
         return b""
 
     @_fn(0x0008, "u32")
-    def _close_all_sessions(self, c: Client, slot: int) -> bytes:
+    def _close_all_sessions(self, c: _Client, slot: int) -> bytes:
         for sid in [sid for sid, s in c.sessions.rows.items() if s.slot == slot]:
             self._close_session(c, sid, check_rv=False)
         return b""
 
     @_fn(0x0009)
-    def _get_info(self, c: Client) -> bytes:
+    def _get_info(self, c: _Client) -> bytes:
         info = LL.CK_INFO()
         check(self._lib.C_GetInfo(info), "C_GetInfo")
         return Writer().module_info(wire.ModuleInfo(
@@ -507,7 +515,7 @@ class Dispatcher:
             info.GetLibraryDescription(), _version(info.libraryVersion))).getvalue()
 
     @_fn(WAIT_FOR_SLOT_EVENT, "u32")
-    def _wait_for_slot_event(self, c: Client, flags: int) -> bytes:
+    def _wait_for_slot_event(self, c: _Client, flags: int) -> bytes:
         deadline = time.monotonic() + self._wait_cap
         while True:
             with self._lock:
@@ -521,19 +529,17 @@ class Dispatcher:
 
     def _slot_event(self) -> bytes | None:
         """One don't-block poll: the event's body, or None for CKR_NO_EVENT."""
-        try:
-            slot = self._ck.wait_for_slot_event(ckapi.CKF_DONT_BLOCK)
-        except CkrError as exc:
-            if exc.rv == CKR["CKR_NO_EVENT"]:
-                return None
-            raise
+        rv, slot = self._lib.C_WaitForSlotEvent(CKF["CKF_DONT_BLOCK"], 0)
+        if rv == CKR["CKR_NO_EVENT"]:
+            return None
+        check(rv, "C_WaitForSlotEvent")
         info = LL.CK_SLOT_INFO()
         check(self._lib.C_GetSlotInfo(slot, info), "C_GetSlotInfo")
         present = bool(info.flags & CKF["CKF_TOKEN_PRESENT"])
         return Writer().u32(slot).bool(present).getvalue()
 
     @_fn(0x000D, "u32 u64")
-    def _get_mechanism_info(self, c: Client, slot: int, mechanism: int) -> bytes:
+    def _get_mechanism_info(self, c: _Client, slot: int, mechanism: int) -> bytes:
         info = LL.CK_MECHANISM_INFO()
         check(self._lib.C_GetMechanismInfo(slot, mechanism, info), "C_GetMechanismInfo")
         return Writer().mechanism_info(wire.MechanismInfo(
@@ -542,21 +548,20 @@ class Dispatcher:
     # --- session, login ------------------------------------------------------------------
 
     @_fn(0x0100, "session u32 bytes")
-    def _login(self, c: Client, s: _Session, user_type: int, pin: bytes) -> bytes:
-        if self._pin is not None:
-            if user_type == CKU["CKU_SO"]:
-                self._check_admin("Login as SO")
-            else:  # user and context-specific logins use the gateway's PIN
-                rv = self._lib.C_Login(s.pk, user_type, _pk_bytes(self._pin))
-                if rv == CKR["CKR_USER_ALREADY_LOGGED_IN"] and user_type == CKU["CKU_USER"]:
-                    return b""
+    def _login(self, c: _Client, s: _Session, user_type: int, pin: bytes) -> bytes:
+        if self._pin is not None and user_type in _GATEWAY_PIN_USERS:
+            rv = self._lib.C_Login(s.pk, user_type, _pk_bytes(self._pin))
+            if rv != CKR["CKR_USER_ALREADY_LOGGED_IN"] or user_type != CKU["CKU_USER"]:
                 check(rv, "C_Login")
-                return b""
+            return b""
+        if self._pin is not None:  # the SO, or a vendor's user type
+            self._check_admin("Login as SO" if user_type == CKU["CKU_SO"]
+                              else f"Login as user type 0x{user_type:x}")
         check(self._lib.C_Login(s.pk, user_type, _pk_bytes(pin)), "C_Login")
         return b""
 
     @_fn(0x0132, "session u32 bytes")
-    def _login_vendor(self, c: Client, s: _Session, user_type: int, pin: bytes) -> bytes:
+    def _login_vendor(self, c: _Client, s: _Session, user_type: int, pin: bytes) -> bytes:
         if user_type < CKU_VENDOR_DEFINED:
             raise _Refusal(wire.protocol_error(
                 "LoginVendor takes a vendor-defined user type (0x80000000 and up)"))
@@ -564,57 +569,57 @@ class Dispatcher:
         return b""
 
     @_fn(0x0101, "session")
-    def _logout(self, c: Client, s: _Session) -> bytes:
+    def _logout(self, c: _Client, s: _Session) -> bytes:
         if not self._shared:  # shared: the login is every client's; see the class docstring
             check(self._lib.C_Logout(s.pk), "C_Logout")
         return b""
 
     @_fn(0x0102, "session")
-    def _close_session_fn(self, c: Client, s: _Session) -> bytes:
+    def _close_session_fn(self, c: _Client, s: _Session) -> bytes:
         self._close_session(c, s.id)
         return b""
 
     @_fn(0x0103, "session bytes")
-    def _init_pin(self, c: Client, s: _Session, pin: bytes) -> bytes:
+    def _init_pin(self, c: _Client, s: _Session, pin: bytes) -> bytes:
         check(self._lib.C_InitPIN(s.pk, _pk_bytes(pin)), "C_InitPIN")
         return b""
 
     @_fn(0x0110, "session bytes bytes")
-    def _set_pin(self, c: Client, s: _Session, old: bytes, new: bytes) -> bytes:
+    def _set_pin(self, c: _Client, s: _Session, old: bytes, new: bytes) -> bytes:
         check(self._lib.C_SetPIN(s.pk, _pk_bytes(old), _pk_bytes(new)), "C_SetPIN")
         return b""
 
     @_fn(0x011D, "session")
-    def _get_session_info(self, c: Client, s: _Session) -> bytes:
+    def _get_session_info(self, c: _Client, s: _Session) -> bytes:
         info = LL.CK_SESSION_INFO()
         check(self._lib.C_GetSessionInfo(s.pk, info), "C_GetSessionInfo")
         return Writer().session_info(wire.SessionInfo(
             info.slotID, info.state, info.flags, info.ulDeviceError)).getvalue()
 
     @_fn(0x010F, "session")
-    def _cancel_function(self, c: Client, s: _Session) -> bytes:
+    def _cancel_function(self, c: _Client, s: _Session) -> bytes:
         self._ck.call("C_CancelFunction", s.handle)
         return b""
 
     # --- find ----------------------------------------------------------------------------
 
     @_fn(0x0104, "session template")
-    def _find_objects_init(self, c: Client, s: _Session, template: list) -> bytes:
+    def _find_objects_init(self, c: _Client, s: _Session, template: Template) -> bytes:
         check(self._lib.C_FindObjectsInit(s.pk, _pk_template(template)), "C_FindObjectsInit")
         return Writer().u32(c.cursors.add(_Cursor(s.id))).getvalue()
 
     @_fn(0x0105, "cursor size")
-    def _find_objects(self, c: Client, cursor: _Cursor, count: int) -> bytes:
+    def _find_objects(self, c: _Client, cursor: _Cursor, count: int) -> bytes:
         session = c.sessions.get(cursor.session)
         if count == 0:  # PyKCS11 would answer CKR_ARGUMENTS_BAD itself
-            return Writer().u32(0).getvalue()
+            return _u32_list([])
         found = LL.ckulonglist(count)
         check(self._lib.C_FindObjects(session.pk, found), "C_FindObjects")
         ids = [self._mint_object(c, session, handle) for handle in found]
         return _u32_list(ids)
 
     @_fn(0x0106, "cursor")
-    def _find_objects_final(self, c: Client, cursor: _Cursor) -> bytes:
+    def _find_objects_final(self, c: _Client, cursor: _Cursor) -> bytes:
         c.cursors.pop(cursor.id)
         session = c.sessions.get(cursor.session)
         check(self._lib.C_FindObjectsFinal(session.pk), "C_FindObjectsFinal")
@@ -623,37 +628,38 @@ class Dispatcher:
     # --- objects and keys ----------------------------------------------------------------
 
     @_fn(0x0114, "session template")
-    def _create_object(self, c: Client, s: _Session, template: list) -> bytes:
+    def _create_object(self, c: _Client, s: _Session, template: Template) -> bytes:
         return self._new_object(
             c, s, lambda out: self._lib.C_CreateObject(s.pk, _pk_template(template), out),
             "C_CreateObject")
 
     @_fn(0x011A, "session key template")
-    def _copy_object(self, c: Client, s: _Session, source: int, template: list) -> bytes:
+    def _copy_object(self, c: _Client, s: _Session, source: int, template: Template) -> bytes:
         handle = self._ck.copy_object(s.handle, source, template)
         return Writer().u32(self._mint_object(c, s, handle)).getvalue()
 
     @_fn(0x0116, "session mechanism template")
-    def _generate_key(self, c: Client, s: _Session, mech: NativeParameter,
-                      template: list) -> bytes:
+    def _generate_key(self, c: _Client, s: _Session, mech: NativeParameter,
+                      template: Template) -> bytes:
         m = _PkMechanism(mech)
         return self._new_object(
             c, s, lambda out: self._lib.C_GenerateKey(s.pk, m.ck, _pk_template(template), out),
             "C_GenerateKey")
 
     @_fn(0x0107, "session mechanism template template")
-    def _generate_key_pair(self, c: Client, s: _Session, mech: NativeParameter,
-                           public: list, private: list) -> bytes:
+    def _generate_key_pair(self, c: _Client, s: _Session, mech: NativeParameter,
+                           public: Template, private: Template) -> bytes:
         pub, priv = LL.CK_OBJECT_HANDLE(), LL.CK_OBJECT_HANDLE()
-        check(self._lib.C_GenerateKeyPair(s.pk, _PkMechanism(mech).ck, _pk_template(public),
+        m = _PkMechanism(mech)
+        check(self._lib.C_GenerateKeyPair(s.pk, m.ck, _pk_template(public),
                                           _pk_template(private), pub, priv),
               "C_GenerateKeyPair")
         return (Writer().u32(self._mint_object(c, s, pub.value()))
                 .u32(self._mint_object(c, s, priv.value())).getvalue())
 
     @_fn(0x0117, "session key mechanism template")
-    def _derive_key(self, c: Client, s: _Session, base: int, mech: NativeParameter,
-                    template: list) -> bytes:
+    def _derive_key(self, c: _Client, s: _Session, base: int, mech: NativeParameter,
+                    template: Template) -> bytes:
         m = _PkMechanism(mech)
         return self._new_object(
             c, s, lambda out: self._lib.C_DeriveKey(s.pk, m.ck, _pk_object(base),
@@ -661,7 +667,7 @@ class Dispatcher:
             "C_DeriveKey")
 
     @_fn(0x0118, "session mechanism key key")
-    def _wrap_key(self, c: Client, s: _Session, mech: NativeParameter, wrapping: int,
+    def _wrap_key(self, c: _Client, s: _Session, mech: NativeParameter, wrapping: int,
                   key: int) -> bytes:
         m = _PkMechanism(mech)
         wrapped = LL.ckbytelist()
@@ -671,8 +677,8 @@ class Dispatcher:
         return _bytes_body(bytes(wrapped))
 
     @_fn(0x0119, "session mechanism key bytes template")
-    def _unwrap_key(self, c: Client, s: _Session, mech: NativeParameter, unwrapping: int,
-                    wrapped: bytes, template: list) -> bytes:
+    def _unwrap_key(self, c: _Client, s: _Session, mech: NativeParameter, unwrapping: int,
+                    wrapped: bytes, template: Template) -> bytes:
         m = _PkMechanism(mech)
         return self._new_object(
             c, s, lambda out: self._lib.C_UnwrapKey(s.pk, m.ck, _pk_object(unwrapping),
@@ -681,44 +687,44 @@ class Dispatcher:
             "C_UnwrapKey")
 
     @_fn(0x0111, "session key")
-    def _digest_key(self, c: Client, s: _Session, key: int) -> bytes:
+    def _digest_key(self, c: _Client, s: _Session, key: int) -> bytes:
         check(self._lib.C_DigestKey(s.pk, _pk_object(key)), "C_DigestKey")
         return b""
 
     @_fn(0x0200, "object types")
-    def _get_attribute_value(self, c: Client, obj: _Object, types: list[int]) -> bytes:
+    def _get_attribute_value(self, c: _Client, obj: _Object, types: list[int]) -> bytes:
         session = self._object_session(c, obj)
         values = self._ck.get_attribute_value(session.handle, obj.handle, types)
         return Writer().attributes(ckapi.wire_attribute(t, raw) for t, raw in values).getvalue()
 
     @_fn(0x0201, "object")
-    def _destroy_object(self, c: Client, obj: _Object) -> bytes:
+    def _destroy_object(self, c: _Client, obj: _Object) -> bytes:
         session = self._object_session(c, obj)
         check(self._lib.C_DestroyObject(session.pk, _pk_object(obj.handle)), "C_DestroyObject")
         self._forget_object(c, obj)  # every reference: the object is gone
         return b""
 
     @_fn(0x0202, "object")
-    def _get_object_size(self, c: Client, obj: _Object) -> bytes:
+    def _get_object_size(self, c: _Client, obj: _Object) -> bytes:
         session = self._object_session(c, obj)
         return Writer().u64(self._ck.object_size(session.handle, obj.handle)).getvalue()
 
     @_fn(0x0203, "object template")
-    def _set_attribute_value(self, c: Client, obj: _Object, template: list) -> bytes:
+    def _set_attribute_value(self, c: _Client, obj: _Object, template: Template) -> bytes:
         session = self._object_session(c, obj)
         check(self._lib.C_SetAttributeValue(session.pk, _pk_object(obj.handle),
                                             _pk_template(template)), "C_SetAttributeValue")
         return b""
 
     @_fn(0x0204, "session object")
-    def _object_bind(self, c: Client, s: _Session, obj: _Object) -> bytes:
+    def _object_bind(self, c: _Client, s: _Session, obj: _Object) -> bytes:
         obj.refs += 1
         if s.id not in obj.sessions:
             obj.sessions.append(s.id)
         return Writer().u32(obj.id).getvalue()
 
     @_fn(0xFF00, "u8 u32")
-    def _handle_drop(self, c: Client, kind: int, rid: int) -> bytes:
+    def _handle_drop(self, c: _Client, kind: int, rid: int) -> bytes:
         if kind == HandleKind.SESSION:
             self._close_session(c, rid)
         elif kind == HandleKind.OBJECT:
@@ -735,22 +741,24 @@ class Dispatcher:
     # --- random and operation state ------------------------------------------------------
 
     @_fn(0x010D, "session bytes")
-    def _seed_random(self, c: Client, s: _Session, seed: bytes) -> bytes:
+    def _seed_random(self, c: _Client, s: _Session, seed: bytes) -> bytes:
         check(self._lib.C_SeedRandom(s.pk, _pk_bytes(seed)), "C_SeedRandom")
         return b""
 
     @_fn(0x010E, "session size")
-    def _generate_random(self, c: Client, s: _Session, length: int) -> bytes:
+    def _generate_random(self, c: _Client, s: _Session, length: int) -> bytes:
+        if length == 0:  # PyKCS11 would pass the module a NULL buffer
+            return _bytes_body(b"")
         data = LL.ckbytelist(length)
         check(self._lib.C_GenerateRandom(s.pk, data), "C_GenerateRandom")
         return _bytes_body(bytes(data))
 
     @_fn(0x011B, "session size")
-    def _get_operation_state(self, c: Client, s: _Session, size: int) -> bytes:
+    def _get_operation_state(self, c: _Client, s: _Session, size: int) -> bytes:
         return _bytes_body(self._ck.output("C_GetOperationState", s.handle, size=size))
 
     @_fn(0x011C, "session bytes opt_key opt_key")
-    def _set_operation_state(self, c: Client, s: _Session, state: bytes, encryption_key: int,
+    def _set_operation_state(self, c: _Client, s: _Session, state: bytes, encryption_key: int,
                              authentication_key: int) -> bytes:
         self._ck.call("C_SetOperationState", s.handle, state, len(state), encryption_key,
                       authentication_key)
@@ -760,11 +768,12 @@ class Dispatcher:
 
     def _init(self, op: _Op, s: _Session, mech: NativeParameter, key: int | None) -> None:
         name = f"C_{op.kind}Init"
+        keys = () if key is None else (key,)  # None: DigestInit takes no key
         if not hasattr(self._lib, name):  # the Recover kinds: PyKCS11 lacks them
-            self._ck.recover_init(name, s.handle, mech, key)
+            self._ck.recover_init(name, s.handle, mech, *keys)
             return
-        keys = (_pk_object(key),) if op.keyed else ()
-        check(getattr(self._lib, name)(s.pk, _PkMechanism(mech).ck, *keys), name)
+        m = _PkMechanism(mech)
+        check(getattr(self._lib, name)(s.pk, m.ck, *map(_pk_object, keys)), name)
 
     def _finish(self, op: _Op, session: int, stage: str, inputs: tuple[bytes, ...],
                 tail: int | bytes | None) -> bytes:
@@ -777,22 +786,25 @@ class Dispatcher:
 
     def _discard(self, op: _Op, session: int, stage: str, inputs: tuple[bytes, ...]) -> None:
         """Drives an operation to its end, ignoring result and error: PKCS#11 ends it at
-        any call other than a length query or CKR_BUFFER_TOO_SMALL, so the output
-        buffer is sized by a length query and a signature is left empty."""
+        any call but a length query or one answering CKR_BUFFER_TOO_SMALL, so the call
+        gets max_out bytes of room (no length query: see ckapi.Module) and a
+        verification an empty signature."""
         name = f"C_{op.kind}{stage}"
         if op.result == CHECK:
             _rv(self._ck.feed, name, session, *inputs, b"")
         else:
-            _rv(self._ck.output, name, session, *inputs)
+            _rv(partial(self._ck.output, size=self.max_out), name, session, *inputs)
 
     def _active(self, op: _Op, session: int) -> bool:
         """Whether an operation of this kind is active: an empty Update does nothing
-        to one (or ends it with an error) and answers NOT_INITIALIZED without one."""
+        to one (or ends it with an error) and answers NOT_INITIALIZED without one.
+        (Any other answer, CKR_BUFFER_TOO_SMALL for the empty output buffer included,
+        means there is one.)"""
         name = f"C_{op.kind}Update"
-        call = self._ck.output if op.result == SIZED else self._ck.feed
+        call = partial(self._ck.output, size=0) if op.result == SIZED else self._ck.feed
         return _rv(call, name, session, b"") != CKR["CKR_OPERATION_NOT_INITIALIZED"]
 
-    def _one_shot(self, op: _Op, c: Client, s: _Session, mech: NativeParameter,
+    def _one_shot(self, op: _Op, c: _Client, s: _Session, mech: NativeParameter,
                   key: int | None, data: bytes, tail: int | bytes | None) -> bytes:
         self._init(op, s, mech, key)
         try:
@@ -802,12 +814,12 @@ class Dispatcher:
                 self._discard(op, s.handle, "", (data,))
             raise
 
-    def _op_init(self, op: _Op, c: Client, s: _Session, mech: NativeParameter,
+    def _op_init(self, op: _Op, c: _Client, s: _Session, mech: NativeParameter,
                  key: int | None) -> bytes:
         self._init(op, s, mech, key)
         return b""
 
-    def _op_update(self, op: _Op, c: Client, s: _Session, part: bytes, last_hint: bool) -> bytes:
+    def _op_update(self, op: _Op, c: _Client, s: _Session, part: bytes, last_hint: bool) -> bytes:
         # last_hint is advisory: PKCS#11 has no such argument
         name = f"C_{op.kind}Update"
         if op.result == SIZED:
@@ -815,10 +827,10 @@ class Dispatcher:
         self._ck.feed(name, s.handle, part)
         return b""
 
-    def _op_final(self, op: _Op, c: Client, s: _Session, tail: int | bytes | None) -> bytes:
+    def _op_final(self, op: _Op, c: _Client, s: _Session, tail: int | bytes | None) -> bytes:
         return self._finish(op, s.handle, "Final", (), tail)
 
-    def _op_abort(self, op: _Op, c: Client, s: _Session) -> bytes:
+    def _op_abort(self, op: _Op, c: _Client, s: _Session) -> bytes:
         """PKCS#11 v2.40 has no abort: end the operation by finishing it (Final,
         then the one-shot call on empty data) until none of this kind is active."""
         for stage, inputs in (("Final", ()), ("", (b"",))):
@@ -835,10 +847,8 @@ def _version(version: Any) -> wire.Version:
 
 
 def _u64_list(values: list[int]) -> bytes:
-    writer = Writer()
-    return writer.list(values, writer.u64).getvalue()
+    return Writer().list(values, Writer.u64).getvalue()
 
 
 def _u32_list(values: list[int]) -> bytes:
-    writer = Writer()
-    return writer.list(values, writer.u32).getvalue()
+    return Writer().list(values, Writer.u32).getvalue()

@@ -12,6 +12,7 @@ of each status.
 """
 from __future__ import annotations
 
+import builtins
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -247,7 +248,7 @@ class Reader:
     def bool(self) -> bool:
         return self.u8() != 0
 
-    def bytes(self) -> bytes:
+    def bytes(self) -> builtins.bytes:
         return bytes(self._take(self.u32(), "bytes"))
 
     def string(self) -> str:
@@ -257,20 +258,22 @@ class Reader:
         except UnicodeDecodeError as exc:
             raise WireError(f"string is not UTF-8: {exc.reason}") from None
 
-    def option(self, read: Callable[[], T]) -> T | None:
+    def option(self, read: Callable[["Reader"], T]) -> T | None:
+        """`read` takes the reader: Reader.u64, say."""
         flag = self.u8()
         if flag == 0:
             return None
         if flag != 1:
             raise WireError(f"bad option flag {flag}")
-        return read()
+        return read(self)
 
-    def list(self, read: Callable[[], T]) -> list[T]:
+    def list(self, read: Callable[["Reader"], T]) -> builtins.list[T]:
+        """`read` takes the reader: Reader.u32, say."""
         count = self.u32()
         # every element takes at least one byte: a count beyond the rest is a lie
         if count > self.remaining:
             raise WireError(f"truncated list: {count} elements, {self.remaining} bytes left")
-        return [read() for _ in range(count)]
+        return [read(self) for _ in range(count)]
 
     handle = u32
 
@@ -278,7 +281,7 @@ class Reader:
         return self.u8(), self.u8()
 
     def mechanism(self) -> Mechanism:
-        return Mechanism(self.u64(), self.option(self.bytes))
+        return Mechanism(self.u64(), self.option(Reader.bytes))
 
     def attribute(self) -> Attribute:
         cka = self.u32()
@@ -289,14 +292,14 @@ class Reader:
             raise WireError(f"unknown attribute tag {raw_tag}") from None
         return Attribute(cka, tag, getattr(self, _TAG_CODEC[tag])())
 
-    def attributes(self) -> list[Attribute]:
-        return self.list(self.attribute)
+    def attributes(self) -> builtins.list[Attribute]:
+        return self.list(Reader.attribute)
 
     @property
     def remaining(self) -> int:
         return len(self._data) - self._pos
 
-    def rest(self) -> bytes:
+    def rest(self) -> builtins.bytes:
         """Everything left (the message of a CkError body)."""
         return bytes(self._take(self.remaining, "rest"))
 
@@ -313,12 +316,15 @@ class Reader:
         return SlotInfo(self.string(), self.string(), self.u32(), self.version(), self.version())
 
     def token_info(self) -> TokenInfo:
-        strings = [self.string() for _ in range(4)]
+        label, manufacturer, model, serial = (self.string() for _ in range(4))
         flags = self.u32()
-        counts = [self.u64() for _ in range(6)]
-        memory = [self.option(self.u64) for _ in range(4)]
-        return TokenInfo(*strings, flags, *counts, *memory, self.version(), self.version(),
-                         self.option(self.string))
+        max_sessions, sessions, max_rw, rw, max_pin, min_pin = (self.u64() for _ in range(6))
+        total_public, free_public, total_private, free_private = (
+            self.option(Reader.u64) for _ in range(4))
+        return TokenInfo(label, manufacturer, model, serial, flags, max_sessions, sessions,
+                         max_rw, rw, max_pin, min_pin, total_public, free_public, total_private,
+                         free_private, hardware=self.version(), firmware=self.version(),
+                         utc_time=self.option(Reader.string))
 
     def mechanism_info(self) -> MechanismInfo:
         return MechanismInfo(self.u64(), self.u64(), self.u32())
@@ -331,9 +337,9 @@ class Writer:
     """Appends wire values; every method returns the writer so calls chain."""
 
     def __init__(self) -> None:
-        self._parts: list[bytes] = []
+        self._parts: builtins.list[builtins.bytes] = []
 
-    def getvalue(self) -> bytes:
+    def getvalue(self) -> builtins.bytes:
         return b"".join(self._parts)
 
     def _fixed(self, fmt: str, value: int, what: str) -> "Writer":
@@ -358,7 +364,7 @@ class Writer:
     def bool(self, value: bool) -> "Writer":
         return self.u8(1 if value else 0)
 
-    def bytes(self, value: bytes | bytearray | memoryview) -> "Writer":
+    def bytes(self, value: builtins.bytes | bytearray | memoryview) -> "Writer":
         self.u32(len(value))
         self._parts.append(bytes(value))
         return self
@@ -366,18 +372,20 @@ class Writer:
     def string(self, value: str) -> "Writer":
         return self.bytes(value.encode("utf-8"))
 
-    def option(self, value: T | None, write: Callable[[T], object]) -> "Writer":
+    def option(self, value: T | None, write: Callable[["Writer", T], object]) -> "Writer":
+        """`write` takes the writer and the value: Writer.u64, say."""
         if value is None:
             return self.u8(0)
         self.u8(1)
-        write(value)
+        write(self, value)
         return self
 
-    def list(self, items: Iterable[T], write: Callable[[T], object]) -> "Writer":
+    def list(self, items: Iterable[T], write: Callable[["Writer", T], object]) -> "Writer":
+        """`write` takes the writer and an item: Writer.u32, say."""
         items = list(items)
         self.u32(len(items))
         for item in items:
-            write(item)
+            write(self, item)
         return self
 
     handle = u32
@@ -386,7 +394,7 @@ class Writer:
         return self.u8(value[0]).u8(value[1])
 
     def mechanism(self, value: Mechanism) -> "Writer":
-        return self.u64(value.type).option(value.parameter, self.bytes)
+        return self.u64(value.type).option(value.parameter, Writer.bytes)
 
     def attribute(self, value: Attribute) -> "Writer":
         self.u32(value.type).u8(value.tag)
@@ -394,7 +402,7 @@ class Writer:
         return self
 
     def attributes(self, values: Iterable[Attribute]) -> "Writer":
-        return self.list(values, self.attribute)
+        return self.list(values, Writer.attribute)
 
     # info records: token strings lose their padding, unknown sizes become none
     def module_info(self, info: ModuleInfo) -> "Writer":
@@ -416,10 +424,10 @@ class Writer:
             self.u64(count)
         for size in (info.total_public_mem, info.free_public_mem,
                      info.total_private_mem, info.free_private_mem):
-            self.option(_known(size), self.u64)
+            self.option(_known(size), Writer.u64)
         utc = token_string(info.utc_time) if info.utc_time is not None else ""
         return (self.version(info.hardware).version(info.firmware)
-                .option(utc or None, self.string))
+                .option(utc or None, Writer.string))
 
     def mechanism_info(self, info: MechanismInfo) -> "Writer":
         return self.u64(info.min_key_size).u64(info.max_key_size).u32(info.flags)

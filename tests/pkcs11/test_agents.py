@@ -1,0 +1,120 @@
+"""PKCS#11 agents seen from the gateway: out of the relay's loop, one per connection,
+ended with it, and a crash that hurts nobody else."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import psutil
+import pytest
+
+import ksw1fast
+from ksw1fast import client as kclient
+from ksw1fast.constants import Pkcs11Status
+from ksw1fast.pkcs11.supervisor import Pkcs11Settings
+from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer
+
+from .conftest import USER_PIN, SoftHSM
+
+pytestmark = pytest.mark.timeout(120)
+
+CKM_RSA_PKCS_KEY_PAIR_GEN = 0x0
+CKA_TOKEN, CKA_MODULUS_BITS, CKA_PUBLIC_EXPONENT = 0x1, 0x121, 0x122
+
+
+def _agents() -> set[int]:
+    """PKCS#11 agent processes started by this (in-process) gateway and still running."""
+    pids = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "ksw1fast.pkcs11.agent" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+        except psutil.Error:  # exited meanwhile (or a zombie not yet reaped)
+            pass
+    return pids
+
+
+async def _session(client: kclient.KSW1Client) -> int:
+    """GetSlotList(true), OpenSession(first slot, rw), Login(user): the session handle."""
+    slots = Reader((await client.pkcs11(F["GetSlotList"], Writer().bool(True).getvalue())).body)
+    slot = slots.list(Reader.u64)[0]
+    opened = await client.pkcs11(F["OpenSession"], Writer().u32(slot).u32(0x3).getvalue())
+    assert opened.status == Pkcs11Status.OK
+    session = Reader(opened.body).u32()
+    login = await client.pkcs11(F["Login"], Writer().u32(session).u32(1).bytes(USER_PIN).getvalue())
+    assert login.status == Pkcs11Status.OK
+    return session
+
+
+def _agent_of(gateway: ksw1fast.Gateway, client: kclient.KSW1Client) -> int:
+    """The pid of the agent serving `client`'s connection (looked up inside the gateway)."""
+    host, port = client.ws.underlying_transport.get_extra_info("sockname")[:2]
+    (conn,) = [c for c in gateway.connections if c.peer == f"{host}:{port}"]
+    return conn.pkcs11._agent.pid
+
+
+@pytest.fixture
+async def gateway(softhsm: SoftHSM):
+    async with await ksw1fast.start_gateway(
+            port=0, pkcs11=Pkcs11Settings(lib=softhsm.module, pool_size=1)) as gw:
+        yield gw
+
+
+async def test_an_agent_per_connection_ended_with_it(gateway) -> None:
+    before = _agents()  # the pre-started pool
+    a = await kclient.connect(gateway.address)
+    await _session(a)
+    b = await kclient.connect(gateway.address)
+    await _session(b)
+    running = _agents()
+    assert len(running - before) >= 1 and len(running) >= 2
+    await a.close()
+    await b.close()
+    for _ in range(100):  # their agents exit, taking their sessions with them
+        if len(_agents()) <= len(running) - 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(_agents()) <= len(running) - 2
+
+
+async def test_a_crashed_agent_answers_internal_and_spares_others(gateway) -> None:
+    a = await kclient.connect(gateway.address)
+    b = await kclient.connect(gateway.address)
+    session_b = await _session(b)
+    await _session(a)
+    agent_a = _agent_of(gateway, a)
+    random = Writer().u32(1).u32(16)  # GenerateRandom on a's session 1
+    pending = asyncio.ensure_future(a.pkcs11(F["GenerateRandom"], random.getvalue()))
+    os.kill(agent_a, signal.SIGKILL)  # what a segfaulting module does to its process
+    first = await asyncio.wait_for(pending, 10)
+    later = await a.pkcs11(F["GenerateRandom"], random.getvalue())
+    assert later.status == Pkcs11Status.INTERNAL
+    assert first.status in (Pkcs11Status.OK, Pkcs11Status.INTERNAL)  # it may have won the race
+    ok = await b.pkcs11(F["GenerateRandom"], Writer().u32(session_b).u32(16).getvalue())
+    assert ok.status == Pkcs11Status.OK and len(Reader(ok.body).bytes()) == 16
+    assert await b.ping(b"alive") == b"alive"
+    await a.close()
+    await b.close()
+
+
+async def test_a_slow_call_does_not_freeze_relaying(gateway, echo_port) -> None:
+    """While A generates an RSA-4096 key pair, B completes 100 TCP echo round trips."""
+    a = await kclient.connect(gateway.address)
+    session = await _session(a)
+    template = (Writer().u32(session).mechanism(Mechanism(CKM_RSA_PKCS_KEY_PAIR_GEN))
+                .attributes([Attribute(CKA_TOKEN, Tag.BOOLEAN, False),
+                             Attribute(CKA_MODULUS_BITS, Tag.UINT64, 4096),
+                             Attribute(CKA_PUBLIC_EXPONENT, Tag.BYTE_STRING, b"\x01\x00\x01")])
+                .attributes([Attribute(CKA_TOKEN, Tag.BOOLEAN, False)]))
+    keygen = asyncio.ensure_future(a.pkcs11(F["GenerateKeyPair"], template.getvalue()))
+    b = await kclient.connect(gateway.address)
+    stream = await b.open_connection("127.0.0.1", echo_port)
+    for i in range(100):
+        stream.write(b"%03d" % i)
+        assert await asyncio.wait_for(stream.readexactly(3), 10) == b"%03d" % i
+    assert not keygen.done(), "the key pair was ready before 100 round trips: no proof"
+    response = await asyncio.wait_for(keygen, 90)
+    assert response.status == Pkcs11Status.OK
+    await a.close()
+    await b.close()
