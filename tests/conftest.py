@@ -2,73 +2,20 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import subprocess
-import sys
-import threading
 from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 import uvloop
-import websockets
 
 import ksw1fast
 from ksw1fast import client as kclient
-from ksw1fast import codec as pycodec
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+from helpers import GatewayProcess, echo_handler, port_of, serve_tcp
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
     """Every async test runs on uvloop, the loop the gateway is built for."""
     return {"uvloop": uvloop.new_event_loop}
-
-
-class GatewayProcess:
-    """`python -m ksw1fast serve` in a subprocess; the address is read from its log."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None,
-                 default_port: bool = False) -> None:
-        port = () if default_port else ("--port", "0")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ksw1fast", "serve", *port, *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})}, text=True)
-        self.address = ""
-        self.log: list[str] = []
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:  # bounded: the process exits or prints its address
-            self.log.append(line)
-            match = re.search(r"serving (wss?://[^\s\"]+)", line)
-            if match:
-                self.address = match.group(1)
-                break
-        if not self.address:
-            raise RuntimeError("gateway did not start:\n" + "".join(self.log))
-        # keep draining: a full stderr pipe would block the gateway's logging
-        self._drain = threading.Thread(target=self._read_log, daemon=True)
-        self._drain.start()
-
-    def _read_log(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> str:
-        """SIGTERM, wait, and return the rest of the log."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._drain.join(timeout=5)
-        return "".join(self.log)
 
 
 @pytest.fixture(params=["compiled", "pure-python"])
@@ -92,26 +39,9 @@ async def gw() -> AsyncIterator[ksw1fast.Gateway]:
         yield gateway
 
 
-async def serve_tcp(handler: Handler, host: str = "127.0.0.1") -> asyncio.AbstractServer:
-    return await asyncio.start_server(handler, host, 0)
-
-
-def port_of(server: asyncio.AbstractServer) -> int:
-    return server.sockets[0].getsockname()[1]
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(256 * 1024):
-            writer.write(data)
-            await writer.drain()
-    finally:
-        writer.close()
-
-
 @pytest.fixture
 async def echo_port() -> AsyncIterator[int]:
-    server = await serve_tcp(_echo)
+    server = await serve_tcp(echo_handler)
     async with server:
         yield port_of(server)
 
@@ -129,45 +59,3 @@ async def connect(gateway: str) -> AsyncIterator[Callable[..., Awaitable[kclient
     yield _connect
     for c in clients:
         await c.close()
-
-
-class RawClient:
-    """An independent WebSocket client (the `websockets` library) speaking raw KSW1 bytes."""
-
-    def __init__(self, address: str, **kwargs: object) -> None:
-        self.address = address
-        self.kwargs = kwargs
-        self.parser = pycodec.FrameParser()
-        self.pending: list = []
-
-    async def __aenter__(self) -> "RawClient":
-        self.ws = await websockets.connect(self.address, max_size=None, **self.kwargs)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.ws.close()
-
-    async def send(self, message: bytes | str) -> None:
-        await self.ws.send(message)
-
-    async def hello(self, features: int = 0x2E, max_streams: int = 64) -> None:
-        await self.send(pycodec.encode_frame(0x01, 0, pycodec.encode_hello(features, max_streams)))
-        (ack,) = await self.frames(1)
-        assert ack.type == 0x02
-
-    async def frames(self, count: int, timeout: float = 10) -> list:
-        """The next `count` KSW1 frames, payloads as bytes."""
-        while len(self.pending) < count:
-            message = await asyncio.wait_for(self.ws.recv(), timeout)
-            self.pending += [f._replace(payload=bytes(f.payload))
-                             for f in self.parser.feed(message)]
-        taken, self.pending = self.pending[:count], self.pending[count:]
-        return taken
-
-    async def close_code(self, timeout: float = 10) -> int | None:
-        """Wait for the server to close the WebSocket; its close code."""
-        try:
-            while True:
-                await asyncio.wait_for(self.ws.recv(), timeout)
-        except websockets.ConnectionClosed as exc:
-            return exc.rcvd.code if exc.rcvd is not None else None

@@ -1,7 +1,6 @@
 """Spec §10, row by row: bad input gets the right answer and harms nobody else."""
 from __future__ import annotations
 
-import asyncio
 import struct
 
 import pytest
@@ -10,7 +9,7 @@ from ksw1fast import codec
 from ksw1fast.constants import (AddrKind, DnsErrCode, FrameType, OpenErrCode, Pkcs11Status,
                                 Proto)
 
-from conftest import RawClient
+from helpers import RawClient
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,7 +13,7 @@ import ksw1fast
 from ksw1fast import _impl
 from ksw1fast import client as kclient
 
-from conftest import GatewayProcess, port_of, serve_tcp
+from helpers import GatewayProcess, port_of, serve_tcp
 
 pytestmark = pytest.mark.timeout(60)
 

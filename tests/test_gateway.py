@@ -12,7 +12,7 @@ from ksw1fast.constants import (AddrKind, DnsErrCode, Feature, FrameType, OpenEr
                                 Pkcs11Status, Proto)
 from ksw1fast.errors import DnsError, OpenError
 
-from conftest import RawClient, port_of, serve_tcp
+from helpers import RawClient, port_of, serve_tcp
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,7 +16,7 @@ from ksw1fast import client as kclient
 from ksw1fast import codec
 from ksw1fast.constants import AddrKind, FrameType, Proto
 
-from conftest import GatewayProcess, RawClient, port_of, serve_tcp
+from helpers import GatewayProcess, RawClient, echo_handler, port_of, serve_tcp
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,13 +71,6 @@ async def _warm_up(address: str, port: int) -> None:
     await client.close()
 
 
-async def _echo(reader, writer):
-    while data := await reader.read(1 << 18):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
-
-
 async def test_client_that_never_reads(gateway_proc) -> None:
     """A target streams 1 GiB to a client that stops reading: the gateway must not hold it."""
     progress: Progress
@@ -93,7 +86,7 @@ async def test_client_that_never_reads(gateway_proc) -> None:
             pass
         writer.close()
 
-    async with await serve_tcp(_echo) as echo, await serve_tcp(flood) as target:
+    async with await serve_tcp(echo_handler) as echo, await serve_tcp(flood) as target:
         await _warm_up(gateway_proc.address, port_of(echo))
         progress = Progress(gateway_proc.pid)
         # websockets stops reading its socket once a few messages wait unread
@@ -113,7 +106,7 @@ async def test_target_that_never_reads(gateway_proc) -> None:
     async def never_read(reader, writer):
         held.append(writer)  # keep the socket open, read nothing
 
-    async with await serve_tcp(_echo) as echo, await serve_tcp(never_read) as target:
+    async with await serve_tcp(echo_handler) as echo, await serve_tcp(never_read) as target:
         await _warm_up(gateway_proc.address, port_of(echo))
         progress = Progress(gateway_proc.pid)
         client = await kclient.connect(gateway_proc.address)

@@ -14,7 +14,7 @@ import pytest
 
 from ksw1fast import client as kclient
 
-from conftest import GatewayProcess, port_of, serve_tcp
+from helpers import GatewayProcess, port_of, serve_tcp
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -132,7 +132,7 @@ async def test_sigterm_drains_a_transfer_and_refuses_new_connections() -> None:
 
 
 async def test_drain_timeout_closes_the_rest_with_1001() -> None:
-    from conftest import RawClient
+    from helpers import RawClient
 
     proc = await asyncio.to_thread(GatewayProcess, "--drain-timeout", "0.5")
     async with RawClient(proc.address) as raw:

@@ -10,7 +10,7 @@ from ksw1fast import client as kclient
 from ksw1fast import codec
 from ksw1fast.constants import AddrKind, Feature, FrameType, Proto
 
-from conftest import GatewayProcess, RawClient, port_of, serve_tcp
+from helpers import GatewayProcess, RawClient, port_of, serve_tcp
 
 pytestmark = pytest.mark.timeout(120)
 

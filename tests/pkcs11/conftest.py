@@ -27,7 +27,7 @@ import pytest
 from ksw1fast import client as kclient
 from ksw1fast.pkcs11 import Dispatcher
 
-from conftest import GatewayProcess
+from helpers import GatewayProcess
 
 REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ["dispatcher", "gateway"]

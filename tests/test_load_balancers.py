@@ -1,0 +1,536 @@
+"""deploy/: real nginx and HAProxy in front of two ksw1fast instances, and the Kubernetes
+and Docker files checked as far as this machine can (no cluster, no docker engine).
+
+The balancers run the very configs in deploy/, not look-alikes: deploy/nginx.conf and
+deploy/haproxy.cfg stay concrete, usable as they are, and `render_*` below rewrites only
+what differs on a test machine (instance addresses, listen ports, certificate, log and
+socket paths), each rewrite asserting that it matched, so an edit of a deploy file that
+breaks the rendering fails here instead of silently testing something else. Debian's
+nginx and haproxy are installed by scripts/lb.sh; the system services are never used:
+each balancer is our own foreground process with its files in a temp dir, on free
+loopback ports, killed at teardown.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import trustme
+import websockets
+
+from ksw1fast import client as kclient
+from ksw1fast.constants import Pkcs11Status
+from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Reader, Writer, error_of
+
+from helpers import GatewayProcess, RawClient
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+pytestmark = pytest.mark.timeout(180)
+# The balancers and SoftHSM are Debian packages, not in cibuildwheel's images: the tests
+# that run them carry the marker those images deselect (`-m 'not softhsm'`).
+needs_debian = pytest.mark.softhsm
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+TOKEN = "lb-test-token-0123456789"
+CONNECTIONS = 10  # per balancer: enough that both instances must get some
+WAIT = 20.0       # seconds: the bound of every wait for a process or a state
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sub(text: str, pattern: str, repl, count: int) -> str:
+    """re.sub that must match exactly `count` times: the deploy file still has that line."""
+    new, hits = re.subn(pattern, repl, text, flags=re.M)
+    assert hits == count, f"{pattern!r} matched {hits} times, expected {count}"
+    return new
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+class Proxy:
+    """A balancer in the foreground; its output goes to a file shown when it fails."""
+
+    def __init__(self, argv: list[str], log: Path, port: int) -> None:
+        self.log = log
+        self.port = port
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{argv[0]} did not listen on {port}:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Instance:
+    proc: GatewayProcess
+    port: int
+    metrics_port: int
+
+    def counter(self, name: str) -> float:
+        status, text = _get(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        assert status == 200
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.split(" ", 1)[0] == name)
+
+    def connections(self) -> float:
+        return self.counter("ksw1fast_connections_total")
+
+
+def start_instances(*args: str, env: dict[str, str] | None = None) -> list[Instance]:
+    instances: list[Instance] = []
+    try:
+        for _ in range(2):
+            metrics_port = _free_port()
+            proc = GatewayProcess("--metrics-port", str(metrics_port), *args, env=env)
+            port = int(proc.address.rsplit(":", 1)[1].split("/")[0])
+            instances.append(Instance(proc, port, metrics_port))
+        return instances
+    except BaseException:
+        stop_instances(instances)
+        raise
+
+
+def stop_instances(instances: list[Instance]) -> None:
+    for instance in instances:
+        instance.proc.stop()
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    assert found, f"{name} not found after scripts/lb.sh"
+    return found
+
+
+# --- rendering deploy/ for this machine ---------------------------------------------------
+
+def render_nginx(tmp: Path, upstreams: list[int], port: int, chain: Path, key: Path) -> list[str]:
+    """deploy/nginx.conf (an http-context file) with loopback addresses, wrapped in a main
+    config whose pid, logs and temp files are in `tmp`; the nginx command line."""
+    site = (DEPLOY / "nginx.conf").read_text()
+    ports = iter(upstreams)
+    site = _sub(site, r"^(\s*server\s+)ksw1fast-\d+\.internal:8088\b",
+                lambda m: f"{m.group(1)}127.0.0.1:{next(ports)}", len(upstreams))
+    site = _sub(site, r"^(\s*listen\s+)443 ssl;", rf"\g<1>127.0.0.1:{port} ssl;", 1)
+    site = _sub(site, r"^\s*listen\s+\[::\]:443 ssl;\n", "", 1)
+    site = _sub(site, r"^(\s*ssl_certificate\s+)\S+;", rf"\g<1>{chain};", 1)
+    site = _sub(site, r"^(\s*ssl_certificate_key\s+)\S+;", rf"\g<1>{key};", 1)
+    site = _sub(site, r"/var/log/nginx/", f"{tmp}/", 1)
+    (tmp / "ksw1fast.conf").write_text(site)
+    # Debian's nginx starts workers as `nobody`, who cannot enter pytest's 0700 temp dirs
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    temp = "".join(f"    {kind}_temp_path {tmp}/{kind};\n"
+                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (tmp / "nginx.conf").write_text(
+        f"{user}worker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log info;\n"
+        f"events {{ worker_connections 1024; }}\n"
+        f"http {{\n{temp}    include {tmp}/ksw1fast.conf;\n}}\n")
+    return [_binary("nginx"), "-e", f"{tmp}/error.log", "-p", f"{tmp}/",
+            "-c", f"{tmp}/nginx.conf", "-g", "daemon off;"]
+
+
+def render_haproxy(tmp: Path, servers: list[Instance], port: int, pem: Path) -> list[str]:
+    """deploy/haproxy.cfg with loopback addresses, each server's health check on its own
+    metrics port, and the process-level lines (syslog, chroot, user) made local; the
+    haproxy command line (-db: foreground, logs on stderr)."""
+    cfg = (DEPLOY / "haproxy.cfg").read_text()
+    cfg = _sub(cfg, r"^\s*log /dev/log .*$", "    log stderr format raw local0 info", 1)
+    cfg = _sub(cfg, r"^\s*(chroot|user|group|daemon)\b.*\n", "", 4)
+    cfg = _sub(cfg, r"^(\s*stats socket )\S+", rf"\g<1>{tmp}/admin.sock", 1)
+    # HAProxy raises its fd limit to about 2 x maxconn, and fails where the hard limit
+    # (20000 on some test machines) is lower
+    cfg = _sub(cfg, r"^(\s*maxconn )\d+", r"\g<1>1000", 1)
+    cfg = _sub(cfg, r"^(\s*bind )\S+( ssl crt )\S+", rf"\g<1>127.0.0.1:{port}\g<2>{pem}", 1)
+    each = iter(servers)
+
+    def server(m: re.Match) -> str:
+        instance = next(each)
+        return f"{m.group(1)}127.0.0.1:{instance.port}{m.group(2)}{instance.metrics_port}"
+
+    cfg = _sub(cfg, r"^(\s*server\s+\S+\s+)ksw1fast-\d+\.internal:8088(\s+check port )9108",
+               server, len(servers))
+    (tmp / "haproxy.cfg").write_text(cfg)
+    return [_binary("haproxy"), "-db", "-f", f"{tmp}/haproxy.cfg"]
+
+
+def haproxy_servers(sock: Path) -> dict[str, dict[str, str]]:
+    """`show stat` on the admin socket: the backend's servers by name."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(sock))
+        s.sendall(b"show stat\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    lines = data.decode().splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
+    return {r["svname"]: r for r in rows if r["pxname"] == "ksw1fast"
+            and r["svname"] not in ("BACKEND", "FRONTEND")}
+
+
+# --- fixtures -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def balancers_installed() -> None:
+    subprocess.run(["bash", str(REPO / "scripts" / "lb.sh")], check=True,
+                   stdin=subprocess.DEVNULL, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """SoftHSM2 (scripts/softhsm.sh), a private token directory and one initialised token:
+    (module path, SOFTHSM2_CONF) for the instances' environment."""
+    module = subprocess.run(["bash", str(REPO / "scripts" / "softhsm.sh")], check=True,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            timeout=600).stdout.strip()
+    root = tmp_path_factory.mktemp("lb-softhsm")
+    (root / "tokens").mkdir()
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {root / 'tokens'}\n"
+                    "objectstore.backend = file\nlog.level = ERROR\n")
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "lb-test",
+                    "--pin", "1234", "--so-pin", "5678"], check=True, capture_output=True,
+                   stdin=subprocess.DEVNULL, env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+                   timeout=60)
+    return module, conf
+
+
+@dataclass
+class Tls:
+    chain: Path
+    key: Path
+    bundle: Path          # key and chain in one file, as HAProxy's `crt` wants it
+    client: ssl.SSLContext
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    tmp = tmp_path_factory.mktemp("lb-tls")
+    paths = Tls(tmp / "chain.pem", tmp / "key.pem", tmp / "bundle.pem",
+                ssl.create_default_context())
+    paths.chain.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(paths.key))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(paths.bundle))
+    ca.configure_trust(paths.client)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def instances(softhsm, tmp_path_factory) -> Iterator[list[Instance]]:
+    """Two instances with tokens and PKCS#11 (SoftHSM), as behind a production balancer."""
+    module, conf = softhsm
+    token_file = tmp_path_factory.mktemp("lb-auth") / "tokens"
+    token_file.write_text(TOKEN + "\n")
+    pair = start_instances("--token-file", str(token_file), "--pkcs11-lib", module,
+                           env={"SOFTHSM2_CONF": str(conf)})
+    yield pair
+    stop_instances(pair)
+
+
+@pytest.fixture(scope="module")
+def nginx(balancers_installed, instances, tls, tmp_path_factory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("nginx")
+    port = _free_port()
+    proxy = Proxy(render_nginx(tmp, [i.port for i in instances], port, tls.chain, tls.key),
+                  tmp / "stdout.log", port)
+    yield f"wss://127.0.0.1:{port}/ws"
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def haproxy(balancers_installed, instances, tls, tmp_path_factory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("haproxy")
+    port = _free_port()
+    proxy = Proxy(render_haproxy(tmp, instances, port, tls.bundle), tmp / "stdout.log", port)
+    yield f"wss://127.0.0.1:{port}/ws"
+    proxy.stop()
+
+
+# --- through the balancers ----------------------------------------------------------------
+
+async def _pkcs11_random(c: kclient.KSW1Client) -> bytes:
+    """GetSlotList, OpenSession, GenerateRandom, CloseSession on the instance's SoftHSM."""
+    async def ok(fn: str, args: Writer) -> Reader:
+        response = await c.pkcs11(F[fn], args.getvalue())
+        assert response.status == Pkcs11Status.OK, (fn, error_of(response.status,
+                                                                  response.body))
+        return Reader(response.body)
+
+    slots = (await ok("GetSlotList", Writer().bool(True))).list(Reader.u64)
+    assert slots, "no token in the instance's SoftHSM"
+    session = (await ok("OpenSession", Writer().u32(slots[0]).u32(0))).u32()
+    data = (await ok("GenerateRandom", Writer().u32(session).u32(16))).bytes()
+    await ok("CloseSession", Writer().u32(session))
+    return data
+
+
+async def _use(c: kclient.KSW1Client, echo_port: int, n: int) -> None:
+    """TCP echo, a DNS lookup and PKCS#11 over one tunnel."""
+    stream = await c.open_connection("127.0.0.1", echo_port)
+    payload = os.urandom(64 * 1024) + b"client %d" % n
+    stream.write(payload)
+    assert await stream.readexactly(len(payload)) == payload
+    await stream.close()
+    assert "127.0.0.1" in await c.resolve("localhost", 4)
+    assert len(await _pkcs11_random(c)) == 16
+
+
+@needs_debian
+@pytest.mark.parametrize("balancer", ["nginx", "haproxy"])
+async def test_tunnels_through_the_balancer_reach_both_instances(
+        request, balancer, instances, tls, echo_port) -> None:
+    url = request.getfixturevalue(balancer)
+    before = [await asyncio.to_thread(i.connections) for i in instances]
+    clients = []
+    try:
+        for _ in range(CONNECTIONS):  # all open at once: leastconn has to spread them
+            clients.append(await kclient.connect(
+                url, ssl_context=tls.client, extra_headers={"Authorization": f"Bearer {TOKEN}"}))
+        await asyncio.wait_for(asyncio.gather(
+            *(_use(c, echo_port, n) for n, c in enumerate(clients))), 90)
+        after = [await asyncio.to_thread(i.connections) for i in instances]
+    finally:
+        for c in clients:
+            await c.close()
+    landed = [b - a for a, b in zip(before, after)]
+    assert sum(landed) == CONNECTIONS, landed
+    assert all(landed), f"{balancer} sent every connection to one instance: {landed}"
+
+
+@needs_debian
+@pytest.mark.parametrize("balancer", ["nginx", "haproxy"])
+async def test_browser_auth_subprotocol_and_origin_pass_through(
+        request, balancer, tls) -> None:
+    """What a browser sends (Origin, `auth-<token>` subprotocol) reaches ksw1fast, and
+    ksw1fast's echo of the subprotocol comes back through the balancer."""
+    url = request.getfixturevalue(balancer)
+    browser = {"ssl": tls.client, "origin": "http://localhost:5173", "open_timeout": 10}
+    async with RawClient(url, subprotocols=[f"auth-{TOKEN}"], **browser) as raw:
+        assert raw.ws.subprotocol == f"auth-{TOKEN}"
+        await raw.hello()  # and KSW1 runs over it
+    # refusals come from ksw1fast itself (neither balancer checks tokens or Origins):
+    # proof that the headers arrive
+    for kwargs, status in [({"subprotocols": ["auth-wrong"]}, 403),
+                           ({}, 401),
+                           ({"subprotocols": [f"auth-{TOKEN}"],
+                             "origin": "https://evil.example"}, 403)]:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(url, **{**browser, **kwargs})
+        assert refused.value.response.status_code == status, kwargs
+
+
+@needs_debian
+async def test_haproxy_checks_readyz_and_routes_around_a_draining_instance(
+        balancers_installed, tls, tmp_path, echo_port) -> None:
+    """HAProxy's httpchk on the metrics port sees /readyz turn 503 when an instance
+    drains: new tunnels go to the other one while the draining one's tunnel lives on."""
+    pair = await asyncio.to_thread(start_instances, "--drain-timeout", "30")
+    proxy = None
+    try:
+        port = _free_port()
+        proxy = await asyncio.to_thread(Proxy, render_haproxy(tmp_path, pair, port, tls.bundle),
+                                        tmp_path / "stdout.log", port)
+        url = f"wss://127.0.0.1:{port}/ws"
+
+        async def states() -> list[tuple[str, str]]:
+            servers = await asyncio.to_thread(haproxy_servers, tmp_path / "admin.sock")
+            return [(s["status"], s["check_status"]) for s in servers.values()]
+
+        async def wait_for_states(want: list[tuple[str, str]]) -> None:
+            deadline = time.monotonic() + WAIT
+            while (got := await states()) != want:
+                assert time.monotonic() < deadline, f"HAProxy servers {got}, wanted {want}"
+                await asyncio.sleep(0.2)
+
+        await wait_for_states([("UP", "L7OK")] * 2)  # HTTP 200 from each /readyz
+
+        before = [await asyncio.to_thread(i.connections) for i in pair]
+        old = await kclient.connect(url, ssl_context=tls.client)
+        stream = await old.open_connection("127.0.0.1", echo_port)
+        after = [await asyncio.to_thread(i.connections) for i in pair]
+        draining = [b - a for a, b in zip(before, after)].index(1)
+        other = pair[1 - draining]
+        pair[draining].proc.proc.terminate()  # SIGTERM: drain
+        states_want = [("UP", "L7OK")] * 2
+        states_want[draining] = ("DOWN", "L7STS")  # /readyz answered 503
+        await wait_for_states(states_want)
+
+        before_other = await asyncio.to_thread(other.connections)
+        fresh = [await kclient.connect(url, ssl_context=tls.client) for _ in range(4)]
+        for c in fresh:
+            assert await asyncio.wait_for(c.ping(b"x"), 10) == b"x"
+            await c.close()
+        assert await asyncio.to_thread(other.connections) - before_other == 4
+        stream.write(b"still here")  # the drained instance's tunnel still works
+        assert await asyncio.wait_for(stream.readexactly(10), 10) == b"still here"
+        await old.close()
+        assert await asyncio.to_thread(pair[draining].proc.proc.wait, WAIT) == 0
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        await asyncio.to_thread(stop_instances, pair)
+
+
+# --- the deploy files themselves -----------------------------------------------------------
+
+def test_balancer_configs_keep_the_settings_tunnels_need() -> None:
+    nginx = (DEPLOY / "nginx.conf").read_text()
+    for directive in ["proxy_http_version 1.1;", "proxy_set_header Upgrade $http_upgrade;",
+                      "proxy_set_header Connection $ksw1fast_connection_upgrade;",
+                      "proxy_read_timeout 1h;", "proxy_send_timeout 1h;",
+                      "proxy_buffering off;", "least_conn;",
+                      "proxy_set_header Origin $http_origin;",
+                      "proxy_set_header Sec-WebSocket-Protocol $http_sec_websocket_protocol;"]:
+        assert re.search(rf"^\s*{re.escape(directive)}", nginx, re.M), directive
+    assert len(re.findall(r"^\s*server\s+\S+:8088", nginx, re.M)) >= 2
+    haproxy = (DEPLOY / "haproxy.cfg").read_text()
+    for directive in ["timeout tunnel 1h", "balance leastconn", "option httpchk GET /readyz",
+                      "http-check expect status 200", "option redispatch"]:
+        assert re.search(rf"^\s*{re.escape(directive)}", haproxy, re.M), directive
+    assert len(re.findall(r"^\s*server .*:8088 check port 9108", haproxy, re.M)) >= 2
+    assert "shutdown-sessions" not in re.sub(r"#.*", "", haproxy)  # would cut drained tunnels
+
+
+def _k8s() -> dict[str, dict]:
+    yaml = pytest.importorskip("yaml", reason="PyYAML missing: add pyyaml to the test extra")
+    docs = {}
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def _serve_config(argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                  config_dir: Path | None = None):
+    """A `ksw1fast serve` command line as the gateway would take it: parsed, merged with
+    its config file, and past the security checks (with the token secret set)."""
+    from ksw1fast.cli import build_parser, config_from_args
+    from ksw1fast.security import Security
+
+    if config_dir is not None:  # the ConfigMap's mount path, here
+        argv = [str(config_dir / Path(a).name) if a.startswith("/etc/ksw1fast/") else a
+                for a in argv]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config.token_secret_env, "beyond loopback ksw1fast needs tokens"
+    monkeypatch.setenv(config.token_secret_env, "not-a-real-secret")
+    Security(config)  # refuses 0.0.0.0 without tokens, as `serve` would
+    return config
+
+
+def test_kubernetes_manifests(tmp_path, monkeypatch) -> None:
+    from ksw1fast.config_file import check_config_file
+
+    docs = _k8s()
+    assert {"Deployment", "Service", "ConfigMap", "Ingress", "Kustomization"} <= docs.keys()
+    toml_text = docs["ConfigMap"]["data"]["ksw1fast.toml"]
+    settings = tomllib.loads(toml_text)
+    (tmp_path / "ksw1fast.toml").write_text(toml_text)
+    monkeypatch.setenv(settings["token_secret_env"], "not-a-real-secret")  # the Secret's
+    check_config_file(tmp_path / "ksw1fast.toml")  # what `ksw1fast check-config` runs
+
+    deployment = docs["Deployment"]["spec"]
+    assert deployment["replicas"] >= 2
+    pod = deployment["template"]["spec"]
+    (container,) = pod["containers"]
+    config = _serve_config(container["args"], monkeypatch, tmp_path)
+    assert config.host == "0.0.0.0" and config.metrics_host == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"ws": settings["port"], "metrics": settings["metrics_port"]}
+    for probe, path in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")]:
+        assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    (env,) = container["env"]
+    assert env["name"] == settings["token_secret_env"] and env["valueFrom"]["secretKeyRef"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert container["args"][-1].startswith(mounts["config"] + "/")
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep"
+    # the kubelet must not SIGKILL while the drain is still waiting on tunnels
+    assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + settings["drain_timeout"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"]
+
+    service = docs["Service"]["spec"]
+    assert service["type"] == "ClusterIP" and "sessionAffinity" not in service
+    assert {p["targetPort"] for p in service["ports"]} <= ports.keys()
+    backend = docs["Ingress"]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["port"]["name"] in {p["name"] for p in service["ports"]}
+    listed = set(docs["Kustomization"]["resources"])
+    assert listed == {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_dockerfile(monkeypatch) -> None:
+    """No docker engine here: the instructions that matter, and the CMD as ksw1fast parses
+    it."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())  # join continuations
+    instructions: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            word, _, rest = line.strip().partition(" ")
+            instructions.setdefault(word, []).append(rest.strip())
+    assert instructions["FROM"][-1] == "python:3.11-slim"  # the stage that runs
+    assert any("ksw1fast[metrics,pkcs11]" in run for run in instructions["RUN"])
+    user = instructions["USER"][-1].split(":")[0]
+    k8s_user = re.search(r"runAsUser: (\d+)", (DEPLOY / "k8s" / "deployment.yaml").read_text())
+    assert user not in ("0", "root") and k8s_user and user == k8s_user.group(1)
+    assert set(instructions["EXPOSE"][-1].split()) == {"8088", "9108"}
+    assert json.loads(instructions["ENTRYPOINT"][-1]) == ["ksw1fast"]
+    config = _serve_config(json.loads(instructions["CMD"][-1]), monkeypatch)
+    assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", 8088, 9108)
+    for copy in instructions["COPY"]:
+        if not copy.startswith("--from"):
+            for source in copy.split()[:-1]:
+                assert (REPO / source).exists(), f"COPY {source}: not in the repository"
