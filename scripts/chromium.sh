@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what the browser tests drive, when it is missing: Debian's chromium (Playwright's
+# own browser download cannot run here) and certutil from libnss3-tools (the wss:// test
+# adds its CA to a throwaway NSS database, where Chromium on Linux looks for local roots).
+# Idempotent and quiet: apt's output is shown only on failure. Runs as root with no stdin.
+set -euo pipefail
+[ -x /usr/bin/chromium ] && command -v certutil >/dev/null && exit 0
+export DEBIAN_FRONTEND=noninteractive
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium libnss3-tools; } \
+        >"$log" 2>&1 </dev/null; then
+    cat "$log" >&2
+    exit 1
+fi
