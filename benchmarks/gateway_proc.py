@@ -22,7 +22,8 @@ _QUIET = (" connection open ", " connection closed ")  # one pair per scenario: 
 class GatewayProcess:
     """A gateway subprocess; `impl` is "compiled" or "pure" (KSW1FAST_NO_EXTENSIONS=1)."""
 
-    def __init__(self, impl: str) -> None:
+    def __init__(self, impl: str, *flags: str) -> None:
+        """`flags` go to `ksw1fast serve` as they are (e.g. --pkcs11-lib PATH)."""
         self.impl = impl
         env = dict(os.environ)
         env.pop("KSW1FAST_NO_EXTENSIONS", None)
@@ -34,7 +35,7 @@ class GatewayProcess:
                                                           env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ksw1fast", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--log-level", "info"],
+             "--log-level", "info", *flags],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env=env, text=True)
         self.address = self._wait_for_address()
