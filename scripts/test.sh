@@ -24,6 +24,11 @@ rm -rf .venv-test
 .venv-test/bin/python -m pip install -q --upgrade pip
 .venv-test/bin/python -m pip install -q "$(ls wheelhouse/*.whl)[test,pkcs11]"
 
+# the real components the tests use, installed from Debian when missing
+scripts/softhsm.sh >/dev/null
+scripts/lb.sh
+scripts/chromium.sh
+
 cd "$(mktemp -d)"  # where the source tree's ksw1fast/ is not importable
 "$root/.venv-test/bin/python" -c 'import ksw1fast, sys; f = ksw1fast.__file__; \
     sys.exit(0 if "site-packages" in f else f"testing {f}, not the installed wheel")'
