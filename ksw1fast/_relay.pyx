@@ -301,10 +301,7 @@ cdef class TcpStream(Stream):
         self.bytes_in += size
         if not transport.get_write_buffer_size():
             # Nothing queued: hand the bytes to the kernel straight from picows' buffer.
-            while True:
-                sent = send(self.fd, data, size, MSG_NOSIGNAL)
-                if sent >= 0 or errno != EINTR:
-                    break
+            sent = _send(self.fd, data, size)
             if sent == size:
                 return 0
             if sent < 0:
@@ -363,14 +360,20 @@ cdef class UdpStream(Stream):
             return 0
         self.bytes_in += size
         if not transport.get_write_buffer_size():
-            while True:
-                sent = send(self.fd, data, size, MSG_NOSIGNAL)
-                if sent >= 0 or errno != EINTR:
-                    break
+            sent = _send(self.fd, data, size)
             if sent == size or (sent < 0 and errno != EAGAIN and errno != ENOBUFS):
                 return 0  # sent, or refused by the network (ICMP): a datagram may be lost
         transport.sendto(PyBytes_FromStringAndSize(<char*>data, size))
         return 0
+
+
+cdef inline ssize_t _send(int fd, const char* data, Py_ssize_t size) noexcept nogil:
+    """send(2) without SIGPIPE, retried on EINTR; -1 with errno set on failure."""
+    cdef ssize_t sent
+    while True:
+        sent = send(fd, data, size, MSG_NOSIGNAL)
+        if sent >= 0 or errno != EINTR:
+            return sent
 
 
 cdef bytes _u32(long long n):

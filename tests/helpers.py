@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from typing import Awaitable, Callable
 
 import websockets
@@ -122,3 +125,19 @@ class RawClient:
                 await asyncio.wait_for(self.ws.recv(), timeout)
         except websockets.ConnectionClosed as exc:
             return exc.rcvd.code if exc.rcvd is not None else None
+
+
+def free_port() -> int:
+    """A loopback port free right now (for listeners whose port must be known up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """Status and body of a GET, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()

@@ -22,8 +22,6 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -36,7 +34,7 @@ from ksw1fast import client as kclient
 from ksw1fast.constants import Pkcs11Status
 from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Reader, Writer, error_of
 
-from helpers import GatewayProcess, RawClient
+from helpers import GatewayProcess, RawClient, free_port, http_get
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,11 +55,6 @@ WAIT = 20.0       # seconds: the bound of every wait for a process or a state
 
 # --- helpers ------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _sub(text: str, pattern: str, repl, count: int) -> str:
     """re.sub that must match exactly `count` times: the deploy file still has that line."""
@@ -69,13 +62,6 @@ def _sub(text: str, pattern: str, repl, count: int) -> str:
     assert hits == count, f"{pattern!r} matched {hits} times, expected {count}"
     return new
 
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 class Proxy:
@@ -119,7 +105,7 @@ class Instance:
     metrics_port: int
 
     def counter(self, name: str) -> float:
-        status, text = _get(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        status, text = http_get(f"http://127.0.0.1:{self.metrics_port}/metrics")
         assert status == 200
         return sum(float(line.split()[-1]) for line in text.splitlines()
                    if line.split(" ", 1)[0] == name)
@@ -132,7 +118,7 @@ def start_instances(*args: str, env: dict[str, str] | None = None) -> list[Insta
     instances: list[Instance] = []
     try:
         for _ in range(2):
-            metrics_port = _free_port()
+            metrics_port = free_port()
             proc = GatewayProcess("--metrics-port", str(metrics_port), *args, env=env)
             port = int(proc.address.rsplit(":", 1)[1].split("/")[0])
             instances.append(Instance(proc, port, metrics_port))
@@ -284,7 +270,7 @@ def instances(softhsm, tmp_path_factory) -> Iterator[list[Instance]]:
 @pytest.fixture(scope="module")
 def nginx(balancers_installed, instances, tls, tmp_path_factory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("nginx")
-    port = _free_port()
+    port = free_port()
     proxy = Proxy(render_nginx(tmp, [i.port for i in instances], port, tls.chain, tls.key),
                   tmp / "stdout.log", port)
     yield f"wss://127.0.0.1:{port}/ws"
@@ -294,7 +280,7 @@ def nginx(balancers_installed, instances, tls, tmp_path_factory) -> Iterator[str
 @pytest.fixture(scope="module")
 def haproxy(balancers_installed, instances, tls, tmp_path_factory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("haproxy")
-    port = _free_port()
+    port = free_port()
     proxy = Proxy(render_haproxy(tmp, instances, port, tls.bundle), tmp / "stdout.log", port)
     yield f"wss://127.0.0.1:{port}/ws"
     proxy.stop()
@@ -381,7 +367,7 @@ async def test_haproxy_checks_readyz_and_routes_around_a_draining_instance(
     pair = await asyncio.to_thread(start_instances, "--drain-timeout", "30")
     proxy = None
     try:
-        port = _free_port()
+        port = free_port()
         proxy = await asyncio.to_thread(Proxy, render_haproxy(tmp_path, pair, port, tls.bundle),
                                         tmp_path / "stdout.log", port)
         url = f"wss://127.0.0.1:{port}/ws"

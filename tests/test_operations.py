@@ -5,32 +5,18 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import time
-import urllib.request
 
 import psutil
 import pytest
 
 from ksw1fast import client as kclient
 
-from helpers import GatewayProcess, port_of, serve_tcp
+from helpers import GatewayProcess, RawClient, free_port, http_get, port_of, serve_tcp
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def _workers(proc: GatewayProcess) -> list[psutil.Process]:
@@ -55,7 +41,7 @@ async def _echo_once(client: kclient.KSW1Client, port: int, payload: bytes) -> b
 
 
 async def test_a_killed_worker_is_replaced_and_others_never_notice(echo_port) -> None:
-    metrics_port = _free_port()
+    metrics_port = free_port()
     proc = await asyncio.to_thread(GatewayProcess, "--workers", "2", "--metrics-port",
                                    str(metrics_port))
     try:
@@ -84,14 +70,14 @@ async def test_a_killed_worker_is_replaced_and_others_never_notice(echo_port) ->
                 break
             await asyncio.sleep(0.1)
         assert len(_workers(proc)) == 2 and victim not in [w.pid for w in _workers(proc)]
-        status, text = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/metrics")
+        status, text = await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/metrics")
         assert status == 200
         total = sum(float(line.split()[-1]) for line in text.splitlines()
                     if line.startswith("ksw1fast_connections_total"))
         assert total >= 21  # aggregated over the workers, the dead one included
         assert "ksw1fast_streams_total" in text and "ksw1fast_open_seconds_bucket" in text
-        assert (await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/healthz"))[0] == 200
-        assert (await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/readyz"))[0] == 200
+        assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/healthz"))[0] == 200
+        assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/readyz"))[0] == 200
         for c in [*survivors, fresh]:
             await c.close()
     finally:
@@ -109,7 +95,7 @@ async def test_sigterm_drains_a_transfer_and_refuses_new_connections() -> None:
             await asyncio.sleep(0.05)
         writer.close()
 
-    metrics_port = _free_port()
+    metrics_port = free_port()
     proc = await asyncio.to_thread(GatewayProcess, "--drain-timeout", "20", "--metrics-port",
                                    str(metrics_port))
     async with await serve_tcp(slow_source) as source:
@@ -118,7 +104,7 @@ async def test_sigterm_drains_a_transfer_and_refuses_new_connections() -> None:
         first = await stream.read()
         proc.proc.send_signal(signal.SIGTERM)
         for _ in range(50):  # readiness goes false first
-            if (await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/readyz"))[0] == 503:
+            if (await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/readyz"))[0] == 503:
                 break
             await asyncio.sleep(0.1)
         else:
@@ -132,7 +118,7 @@ async def test_sigterm_drains_a_transfer_and_refuses_new_connections() -> None:
 
 
 async def test_drain_timeout_closes_the_rest_with_1001() -> None:
-    from helpers import RawClient
+
 
     proc = await asyncio.to_thread(GatewayProcess, "--drain-timeout", "0.5")
     async with RawClient(proc.address) as raw:
