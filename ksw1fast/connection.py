@@ -11,6 +11,7 @@ import logging
 import socket
 import struct
 import time
+from functools import partial
 from typing import Any, Callable, Optional
 
 from picows import WSTransport
@@ -23,7 +24,7 @@ from ksw1fast.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CRED
                                 CloseReason, DnsErrCode, Feature, FrameType, OpenErrCode,
                                 Pkcs11Status, Proto, WSClose)
 from ksw1fast.errors import MalformedPayload
-from ksw1fast.messages import OpenOkInfo, OpenRequest, Pkcs11Request, SockAddr
+from ksw1fast.messages import OpenOkInfo, OpenRequest, SockAddr
 from ksw1fast.pkcs11 import wire
 from ksw1fast.pkcs11.supervisor import Pkcs11Backend
 from ksw1fast.resolve import ResolveError, address_bytes, lookup, open_error, open_socket
@@ -75,7 +76,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         self.max_streams = 0
         self._on_closed = on_closed
         self._tasks: dict[int, asyncio.Task] = {}  # stream id -> its connect task
-        self._queries: set[asyncio.Task] = set()   # DNS lookups and PKCS#11 calls in flight
+        self._queries: set[asyncio.Future] = set()  # DNS lookups and PKCS#11 calls in flight
         self._counted: dict[Any, tuple[int, int]] = {}  # stream -> bytes already in metrics
         self._handlers: dict[int, Callable[[int, int, bytes], None]] = {
             FrameType.HELLO: self._on_duplicate_hello,
@@ -385,19 +386,25 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         if not allowed:
             self._pkcs11_reply(*wire.auth_denied(reason), query_id)
             return
-        task = asyncio.get_running_loop().create_task(self._pkcs11_call(query_id, request))
-        self._queries.add(task)
-        task.add_done_callback(self._queries.discard)
+        # the built-in agents answer with a plain future: no task per call on this path
+        answer = asyncio.ensure_future(self.pkcs11.handle(request.fn_id, request.args))
+        self._queries.add(answer)
+        answer.add_done_callback(partial(self._pkcs11_done, query_id, request.fn_id,
+                                         time.monotonic()))
 
-    async def _pkcs11_call(self, query_id: int, request: Pkcs11Request) -> None:
-        started = time.monotonic()
-        try:
-            status, body = await self.pkcs11.handle(request.fn_id, request.args)
-        except Exception as exc:  # a custom backend's bug must not take the connection down
-            log.exception("PKCS#11 backend failed peer=%s fn=0x%04x", self.peer, request.fn_id)
-            status, body = wire.internal(f"backend failure: {exc}")
+    def _pkcs11_done(self, query_id: int, fn_id: int, started: float,
+                     answer: "asyncio.Future[tuple[int, bytes]]") -> None:
+        self._queries.discard(answer)
+        if answer.cancelled():
+            return  # the connection is gone
+        if answer.exception() is not None:  # a custom backend's bug: this call fails only
+            log.error("PKCS#11 backend failed peer=%s fn=0x%04x: %r", self.peer, fn_id,
+                      answer.exception())
+            status, body = wire.internal(f"backend failure: {answer.exception()}")
+        else:
+            status, body = answer.result()
         metrics.PKCS11_SECONDS.observe(time.monotonic() - started)
-        metrics.PKCS11_CALLS.labels(wire.FUNCTIONS.get(request.fn_id, "unknown"),
+        metrics.PKCS11_CALLS.labels(wire.FUNCTIONS.get(fn_id, "unknown"),
                                     _status_name(status)).inc()
         self._pkcs11_reply(status, body, query_id)
 

@@ -1,7 +1,8 @@
 """A PKCS#11 agent process: loads the module and runs calls, outside the relay's event loop.
 
 Started by the gateway as `python -m ksw1fast.pkcs11.agent --lib PATH ...`; speaks the
-framing of `ipc.py` on stdin/stdout.  PyKCS11 holds the GIL for the whole of each C call,
+framing of `ipc.py` on stdin/stdout, answering each burst of pipelined requests with one
+write.  PyKCS11 holds the GIL for the whole of each C call,
 so a slow call (RSA-4096 generation) would freeze every stream of a relay process: here
 it freezes only this agent.  Calls run one at a time in arrival order; a blocking
 WaitForSlotEvent runs on its own thread so it cannot hold up the rest.  The PIN comes
@@ -32,16 +33,28 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 class _Replies:
-    """Writes answers to the gateway; calls on side threads answer too, hence the lock."""
+    """Answers to the gateway, written in batches: everything a burst of pipelined
+    requests produced goes out in one write.  Side threads answer too, hence the lock."""
 
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
         self._lock = threading.Lock()
+        self._batch: list[bytes] = []
+
+    def queue(self, op: int, client: int, query: int, body: bytes = b"") -> None:
+        with self._lock:
+            self._batch.append(ipc.pack(op, client, query, body))
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._batch = self._batch, []
+            if batch:
+                self._out.write(b"".join(batch))
+                self._out.flush()
 
     def send(self, op: int, client: int, query: int, body: bytes = b"") -> None:
-        with self._lock:
-            self._out.write(ipc.pack(op, client, query, body))
-            self._out.flush()
+        self.queue(op, client, query, body)
+        self.flush()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -65,20 +78,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def run(message: ipc.Message) -> None:
         (fn_id,) = struct.unpack_from("<H", message.body)
         status, body = dispatcher.call(message.client, fn_id, message.body[2:])
-        replies.send(ipc.OP_RESULT, message.client, message.query, bytes([status]) + body)
+        replies.queue(ipc.OP_RESULT, message.client, message.query, bytes([status]) + body)
 
-    stdin = sys.stdin.buffer
-    while (message := ipc.read_message(stdin)) is not None:
-        if message.op == ipc.OP_OPEN:
-            replies.send(ipc.OP_OPENED, dispatcher.open_client(), message.query)
-        elif message.op == ipc.OP_CALL:
-            (fn_id,) = struct.unpack_from("<H", message.body)
-            if dispatcher.is_blocking(fn_id, message.body[2:]):
-                threading.Thread(target=run, args=(message,), daemon=True).start()
-            else:
-                run(message)
-        elif message.op == ipc.OP_CLOSE:
-            dispatcher.close_client(message.client)
+    def run_alone(message: ipc.Message) -> None:
+        run(message)
+        replies.flush()
+
+    unpacker = ipc.Unpacker()
+    stdin = sys.stdin.fileno()
+    while data := os.read(stdin, 1 << 16):
+        for message in unpacker.feed(data):
+            if message.op == ipc.OP_OPEN:
+                replies.queue(ipc.OP_OPENED, dispatcher.open_client(), message.query)
+            elif message.op == ipc.OP_CALL:
+                (fn_id,) = struct.unpack_from("<H", message.body)
+                if dispatcher.is_blocking(fn_id, message.body[2:]):
+                    threading.Thread(target=run_alone, args=(message,), daemon=True).start()
+                else:
+                    run(message)
+            elif message.op == ipc.OP_CLOSE:
+                dispatcher.close_client(message.client)
+        replies.flush()
     dispatcher.close()  # the gateway closed our stdin: its worker is going away
     return 0
 

@@ -157,10 +157,19 @@ _RESOLVERS: dict[str, Callable[["Dispatcher", _Client, Reader], Any]] = {
 }
 
 
-def _parse(d: "Dispatcher", c: _Client, spec: str, args: bytes) -> list[Any]:
+_Parser = Callable[["Dispatcher", _Client, Reader], Any]
+
+
+def _compile(spec: str) -> tuple[_Parser, ...]:
+    """The readers of an args spec, looked up once rather than on every call."""
+    return tuple(_RESOLVERS[word] if word in _RESOLVERS
+                 else (lambda d, c, r, read=getattr(Reader, word): read(r))
+                 for word in spec.split())
+
+
+def _parse(d: "Dispatcher", c: _Client, parsers: tuple[_Parser, ...], args: bytes) -> list[Any]:
     reader = Reader(args)
-    values = [_RESOLVERS[word](d, c, reader) if word in _RESOLVERS else getattr(reader, word)()
-              for word in spec.split()]
+    values = [parse(d, c, reader) for parse in parsers]
     reader.end()
     return values
 
@@ -302,24 +311,25 @@ class Dispatcher:
         self._clients: dict[int, _Client] = {}
         self._last_client = 0
         self._closed = False
-        self._handlers: dict[int, tuple[str, Callable[..., bytes]]] = {}
+        specs: dict[int, tuple[str, Callable[..., bytes]]] = {}
         for name in dir(type(self)):
             method = getattr(self, name)
             for fn_id, spec in getattr(method, "_pkcs11_fns", ()):
-                self._handlers[fn_id] = (spec, method)
-        self._add_operations()
-        assert self._handlers.keys() == FUNCTIONS.keys()
+                specs[fn_id] = (spec, method)
+        self._add_operations(specs)
+        assert specs.keys() == FUNCTIONS.keys()
+        self._handlers = {fn_id: (_compile(spec), handler)
+                          for fn_id, (spec, handler) in specs.items()}
 
-    def _add_operations(self) -> None:
+    def _add_operations(self, specs: dict[int, tuple[str, Callable[..., bytes]]]) -> None:
         for op in _OPS:
-            self._handlers[op.one_shot] = (f"{op.init_spec} bytes {op.tail}",
-                                           partial(self._one_shot, op))
+            specs[op.one_shot] = (f"{op.init_spec} bytes {op.tail}", partial(self._one_shot, op))
             if op.multipart:
                 init, update, final, abort = op.multipart
-                self._handlers[init] = (op.init_spec, partial(self._op_init, op))
-                self._handlers[update] = ("session bytes bool", partial(self._op_update, op))
-                self._handlers[final] = (f"session {op.tail}", partial(self._op_final, op))
-                self._handlers[abort] = ("session", partial(self._op_abort, op))
+                specs[init] = (op.init_spec, partial(self._op_init, op))
+                specs[update] = ("session bytes bool", partial(self._op_update, op))
+                specs[final] = (f"session {op.tail}", partial(self._op_final, op))
+                specs[abort] = ("session", partial(self._op_abort, op))
 
     # --- public API ----------------------------------------------------------------------
 
@@ -350,13 +360,13 @@ class Dispatcher:
                 return wire.auth_denied(f"fn {name} not allowed")
             if name in ADMIN_FUNCTIONS:
                 self._check_admin(name)
-            spec, handler = self._handlers[fn_id]
+            parsers, handler = self._handlers[fn_id]
             if fn_id == WAIT_FOR_SLOT_EVENT:  # locks for each poll only
-                return wire.ok(handler(state, *_parse(self, state, spec, args)))
+                return wire.ok(handler(state, *_parse(self, state, parsers, args)))
             with self._lock:
                 if state.closed.is_set():
                     return wire.internal("unknown or closed PKCS#11 client")
-                return wire.ok(handler(state, *_parse(self, state, spec, args)))
+                return wire.ok(handler(state, *_parse(self, state, parsers, args)))
         except _Refusal as refusal:
             return refusal.response
         except WireError as exc:

@@ -7,7 +7,7 @@ connection in worker mode); `query` is the gateway's own id for matching the ans
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO, NamedTuple, Optional
+from typing import NamedTuple
 
 _HEADER = struct.Struct("<IBII")
 _FIXED = _HEADER.size - 4  # op, client, query: the part of the header the length counts
@@ -34,32 +34,22 @@ def pack(op: int, client: int, query: int, body: bytes = b"") -> bytes:
     return _HEADER.pack(_FIXED + len(body), op, client, query) + body
 
 
-def read_message(stream: BinaryIO) -> Optional[Message]:
-    """Blocking read of one message (the agent's side); None at end of stream."""
-    head = stream.read(_HEADER.size)
-    if len(head) < _HEADER.size:
-        return None
-    length, op, client, query = _HEADER.unpack(head)
-    body = stream.read(length - _FIXED)
-    if len(body) < length - _FIXED:
-        return None
-    return Message(op, client, query, body)
-
-
 class Unpacker:
-    """Incremental parser for the gateway's side, fed whatever the pipe delivers."""
+    """Incremental parser for both sides, fed whatever the pipe delivers."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[Message]:
-        self._buf += data
-        messages = []
-        while len(self._buf) >= _HEADER.size:
-            length, op, client, query = _HEADER.unpack_from(self._buf)
-            end = 4 + length
-            if len(self._buf) < end:
+        buf = self._buf
+        buf += data
+        messages, offset, size = [], 0, len(buf)
+        while size - offset >= _HEADER.size:
+            length, op, client, query = _HEADER.unpack_from(buf, offset)
+            end = offset + 4 + length
+            if end > size:
                 break
-            messages.append(Message(op, client, query, bytes(self._buf[_HEADER.size:end])))
-            del self._buf[:end]
+            messages.append(Message(op, client, query, bytes(buf[offset + _HEADER.size:end])))
+            offset = end
+        del buf[:offset]  # once per feed, not once per message
         return messages

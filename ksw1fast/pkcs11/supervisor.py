@@ -80,6 +80,7 @@ class AgentProcess:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self._proc = proc
         self._pending: dict[int, asyncio.Future] = {}
+        self._calls: set[int] = set()  # the pending queries that are PKCS#11 calls
         self._next_query = 1
         self._ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.dead: Optional[str] = None  # why it can no longer answer
@@ -120,6 +121,7 @@ class AgentProcess:
             self._die(message.body.decode(errors="replace"))
         else:
             waiter = self._pending.pop(message.query, None)
+            self._calls.discard(message.query)
             if message.op == ipc.OP_OPENED:
                 _settle(waiter, message.client)
             elif message.op == ipc.OP_RESULT:
@@ -130,20 +132,30 @@ class AgentProcess:
             self.dead = reason
             log.warning("PKCS#11 agent %d: %s", self._proc.pid, reason)
         error = AgentError(self.dead)
-        for waiter in (self._ready, *self._pending.values()):
-            if not waiter.done():
+        for query, waiter in [(0, self._ready), *self._pending.items()]:
+            if waiter.done():
+                continue
+            if query in self._calls:  # a call's answer is Internal, not an exception
+                waiter.set_result(wire.internal(self.dead))
+            else:
                 waiter.set_exception(error)
                 waiter.exception()  # retrieved: a caller may have gone away meanwhile
         self._pending.clear()
+        self._calls.clear()
 
     def _request(self, op: int, client: int, body: bytes = b"") -> asyncio.Future:
         waiter = asyncio.get_running_loop().create_future()
         if self.dead is not None:
-            waiter.set_exception(AgentError(self.dead))
+            if op == ipc.OP_CALL:
+                waiter.set_result(wire.internal(self.dead))
+            else:
+                waiter.set_exception(AgentError(self.dead))
             return waiter
         query = self._next_query
         self._next_query = query + 1 if query < 0xFFFFFFFF else 1
         self._pending[query] = waiter
+        if op == ipc.OP_CALL:
+            self._calls.add(query)
         assert self._proc.stdin is not None
         self._proc.stdin.write(ipc.pack(op, client, query, body))
         return waiter
@@ -151,8 +163,9 @@ class AgentProcess:
     async def open_client(self) -> int:
         return await self._request(ipc.OP_OPEN, 0)
 
-    async def call(self, client: int, fn_id: int, args: bytes) -> tuple[int, bytes]:
-        return await self._request(ipc.OP_CALL, client, struct.pack("<H", fn_id) + args)
+    def call(self, client: int, fn_id: int, args: bytes) -> "asyncio.Future[tuple[int, bytes]]":
+        """The answer; Internal once the agent is gone (never an exception)."""
+        return self._request(ipc.OP_CALL, client, struct.pack("<H", fn_id) + args)
 
     def close_client(self, client: int) -> None:
         if self.dead is None and self._proc.stdin is not None:
@@ -194,12 +207,17 @@ class AgentClient:
                 self._client = await self._agent.open_client()
         return self._agent, self._client
 
-    async def handle(self, fn_id: int, args: bytes) -> tuple[int, bytes]:
+    def handle(self, fn_id: int, args: bytes) -> Awaitable[tuple[int, bytes]]:
+        if self._agent is not None and self._client is not None:
+            return self._agent.call(self._client, fn_id, args)  # a plain future: no task
+        return self._first_call(fn_id, args)
+
+    async def _first_call(self, fn_id: int, args: bytes) -> tuple[int, bytes]:
         try:
             agent, client = await self._attach()
-            return await agent.call(client, fn_id, args)
         except AgentError as exc:
             return wire.internal(str(exc))
+        return await agent.call(client, fn_id, args)
 
     async def close(self) -> None:
         if self._agent is None:
