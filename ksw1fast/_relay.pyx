@@ -119,7 +119,7 @@ cdef class Stream:
         self.flow_control = flow_control
         self.send_credit = credit
         self.recv_credit = credit
-        self.pending = []
+        self.pending = None  # made when needed: most streams never need it
 
     cdef int client_data(self, const char* data, Py_ssize_t size, uint8_t flags) except -1:
         if self.forgotten or self.client_eof:
@@ -135,6 +135,8 @@ cdef class Stream:
                 if self.pending_size > MAX_PENDING:
                     self.conn.stream_failed(self, "client sent too much before OpenOk")
                     return 0
+                if self.pending is None:
+                    self.pending = []
                 self.pending.append(PyBytes_FromStringAndSize(<char*>data, size))
             if flags & FLAG_EOF:
                 self.client_eof = True
@@ -191,7 +193,7 @@ cdef class Stream:
 
     def start(self):
         """OpenOk is out: deliver Data the client sent early and start reading the target."""
-        pending, self.pending, self.pending_size = self.pending, [], 0
+        pending, self.pending, self.pending_size = self.pending or (), None, 0
         self.set_paused(PAUSE_CONNECTING, False)
         for chunk in pending:
             self.received += len(chunk)
@@ -406,6 +408,11 @@ cdef class GatewayListener(WSListener):
     cpdef on_ws_connected(self, WSTransport transport):
         self.ws = transport
         transport.underlying_transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        # picows keeps the upgrade request and response, headers and all, for the life of
+        # the connection, and nothing reads them after the handshake: an idle connection
+        # is cheaper without them
+        transport.request = None
+        transport.response = None
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef FrameView fv

@@ -108,6 +108,9 @@ class Grant:
         return self.expires_at is not None and now > self.expires_at + self.skew
 
 
+_UNRESTRICTED = Grant("none")  # auth off: one shared grant, not one per connection
+
+
 def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -209,7 +212,7 @@ class TokenVerifier:
     def verify(self, token: str | bytes | None, now: float | None = None) -> Grant:
         """The Grant of `token`, or AuthError("missing" | "invalid" | "expired")."""
         if not self.enabled:
-            return Grant("none")
+            return _UNRESTRICTED
         if not token:
             raise AuthError("missing")
         try:

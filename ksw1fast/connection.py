@@ -62,6 +62,10 @@ def _target_host(req: OpenRequest) -> str:
 class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     """State of one client WebSocket of the gateway."""
 
+    # an idle connection should cost little memory: no per-instance __dict__
+    __slots__ = ("config", "pkcs11", "security", "grant", "_grant_error", "peer", "hello_done",
+                 "features", "max_streams", "_on_closed", "_tasks", "_queries", "_counted")
+
     def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
                  pkcs11: Pkcs11Backend, security: Security, grant: Optional[Grant]) -> None:
         super().__init__(config.max_payload)
@@ -76,17 +80,9 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         self.max_streams = 0
         self._on_closed = on_closed
         self._tasks: dict[int, asyncio.Task] = {}  # stream id -> its connect task
-        self._queries: set[asyncio.Future] = set()  # DNS lookups and PKCS#11 calls in flight
+        # DNS lookups and PKCS#11 calls in flight (a dict: an empty set costs 3x the memory)
+        self._queries: dict[asyncio.Future, None] = {}
         self._counted: dict[Any, tuple[int, int]] = {}  # stream -> bytes already in metrics
-        self._handlers: dict[int, Callable[[int, int, bytes], None]] = {
-            FrameType.HELLO: self._on_duplicate_hello,
-            FrameType.OPEN: self._on_open,
-            FrameType.CLOSE: self._on_close,
-            FrameType.DATA_ACK: self._on_data_ack,
-            FrameType.DNS_QUERY: self._on_dns_query,
-            FrameType.PKCS11_REQUEST: self._on_pkcs11_request,
-            FrameType.PING: self._on_ping,
-        }
 
     # -- WebSocket lifecycle ------------------------------------------------------
 
@@ -139,9 +135,9 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             elif type in _KNOWN_TYPES:
                 self.fail(WSClose.PROTOCOL_ERROR, f"frame type 0x{type:02x} before Hello")
             return  # unknown types are ignored (forward compatibility)
-        handler = self._handlers.get(type)
+        handler = _HANDLERS.get(type)
         if handler is not None:
-            handler(flags, stream_id, payload)
+            handler(self, flags, stream_id, payload)
         # Data/DataAck of unknown streams, Pong and unknown types: ignored (spec §2, §5)
 
     def _on_hello(self, payload: bytes) -> None:
@@ -256,6 +252,8 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             return
         finally:
             self._tasks.pop(stream.stream_id, None)
+            if not self._tasks:  # a dict keeps its grown table after pops: start afresh
+                self._tasks = {}
         loop = asyncio.get_running_loop()
         try:
             if udp:
@@ -341,8 +339,8 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             return
         task = asyncio.get_running_loop().create_task(self._resolve(query_id, query.name,
                                                                     query.family))
-        self._queries.add(task)
-        task.add_done_callback(self._queries.discard)
+        self._queries[task] = None
+        task.add_done_callback(self._forget_query)
 
     async def _resolve(self, query_id: int, name: str, family: int) -> None:
         try:
@@ -388,13 +386,16 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             return
         # the built-in agents answer with a plain future: no task per call on this path
         answer = asyncio.ensure_future(self.pkcs11.handle(request.fn_id, request.args))
-        self._queries.add(answer)
+        self._queries[answer] = None
         answer.add_done_callback(partial(self._pkcs11_done, query_id, request.fn_id,
                                          time.monotonic()))
 
+    def _forget_query(self, query: asyncio.Future) -> None:
+        self._queries.pop(query, None)
+
     def _pkcs11_done(self, query_id: int, fn_id: int, started: float,
                      answer: "asyncio.Future[tuple[int, bytes]]") -> None:
-        self._queries.discard(answer)
+        self._forget_query(answer)
         if answer.cancelled():
             return  # the connection is gone
         if answer.exception() is not None:  # a custom backend's bug: this call fails only
@@ -420,7 +421,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             metrics.BYTES.labels("to_target").inc(stream.bytes_in - seen_in)
         if stream.bytes_out > seen_out:
             metrics.BYTES.labels("to_client").inc(stream.bytes_out - seen_out)
-        if not final:
+        if not final and (stream.bytes_in or stream.bytes_out):  # idle streams cost nothing
             self._counted[stream] = (stream.bytes_in, stream.bytes_out)
 
     def _pkcs11_reply(self, status: int, body: bytes, query_id: int) -> None:
@@ -428,6 +429,16 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             self.send_frame(FrameType.PKCS11_RESPONSE, query_id,
                             codec.encode_pkcs11_response(status, body))
 
+
+_HANDLERS: dict[int, Callable[[Connection, int, int, bytes], None]] = {
+    FrameType.HELLO: Connection._on_duplicate_hello,
+    FrameType.OPEN: Connection._on_open,
+    FrameType.CLOSE: Connection._on_close,
+    FrameType.DATA_ACK: Connection._on_data_ack,
+    FrameType.DNS_QUERY: Connection._on_dns_query,
+    FrameType.PKCS11_REQUEST: Connection._on_pkcs11_request,
+    FrameType.PING: Connection._on_ping,
+}
 
 _tasks_alive: set[asyncio.Task] = set()
 

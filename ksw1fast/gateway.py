@@ -20,6 +20,7 @@ from ksw1fast.pkcs11.supervisor import NoModule, make_provider
 from ksw1fast.security import HandshakeRefused, Security
 
 log = logging.getLogger("ksw1fast")
+_PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
 
 
 class Gateway:
@@ -52,6 +53,10 @@ class Gateway:
             auto_ping_idle_timeout=cfg.idle_ping or 20,
             auto_ping_reply_timeout=cfg.idle_ping or 20,
             use_aiofastnet=False,  # uvloop's own transports: pause_reading and write limits
+            # an idle connection should cost little: picows grows the buffer when needed
+            read_buffer_init_size=2048,
+            # not a logging.Logger: picows would make a child Logger per connection
+            logger_name=_PICOWS_LOG,
             ssl=self._tls_context(),
             reuse_port=cfg.reuse_port or None,
         )

@@ -49,6 +49,9 @@ def _text(value: str | bytes) -> str:
 def header_values(headers: Headers, name: str) -> list[str]:
     """Every value of header `name` (case-insensitive), repeated headers included;
     bytes are read as Latin-1."""
+    getall = getattr(headers, "getall", None)
+    if getall is not None:  # a case-insensitive multidict (picows' request headers)
+        return [_text(v) for v in getall(name, ())]
     items = headers.items() if isinstance(headers, Mapping) else headers
     name = name.lower()
     return [_text(v) for k, v in items if _text(k).lower() == name]

@@ -67,7 +67,7 @@ class Stream:
         self.recv_credit = credit
         self.received = 0
         self.acked = 0
-        self.pending: list[bytes] = []
+        self.pending: Optional[list[bytes]] = None  # made when needed
         self.pending_size = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -88,6 +88,8 @@ class Stream:
                 if self.pending_size > MAX_PENDING:
                     self.conn.stream_failed(self, "client sent too much before OpenOk")
                     return
+                if self.pending is None:
+                    self.pending = []
                 self.pending.append(bytes(data))
             if flags & _EOF:
                 self.client_eof = True
@@ -138,7 +140,7 @@ class Stream:
                 self.set_paused(PAUSE_CREDIT, False)
 
     def start(self) -> None:
-        pending, self.pending, self.pending_size = self.pending, [], 0
+        pending, self.pending, self.pending_size = self.pending or (), None, 0
         self.set_paused(PAUSE_CONNECTING, False)
         for chunk in pending:
             self.received += len(chunk)
