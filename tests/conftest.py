@@ -59,3 +59,19 @@ async def connect(gateway: str) -> AsyncIterator[Callable[..., Awaitable[kclient
     yield _connect
     for c in clients:
         await c.close()
+
+
+@pytest.fixture
+async def spawn_gateway() -> AsyncIterator[Callable[..., Awaitable[GatewayProcess]]]:
+    """Starts `ksw1fast serve` subprocesses; every one is stopped after the test, even
+    when the test fails half-way (a drained one has exited already: stop() is a no-op)."""
+    procs: list[GatewayProcess] = []
+
+    async def spawn(*args: str, **kwargs: object) -> GatewayProcess:
+        proc = await asyncio.to_thread(GatewayProcess, *args, **kwargs)  # type: ignore[arg-type]
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        await asyncio.to_thread(proc.stop)

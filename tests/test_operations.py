@@ -40,51 +40,48 @@ async def _echo_once(client: kclient.KSW1Client, port: int, payload: bytes) -> b
     return data
 
 
-async def test_a_killed_worker_is_replaced_and_others_never_notice(echo_port) -> None:
+async def test_a_killed_worker_is_replaced_and_others_never_notice(echo_port,
+                                                                   spawn_gateway) -> None:
     metrics_port = free_port()
-    proc = await asyncio.to_thread(GatewayProcess, "--workers", "2", "--metrics-port",
-                                   str(metrics_port))
-    try:
-        gateway_port = int(proc.address.rsplit(":", 1)[1].split("/")[0])
-        for _ in range(100):  # both workers listening
-            if "".join(proc.log).count("ksw1fast serving") >= 2:
-                break
-            await asyncio.sleep(0.1)
-        pids = [w.pid for w in _workers(proc)]
-        clients = [await kclient.connect(proc.address) for _ in range(20)]
-        owner = {}
-        for c in clients:
-            local_port = c.ws.underlying_transport.get_extra_info("sockname")[1]
-            owner[c] = await asyncio.to_thread(_worker_of, pids, gateway_port, local_port)
-        assert set(owner.values()) == set(pids), "connections did not spread over both workers"
-        victim = pids[0]
-        os.kill(victim, signal.SIGKILL)
-        survivors = [c for c in clients if owner[c] != victim]
-        for round_ in range(5):
-            for c in survivors:
-                assert await _echo_once(c, echo_port, b"round %d" % round_) == b"round %d" % round_
-        fresh = await kclient.connect(proc.address)
-        assert await _echo_once(fresh, echo_port, b"new") == b"new"
-        for _ in range(100):  # the supervisor starts a replacement within seconds
-            if len(_workers(proc)) == 2 and victim not in [w.pid for w in _workers(proc)]:
-                break
-            await asyncio.sleep(0.1)
-        assert len(_workers(proc)) == 2 and victim not in [w.pid for w in _workers(proc)]
-        status, text = await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/metrics")
-        assert status == 200
-        total = sum(float(line.split()[-1]) for line in text.splitlines()
-                    if line.startswith("ksw1fast_connections_total"))
-        assert total >= 21  # aggregated over the workers, the dead one included
-        assert "ksw1fast_streams_total" in text and "ksw1fast_open_seconds_bucket" in text
-        assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/healthz"))[0] == 200
-        assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/readyz"))[0] == 200
-        for c in [*survivors, fresh]:
-            await c.close()
-    finally:
-        await asyncio.to_thread(proc.stop)
+    proc = await spawn_gateway("--workers", "2", "--metrics-port", str(metrics_port))
+    gateway_port = int(proc.address.rsplit(":", 1)[1].split("/")[0])
+    for _ in range(100):  # both workers listening
+        if "".join(proc.log).count("ksw1fast serving") >= 2:
+            break
+        await asyncio.sleep(0.1)
+    pids = [w.pid for w in _workers(proc)]
+    clients = [await kclient.connect(proc.address) for _ in range(20)]
+    owner = {}
+    for c in clients:
+        local_port = c.ws.underlying_transport.get_extra_info("sockname")[1]
+        owner[c] = await asyncio.to_thread(_worker_of, pids, gateway_port, local_port)
+    assert set(owner.values()) == set(pids), "connections did not spread over both workers"
+    victim = pids[0]
+    os.kill(victim, signal.SIGKILL)
+    survivors = [c for c in clients if owner[c] != victim]
+    for round_ in range(5):
+        for c in survivors:
+            assert await _echo_once(c, echo_port, b"round %d" % round_) == b"round %d" % round_
+    fresh = await kclient.connect(proc.address)
+    assert await _echo_once(fresh, echo_port, b"new") == b"new"
+    for _ in range(100):  # the supervisor starts a replacement within seconds
+        if len(_workers(proc)) == 2 and victim not in [w.pid for w in _workers(proc)]:
+            break
+        await asyncio.sleep(0.1)
+    assert len(_workers(proc)) == 2 and victim not in [w.pid for w in _workers(proc)]
+    status, text = await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/metrics")
+    assert status == 200
+    total = sum(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("ksw1fast_connections_total"))
+    assert total >= 21  # aggregated over the workers, the dead one included
+    assert "ksw1fast_streams_total" in text and "ksw1fast_open_seconds_bucket" in text
+    assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/healthz"))[0] == 200
+    assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/readyz"))[0] == 200
+    for c in [*survivors, fresh]:
+        await c.close()
 
 
-async def test_sigterm_drains_a_transfer_and_refuses_new_connections() -> None:
+async def test_sigterm_drains_a_transfer_and_refuses_new_connections(spawn_gateway) -> None:
     total = 8 * 1024 * 1024
 
     async def slow_source(reader, writer):
@@ -96,8 +93,7 @@ async def test_sigterm_drains_a_transfer_and_refuses_new_connections() -> None:
         writer.close()
 
     metrics_port = free_port()
-    proc = await asyncio.to_thread(GatewayProcess, "--drain-timeout", "20", "--metrics-port",
-                                   str(metrics_port))
+    proc = await spawn_gateway("--drain-timeout", "20", "--metrics-port", str(metrics_port))
     async with await serve_tcp(slow_source) as source:
         client = await kclient.connect(proc.address)
         stream = await client.open_connection("127.0.0.1", port_of(source))
@@ -130,8 +126,8 @@ async def test_drain_timeout_closes_the_rest_with_1001() -> None:
     assert await asyncio.to_thread(proc.proc.wait, 30) == 0
 
 
-async def test_json_logs(echo_port) -> None:
-    proc = await asyncio.to_thread(GatewayProcess, "--log-format", "json")
+async def test_json_logs(echo_port, spawn_gateway) -> None:
+    proc = await spawn_gateway("--log-format", "json")
     client = await kclient.connect(proc.address)
     await _echo_once(client, echo_port, b"x")
     await client.close()
