@@ -1,3 +1,4 @@
-from benchmarks.runner import main
+"""`python -m benchmarks run [--quick] [--out DIR]`: see benchmarks/README.md."""
+from benchmarks.cli import main
 
 main()

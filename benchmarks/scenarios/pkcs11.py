@@ -1,49 +1,49 @@
 """PKCS#11 through the gateway vs direct PyKCS11, in the same run, on a SoftHSM2 token.
 
-    python -m benchmarks.pkcs11 [--seconds S] [--out FILE]
-
 Operations: GenerateRandom(32) and ECDSA P-256 Sign of 32 bytes.  Direct: N processes,
 each with its own PyKCS11 session, calling as fast as they can.  Gateway: N WebSocket
 connections to one `ksw1fast serve --pkcs11-lib` process (so N agent processes), each
-keeping DEPTH calls in flight (the RPC allows pipelining).  Reports ops/s and the
-gateway / direct ratio; the goal is >= 0.8 for sign.
+keeping DEPTH calls in flight (the RPC allows pipelining); the client is
+`ksw1fast.client` in this process (the agent, not the client, is the bottleneck).
+Reports ops/s and the gateway / direct ratio; the goal is >= 0.8 for sign.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import multiprocessing
 import os
+import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable
 
-import psutil
 import uvloop
 
-from benchmarks.gateway_proc import REPO_ROOT, GatewayProcess
+from benchmarks.context import Context, Sizes
+from benchmarks.gateway_proc import GatewayProcess
+from benchmarks.procs import REPO_ROOT
 from ksw1fast import client as kclient
 from ksw1fast.constants import Pkcs11Status
 from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer
 
+NAME = "pkcs11"
 PIN = "1234"
 DEPTH = 16
 CONNECTIONS = (1, 8)
+OPS = ("random", "sign")
 P256 = bytes.fromhex("06082a8648ce3d030107")
 CKM_EC_KEY_PAIR_GEN, CKM_ECDSA = 0x1040, 0x1041
 CKA_TOKEN, CKA_SIGN, CKA_VERIFY, CKA_EC_PARAMS = 0x1, 0x108, 0x10A, 0x180
 DATA = bytes(range(32))
 
 
-def make_token() -> str:
-    """Install SoftHSM2 if needed, point SOFTHSM2_CONF at a fresh token store; the module."""
+def make_token(root: Path) -> str:
+    """Install SoftHSM2 if needed, point SOFTHSM2_CONF at a fresh token store in `root`
+    (inherited by the gateway and the direct workers); the module's path."""
     module = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "softhsm.sh")], check=True,
                             capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout.strip()
-    root = Path(tempfile.mkdtemp(prefix="ksw1fast-bench-hsm-"))
     (root / "tokens").mkdir()
     conf = root / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n")
@@ -127,8 +127,11 @@ async def _prepare(address: str) -> tuple[kclient.KSW1Client, bytes, bytes]:
     return client, sign.getvalue(), random.getvalue()
 
 
-async def gateway_ops(address: str, op: str, connections: int, seconds: float) -> float:
+async def gateway_ops(address: str, op: str, connections: int, seconds: float,
+                      server_cpu: Callable[[], float]) -> tuple[float, dict[str, float]]:
+    """(ops/s, CPU cores of the gateway with its agents and of this client) over `seconds`."""
     prepared = [await _prepare(address) for _ in range(connections)]
+    server_before, client_before = server_cpu(), time.process_time()
     deadline = time.monotonic() + seconds
     counts = [0] * connections
 
@@ -142,58 +145,48 @@ async def gateway_ops(address: str, op: str, connections: int, seconds: float) -
     await asyncio.gather(*(lane(i, client, sign if op == "sign" else random)
                            for i, (client, sign, random) in enumerate(prepared)
                            for _ in range(DEPTH)))
+    cores = {"server_cores": round((server_cpu() - server_before) / seconds, 2),
+             "client_cores": round((time.process_time() - client_before) / seconds, 2)}
     for client, _, _ in prepared:
         await client.close()
-    return sum(counts) / seconds
+    return sum(counts) / seconds, cores
 
 
 def _wait_for_no_agents(gateway: GatewayProcess, timeout: float = 30.0) -> None:
     """SoftHSM processes starting while others finalise can see the token half-written
     (CKR_TOKEN_NOT_RECOGNIZED): let the gateway's agents end before the next phase."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            agents = [p for p in psutil.Process(gateway.proc.pid).children()
-                      if "ksw1fast.pkcs11.agent" in " ".join(p.cmdline())]
-        except psutil.Error:
-            agents = []
-        if not agents:
-            return
+    while gateway.agents() and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
-def run(seconds: float) -> dict[str, Any]:
-    module = make_token()
-    # no pool: agents start with the connections, outside the timed part
-    gateway = GatewayProcess("compiled", "--pkcs11-lib", module, "--pkcs11-pool-size", "0")
-    results = []
+def steps(sizes: Sizes) -> int:
+    return len(OPS) * len(CONNECTIONS)
+
+
+def run(ctx: Context) -> list[dict[str, Any]]:
+    store = Path(tempfile.mkdtemp(prefix="ksw1fast-bench-hsm-"))
+    seconds = ctx.sizes.pkcs11_seconds
+    rows = []
     try:
-        for op in ("random", "sign"):
-            for n in CONNECTIONS:
-                direct = direct_ops(module, op, n, seconds)
-                through = uvloop.run(gateway_ops(gateway.address, op, n, seconds))
-                _wait_for_no_agents(gateway)
-                results.append({"op": op, "connections": n, "direct_ops_per_s": round(direct),
-                                "gateway_ops_per_s": round(through),
-                                "ratio": round(through / direct, 3)})
-                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        module = make_token(store)
+        # no pool: agents start with the connections, outside the timed part
+        gateway = ctx.fresh_gateway("compiled", "--pkcs11-lib", module,
+                                    "--pkcs11-pool-size", "0")
+        try:
+            for op in OPS:
+                for n in CONNECTIONS:
+                    ctx.progress.step(f"PKCS#11 {op} x{n}")
+                    direct = direct_ops(module, op, n, seconds)
+                    through, cores = uvloop.run(gateway_ops(gateway.address, op, n, seconds,
+                                                            gateway.cpu_seconds))
+                    _wait_for_no_agents(gateway)
+                    rows.append({"op": op, "connections": n, "direct_ops_per_s": round(direct),
+                                 "gateway_ops_per_s": round(through),
+                                 "ratio": round(through / direct, 3),
+                                 **{f"gateway_{k}": v for k, v in cores.items()}})
+        finally:
+            gateway.stop()
     finally:
-        gateway.stop()
-    return {"machine": {"cpu_count": os.cpu_count()}, "depth": DEPTH, "seconds": seconds,
-            "results": results}
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.pkcs11", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    parser.add_argument("--out", help="also write the JSON here")
-    args = parser.parse_args(argv)
-    document = json.dumps(run(args.seconds), indent=2)
-    print(document)
-    if args.out:
-        Path(args.out).write_text(document + "\n")
-
-
-if __name__ == "__main__":
-    main()
+        shutil.rmtree(store, ignore_errors=True)
+    return rows

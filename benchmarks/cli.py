@@ -1,0 +1,96 @@
+"""Command line: `python -m benchmarks run [--quick] [--out DIR] [--only NAME ...]`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import psutil
+
+import ksw1fast
+from benchmarks import report
+from benchmarks.context import FULL, QUICK, Context, Sizes
+from benchmarks.goals import goals, ratios
+from benchmarks.procs import raise_fd_limit
+from benchmarks.progress import Progress
+from benchmarks.scenarios import SCENARIOS
+from ksw1fast._impl import EXTENSIONS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description="Benchmarks of the ksw1fast gateway.")
+    commands = parser.add_subparsers(dest="command")
+    run = commands.add_parser("run", help="run the scenarios, print a table, write results")
+    run.add_argument("--quick", action="store_true",
+                     help="tiny sizes (seconds): checks that every scenario still works")
+    run.add_argument("--out", type=Path,
+                     help="directory for results.json, summary.md and the PNG plots")
+    run.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="NAME",
+                     help=f"run only these scenarios ({', '.join(SCENARIOS)})")
+    run.add_argument("--repeat", type=int, help="runs per measurement (default: 1 quick, 3 full)")
+    return parser
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def machine_info(fd_limit: int) -> dict[str, Any]:
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "ksw1fast": ksw1fast.__version__, "extensions_built": EXTENSIONS,
+        "fd_limit": fd_limit, "load_average_at_start": os.getloadavg(),
+    }
+
+
+def run(names: Sequence[str], sizes: Sizes, quick: bool, out: Optional[Path]) -> dict[str, Any]:
+    machine = machine_info(raise_fd_limit())  # before: children inherit the raised limit
+    chosen = [SCENARIOS[name] for name in names]
+    progress = Progress(sum(module.steps(sizes) for module in chosen))
+    started = time.monotonic()
+    scenarios: dict[str, list[dict[str, Any]]] = {}
+    with Context(sizes, progress) as ctx:
+        try:
+            for module in chosen:
+                scenarios[module.NAME] = module.run(ctx)
+        finally:
+            progress.close()
+    ratio_of = ratios(scenarios)
+    doc = {"machine": machine, "quick": quick, "sizes": dataclasses.asdict(sizes),
+           "duration_s": round(time.monotonic() - started, 1), "scenarios": scenarios,
+           "ratios": ratio_of, "goals": [g.as_dict() for g in goals(scenarios, ratio_of)]}
+    print(report.write(doc, out))
+    print(f"{len(chosen)} scenarios in {doc['duration_s']:g} s"
+          + (f"; results in {out}" if out else ""), file=sys.stderr)
+    return doc
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        parser.print_help()
+        return
+    sizes = QUICK if args.quick else FULL
+    if args.repeat:
+        sizes = dataclasses.replace(sizes, repeat=args.repeat)
+    # SIGTERM (a CI timeout) unwinds like an error, so every server and process is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    run(args.only or list(SCENARIOS), sizes, args.quick, args.out)

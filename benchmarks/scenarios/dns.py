@@ -1,0 +1,33 @@
+"""DNS queries per second: DnsQuery("localhost", IPv4) -> DnsResult, DEPTH in flight.
+
+The gateway resolves with getaddrinfo on uvloop's thread pool; "direct" makes the same
+calls the same way in the load-generator process, without a gateway: the ceiling.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from benchmarks.context import Context, Sizes
+from benchmarks.loadgen.session import Spec
+from benchmarks.measure import alternate, runner, summarize
+
+NAME = "dns"
+DEPTH = 32
+IMPLS = ("compiled", "pure", "direct")
+
+
+def steps(sizes: Sizes) -> int:
+    return sizes.repeat * len(IMPLS)
+
+
+def run(ctx: Context) -> list[dict[str, Any]]:
+    base = Spec(kind="dns", via="ksw1", seconds=ctx.sizes.cycle_seconds, depth=DEPTH)
+    variants = {}
+    for impl in ("compiled", "pure"):
+        gateway = ctx.gateway(impl)
+        variants[impl] = runner(ctx, [replace(base, url=gateway.address)], gateway)
+    variants["direct"] = runner(ctx, [replace(base, via="direct")], None)
+    outcomes = alternate(ctx, "DNS queries", variants)
+    return [{"depth": DEPTH, "impl": impl, **summarize(outcome, "count")}
+            for impl, outcome in outcomes.items()]

@@ -1,0 +1,49 @@
+"""64-byte echo round trips: messages per second and latency percentiles.
+
+One WebSocket with 16 streams to the echo target, one message in flight per stream (so
+16 in flight), for `echo_seconds`; the same through socat over 16 TCP connections.
+Latency is the round trip seen by the load generator, which shares the machine.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from benchmarks.context import Context, Sizes
+from benchmarks.loadgen.session import Spec
+from benchmarks.measure import Run, alternate, percentiles, runner, summarize
+
+NAME = "echo"
+STREAMS = 16
+MESSAGE = 64
+IMPLS = ("compiled", "pure", "socat")
+
+
+def steps(sizes: Sizes) -> int:
+    return sizes.repeat * len(IMPLS)
+
+
+def echo_spec(ctx: Context, via: str, url: str, port: int, websockets: int = 1,
+              streams: int = STREAMS) -> Spec:
+    return Spec(kind="echo", via=via, url=url, port=port, websockets=websockets,
+                streams=streams, seconds=ctx.sizes.echo_seconds, message=MESSAGE)
+
+
+def row(outcome: Any) -> dict[str, Any]:
+    """Rate and CPU per message, and the latency percentiles over every run."""
+    out = summarize(outcome, "count")
+    if not isinstance(outcome, str):
+        out.update(percentiles([x for run in outcome for x in run.latencies()]))
+    return out
+
+
+def run(ctx: Context) -> list[dict[str, Any]]:
+    port = ctx.targets.echo_port
+    variants: dict[str, Callable[[], Run]] = {}
+    for impl in ("compiled", "pure"):
+        gateway = ctx.gateway(impl)
+        variants[impl] = runner(ctx, [echo_spec(ctx, "ksw1", gateway.address, port)], gateway)
+    relay = ctx.socat(port)
+    variants["socat"] = runner(ctx, [echo_spec(ctx, "tcp", "", relay.port)], relay)
+    outcomes = alternate(ctx, "echo 64 B", variants)
+    return [{"message": MESSAGE, "streams": STREAMS, "websockets": 1, "impl": impl,
+             **row(outcome)} for impl, outcome in outcomes.items()]

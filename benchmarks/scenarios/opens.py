@@ -1,0 +1,32 @@
+"""Stream open rate: Open -> OpenOk -> Close -> CloseAck, DEPTH cycles in flight.
+
+One WebSocket; each stream connects to the hold target (silent) and is closed as soon as it
+is open; a completed CloseAck starts the next Open, until `cycle_seconds` pass.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.context import Context, Sizes
+from benchmarks.loadgen.session import Spec
+from benchmarks.measure import alternate, runner, summarize
+
+NAME = "opens"
+DEPTH = 32
+IMPLS = ("compiled", "pure")
+
+
+def steps(sizes: Sizes) -> int:
+    return sizes.repeat * len(IMPLS)
+
+
+def run(ctx: Context) -> list[dict[str, Any]]:
+    variants = {}
+    for impl in IMPLS:
+        gateway = ctx.gateway(impl)
+        spec = Spec(kind="opens", via="ksw1", url=gateway.address, port=ctx.targets.hold_port,
+                    seconds=ctx.sizes.cycle_seconds, depth=DEPTH)
+        variants[impl] = runner(ctx, [spec], gateway)
+    outcomes = alternate(ctx, "stream opens", variants)
+    return [{"depth": DEPTH, "impl": impl, **summarize(outcome, "count")}
+            for impl, outcome in outcomes.items()]

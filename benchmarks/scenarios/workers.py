@@ -1,0 +1,45 @@
+"""Workers: 8 WebSockets against `--workers 1` and `--workers 2` (both compiled).
+
+Two loads, each from two load-generator processes: the bulk download of 64 streams
+(8 per WebSocket) and 64-byte echo over 64 streams (8 per WebSocket).  The kernel
+spreads the WebSockets over the workers (SO_REUSEPORT), not always 4 and 4.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.context import LOADGEN_PROCESSES, Context, Sizes
+from benchmarks.loadgen.session import Spec, split
+from benchmarks.measure import alternate, runner, summarize
+from benchmarks.scenarios.echo import echo_spec, row
+
+NAME = "workers"
+WEBSOCKETS = 8
+STREAMS = 64
+WORKERS = (1, 2)
+LOADS = ("download", "echo")
+
+
+def steps(sizes: Sizes) -> int:
+    return sizes.repeat * len(WORKERS) * len(LOADS)
+
+
+def _spec(ctx: Context, load: str, url: str) -> Spec:
+    if load == "echo":
+        return echo_spec(ctx, "ksw1", url, ctx.targets.echo_port, WEBSOCKETS, STREAMS)
+    return Spec(kind="download", via="ksw1", url=url, port=ctx.targets.source_port,
+                websockets=WEBSOCKETS, streams=STREAMS, nbytes=ctx.sizes.transfer // STREAMS)
+
+
+def run(ctx: Context) -> list[dict[str, Any]]:
+    gateways = {n: ctx.gateway("compiled", workers=n) for n in WORKERS}
+    rows = []
+    for load in LOADS:
+        variants = {n: runner(ctx, split(_spec(ctx, load, g.address), LOADGEN_PROCESSES), g)
+                    for n, g in gateways.items()}
+        outcomes = alternate(ctx, f"{load} {WEBSOCKETS} WS, workers", variants)
+        for workers, outcome in outcomes.items():
+            stats = summarize(outcome, "bytes") if load == "download" else row(outcome)
+            rows.append({"load": load, "workers": workers, "websockets": WEBSOCKETS,
+                         "streams": STREAMS, **stats})
+    return rows
