@@ -19,9 +19,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib", reason="the bench extra draws the plots with matplotlib")
-pytest.importorskip("websockify", reason="the bench extra has websockify, a baseline")
-
 pytestmark = [pytest.mark.softhsm, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]

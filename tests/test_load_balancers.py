@@ -28,6 +28,7 @@ from typing import Iterator
 
 import pytest
 import trustme
+import yaml
 import websockets
 
 from ksw1fast import client as kclient
@@ -432,7 +433,6 @@ def test_balancer_configs_keep_the_settings_tunnels_need() -> None:
 
 
 def _k8s() -> dict[str, dict]:
-    yaml = pytest.importorskip("yaml", reason="PyYAML missing: add pyyaml to the test extra")
     docs = {}
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
