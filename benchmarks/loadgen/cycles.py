@@ -7,6 +7,7 @@ direct_dns: the same lookups with the event loop's getaddrinfo, no gateway (the 
 from __future__ import annotations
 
 import asyncio
+from abc import abstractmethod
 import socket
 import time
 
@@ -39,8 +40,9 @@ class Cycle(Control):
         finally:
             self.conn.control = None
 
+    @abstractmethod
     def request(self) -> None:
-        raise NotImplementedError
+        """Send one request of the cycle."""
 
     def completed(self) -> None:
         self.count += 1

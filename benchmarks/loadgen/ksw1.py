@@ -9,6 +9,7 @@ bytes across messages.
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 import struct
 from typing import Optional
 
@@ -26,11 +27,12 @@ FEATURES = Feature.HALF_CLOSE | Feature.DNS  # no FlowControl: the relay's plain
 MAX_STREAMS = 1024  # ask for the gateway's default limit
 
 
-class Control:
+class Control(ABC):
     """Receives the control frames of a connection while a request cycle runs on it."""
 
+    @abstractmethod
     def on_control(self, conn: "Ksw1Connection", type_: int, stream_id: int) -> None:
-        raise NotImplementedError
+        """A control frame (OpenOk, CloseAck, DnsResult...) of the running cycle."""
 
 
 class Ksw1Lane(Lane):

@@ -12,6 +12,7 @@ payloads are never copied.  Bulk sends come from buffers built once (see the tra
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 import struct
 import time
 from typing import Optional
@@ -19,7 +20,7 @@ from typing import Optional
 COUNT = struct.Struct("<Q")  # the targets' 8-byte little-endian count (see targets.py)
 
 
-class Lane:
+class Lane(ABC):
     """One byte stream; a transport implements the two sends and calls the job back."""
 
     def __init__(self) -> None:
@@ -29,13 +30,13 @@ class Lane:
         self.reply = bytearray()  # the sink's 8-byte count, as it arrives
         self.bulk_left = 0    # bytes of send_bulk() the transport still has to send
 
+    @abstractmethod
     def send(self, data: bytes) -> None:
         """A small write (a count, an echo message); copied as needed."""
-        raise NotImplementedError
 
+    @abstractmethod
     def send_bulk(self, nbytes: int) -> None:
         """Send `nbytes` of filler as fast as the transport takes them."""
-        raise NotImplementedError
 
 
 class Job:
