@@ -4,10 +4,4 @@
 # as root with no stdin. websockify and matplotlib come from PyPI (the `bench` extra).
 set -euo pipefail
 command -v socat >/dev/null 2>&1 && exit 0
-export DEBIAN_FRONTEND=noninteractive
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-if ! { apt-get update -qq && apt-get install -y -qq socat; } >"$log" 2>&1 </dev/null; then
-    cat "$log" >&2
-    exit 1
-fi
+"$(dirname "$0")/../scripts/apt-install.sh" socat

@@ -5,11 +5,4 @@
 # Idempotent and quiet: apt's output is shown only on failure. Runs as root with no stdin.
 set -euo pipefail
 [ -x /usr/bin/chromium ] && command -v certutil >/dev/null && exit 0
-export DEBIAN_FRONTEND=noninteractive
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium libnss3-tools; } \
-        >"$log" 2>&1 </dev/null; then
-    cat "$log" >&2
-    exit 1
-fi
+"$(dirname "$0")/apt-install.sh" --no-install-recommends chromium libnss3-tools

@@ -13,13 +13,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
-export DEBIAN_FRONTEND=noninteractive
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-if ! { apt-get update -qq && apt-get install -y -qq "${missing[@]}"; } >"$log" 2>&1 </dev/null; then
-    cat "$log" >&2
-    exit 1
-fi
+"$(dirname "$0")/apt-install.sh" "${missing[@]}"
 for service in "${missing[@]}"; do
     # without systemd (containers) invoke-rc.d may or may not have started it
     if command -v systemctl >/dev/null 2>&1 && systemctl is-system-running >/dev/null 2>&1; then

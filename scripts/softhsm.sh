@@ -2,15 +2,7 @@
 # Installs Debian's SoftHSM2 when it is missing and prints the path of its PKCS#11 module.
 # Idempotent and quiet (apt output goes to stderr only on failure); runs as root with no stdin.
 set -euo pipefail
-if ! command -v softhsm2-util >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    log=$(mktemp)
-    trap 'rm -f "$log"' EXIT
-    if ! { apt-get update -qq && apt-get install -y -qq softhsm2; } >"$log" 2>&1 </dev/null; then
-        cat "$log" >&2
-        exit 1
-    fi
-fi
+command -v softhsm2-util >/dev/null 2>&1 || "$(dirname "$0")/apt-install.sh" softhsm2
 for lib in /usr/lib/softhsm/libsofthsm2.so /usr/lib/*/softhsm/libsofthsm2.so; do
     if [ -f "$lib" ]; then
         echo "$lib"

@@ -7,12 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-export DEBIAN_FRONTEND=noninteractive
 
 . scripts/_venv.sh  # .venv: the build tools
 # auditwheel after 6.5 wants a newer patchelf than Debian 12's 0.14.3
 .venv/bin/python -m pip install -q build "auditwheel>=6.4,<6.6"
-command -v patchelf >/dev/null || { apt-get update -qq && apt-get install -y -qq patchelf >/dev/null; }
+command -v patchelf >/dev/null || scripts/apt-install.sh patchelf
 
 rm -rf dist wheelhouse
 .venv/bin/python -m build --outdir dist . >/dev/null   # the sdist, then a wheel built from it
