@@ -11,6 +11,11 @@ written; picows sends it as is (external-buffer send) and copies only a remainde
 the socket did not accept.  The event loop is single-threaded and each read is
 sent before the next one starts, so one buffer serves all streams.
 
+Small frames (short reads, control frames) are not sent one by one: a connection
+collects the frames of one loop iteration into one WebSocket message, sent when
+the iteration's I/O callbacks are done (one send(2) instead of one per frame).
+Every frame of a connection goes through that batch, so order is kept.
+
 `ksw1fast/relay.py` is the pure-Python twin of this module.
 """
 from cpython.bytearray cimport PyByteArray_AS_STRING
@@ -29,6 +34,8 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
     int MSG_NOSIGNAL
 
+cdef class GatewayListener
+
 cdef enum:
     KSW1_HEADER = 16
     WS_HEADROOM = 16            # picows writes up to 14 bytes of WebSocket header here
@@ -37,6 +44,9 @@ cdef enum:
     FRAME_DATA_ACK = 0x21
     FLAG_EOF = 0x01
     MAX_DATAGRAM = 65507        # spec §7: larger client datagrams are dropped
+    BATCH_SIZE = 32 * 1024      # the most frame bytes one batched message carries
+    BATCH_FRAME = 2 * 1024      # frames up to this size are batched, bigger ones go alone
+    SPARE_BATCHES = 32          # batch buffers kept for reuse across connections
 
 MIN_READ = 16 * 1024
 MAX_READ = 256 * 1024
@@ -61,25 +71,10 @@ while _size <= MAX_READ:
     _views.append(memoryview(_read_buf)[HEADROOM:HEADROOM + _size])
     _size *= 2
 cdef Py_ssize_t _MAX_VIEW = len(_views) - 1
-# Control frames are assembled here (with the same headroom) before they are sent.
+# Frames too big for a batch are assembled here (with the same headroom) before they are sent.
 cdef bytearray _scratch = bytearray(HEADROOM + 64 * 1024)
-
-
-def send_frame(WSTransport ws, uint8_t type, uint32_t stream_id, payload=b"", uint8_t flags=0):
-    """Send one KSW1 frame as one WebSocket message.
-
-    Never picows' send() for this: for messages over 8 KiB it hands uvloop memoryviews
-    of buffers that are reused, and uvloop queues them uncopied when the socket is busy.
-    The external-buffer send copies whatever the kernel did not take.
-    """
-    cdef const unsigned char[:] view = payload
-    cdef Py_ssize_t n = view.shape[0]
-    cdef bytearray buf = _scratch if n <= len(_scratch) - HEADROOM else bytearray(HEADROOM + n)
-    cdef char* msg = PyByteArray_AS_STRING(buf) + WS_HEADROOM
-    write_header(msg, type, flags, stream_id, <uint32_t>n)
-    if n:
-        memcpy(msg + KSW1_HEADER, &view[0], n)
-    ws.send_reuse_external_buffer(WSMsgType.BINARY, msg, KSW1_HEADER + n)
+# Batch buffers not in use: a connection holds one only while it has frames waiting.
+cdef list _spare_batches = []
 
 
 cdef class Stream:
@@ -91,7 +86,7 @@ cdef class Stream:
     """
     cdef:
         readonly uint32_t stream_id
-        readonly object conn        # the GatewayListener owning this stream
+        readonly GatewayListener conn   # the connection owning this stream
         readonly object transport
         WSTransport ws
         int fd
@@ -168,7 +163,7 @@ cdef class Stream:
         if ready > 0 and (everything or ready >= ACK_STEP):
             self.acked += ready
             self.recv_credit += ready
-            send_frame(self.ws, FRAME_DATA_ACK, self.stream_id, _u32(ready))
+            self.conn.send_frame(FRAME_DATA_ACK, self.stream_id, _u32(ready))
 
     cdef _sent(self, Py_ssize_t n):
         self.bytes_out += n
@@ -244,9 +239,16 @@ cdef class TcpStream(Stream):
         return _views[index]
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        cdef char* msg = _read_ptr + WS_HEADROOM
-        write_header(msg, FRAME_DATA, 0, self.stream_id, <uint32_t>nbytes)
-        self.ws.send_reuse_external_buffer(WSMsgType.BINARY, msg, KSW1_HEADER + nbytes)
+        cdef char* msg
+        if KSW1_HEADER + nbytes <= BATCH_FRAME:
+            msg = self.conn.reserve(KSW1_HEADER + nbytes)
+            write_header(msg, FRAME_DATA, 0, self.stream_id, <uint32_t>nbytes)
+            memcpy(msg + KSW1_HEADER, _read_ptr + HEADROOM, nbytes)
+        else:
+            self.conn.flush()  # frames queued before this one leave first
+            msg = _read_ptr + WS_HEADROOM
+            write_header(msg, FRAME_DATA, 0, self.stream_id, <uint32_t>nbytes)
+            self.ws.send_reuse_external_buffer(WSMsgType.BINARY, msg, KSW1_HEADER + nbytes)
         # A read that filled the buffer means more is waiting: read bigger next time.
         if nbytes == (MIN_READ << self.view_index) and self.view_index < _MAX_VIEW:
             self.view_index += 1
@@ -264,7 +266,7 @@ cdef class TcpStream(Stream):
 
     def eof_received(self):
         self.target_eof = True
-        send_frame(self.ws, FRAME_DATA, self.stream_id, b"", FLAG_EOF)
+        self.conn.send_frame(FRAME_DATA, self.stream_id, b"", FLAG_EOF)
         if self.client_eof:
             self.transport.close()
         return True  # keep our write side open: the client may still send
@@ -341,7 +343,7 @@ cdef class UdpStream(Stream):
         if self.paused or (self.flow_control and n > self.send_credit):
             self.dropped += 1
             return
-        send_frame(self.ws, FRAME_DATA, self.stream_id, data)
+        self.conn.send_frame(FRAME_DATA, self.stream_id, data)
         self._sent(n)
 
     def error_received(self, exc):
@@ -400,6 +402,9 @@ cdef class GatewayListener(WSListener):
         readonly bint targets_paused
         FrameParser parser
         int congested
+        bytearray batch             # frames waiting for the end of this loop iteration
+        Py_ssize_t batch_len
+        bint flush_scheduled
 
     def __init__(self, Py_ssize_t max_payload):
         self.streams = {}
@@ -433,11 +438,70 @@ cdef class GatewayListener(WSListener):
         elif frame.msg_type == WSMsgType.TEXT:
             self.fail(WSCloseCode.UNSUPPORTED_DATA, "KSW1 is carried in binary messages only")
         elif frame.msg_type == WSMsgType.CLOSE:
+            self.flush()
             transport.send_close(frame.get_close_code())
             transport.disconnect()
 
+    cpdef send_frame(self, uint8_t type, uint32_t stream_id, payload=b"", uint8_t flags=0):
+        """Queue one KSW1 frame for the client: batched when small, else sent at once.
+
+        Never picows' send() for this: for messages over 8 KiB it hands uvloop memoryviews
+        of buffers that are reused, and uvloop queues them uncopied when the socket is busy.
+        The external-buffer send copies whatever the kernel did not take.
+        """
+        cdef const unsigned char[:] view = payload
+        cdef Py_ssize_t n = view.shape[0]
+        cdef bytearray buf
+        cdef char* msg
+        if KSW1_HEADER + n <= BATCH_FRAME:
+            msg = self.reserve(KSW1_HEADER + n)
+        else:
+            self.flush()
+            buf = _scratch if n <= len(_scratch) - HEADROOM else bytearray(HEADROOM + n)
+            msg = PyByteArray_AS_STRING(buf) + WS_HEADROOM
+        write_header(msg, type, flags, stream_id, <uint32_t>n)
+        if n:
+            memcpy(msg + KSW1_HEADER, &view[0], n)
+        if KSW1_HEADER + n > BATCH_FRAME:
+            self.ws.send_reuse_external_buffer(WSMsgType.BINARY, msg, KSW1_HEADER + n)
+
+    cdef char* reserve(self, Py_ssize_t size) except NULL:
+        """Room for a frame of `size` (<= BATCH_FRAME) bytes at the end of the batch."""
+        cdef char* at
+        if self.batch is not None and self.batch_len + size > BATCH_SIZE:
+            self.flush()
+        if self.batch is None:
+            self.batch = _spare_batches.pop() if _spare_batches else \
+                bytearray(WS_HEADROOM + BATCH_SIZE)
+            if not self.flush_scheduled:
+                # call_soon callbacks run once this iteration's I/O callbacks are done
+                self.flush_scheduled = True
+                self.ws._loop.call_soon(self._scheduled_flush)
+        at = PyByteArray_AS_STRING(self.batch) + WS_HEADROOM + self.batch_len
+        self.batch_len += size
+        return at
+
+    def _scheduled_flush(self):
+        self.flush_scheduled = False
+        self.flush()
+
+    cpdef flush(self):
+        """Send the batched frames now, as one WebSocket message."""
+        cdef bytearray batch = self.batch
+        if batch is None:
+            return
+        self.batch = None
+        if not self.ws.is_disconnected:
+            self.ws.send_reuse_external_buffer(WSMsgType.BINARY,
+                                               PyByteArray_AS_STRING(batch) + WS_HEADROOM,
+                                               self.batch_len)
+        self.batch_len = 0
+        if len(_spare_batches) < SPARE_BATCHES:
+            _spare_batches.append(batch)
+
     def fail(self, int code, str reason):
         """Close this WebSocket (and only it) with `code`."""
+        self.flush()
         self.ws.send_close(<WSCloseCode>code, reason.encode())
         self.ws.disconnect()
 

@@ -123,9 +123,6 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
 
     # -- frames ---------------------------------------------------------------------
 
-    def send_frame(self, type: int, stream_id: int, payload: bytes = b"", flags: int = 0) -> None:
-        relay.send_frame(self.ws, type, stream_id, payload, flags)
-
     def on_control(self, type: int, flags: int, stream_id: int, payload: bytes) -> None:
         if not self.hello_done:
             if type == FrameType.HELLO:

@@ -2,7 +2,8 @@
 
 It runs when KSW1FAST_NO_EXTENSIONS=1 (with the pure-Python codec) and is the
 baseline the benchmarks compare the compiled path against.  Unlike the compiled
-module it copies each relayed chunk into a new bytes object.
+module it copies each relayed chunk into a new bytes object and sends every frame as
+a WebSocket message of its own (the compiled relay batches small frames).
 """
 from __future__ import annotations
 
@@ -33,21 +34,6 @@ _DATA = int(FrameType.DATA)
 _DATA_ACK = int(FrameType.DATA_ACK)
 _EOF = int(Flag.EOF)
 _WS_HEADROOM = 14  # room picows needs in front of a message for the WebSocket header
-
-
-def send_frame(ws: WSTransport, type: int, stream_id: int, payload: Any = b"",
-               flags: int = 0) -> None:
-    """Send one KSW1 frame as one WebSocket message.
-
-    Never picows' send() for this: for messages over 8 KiB it hands uvloop memoryviews
-    of buffers that are reused, and uvloop queues them uncopied when the socket is busy.
-    The external-buffer send copies whatever the kernel did not take.
-    """
-    size = len(payload)
-    message = bytearray(_WS_HEADROOM + HEADER_SIZE + size)  # one allocation, one copy
-    codec.pack_header(message, _WS_HEADROOM, type, flags, stream_id, size)
-    message[_WS_HEADROOM + HEADER_SIZE:] = payload
-    ws.send_reuse_external_bytearray(WSMsgType.BINARY, message, _WS_HEADROOM)
 
 
 class Stream:
@@ -118,7 +104,7 @@ class Stream:
         if ready > 0 and (everything or ready >= ACK_STEP):
             self.acked += ready
             self.recv_credit += ready
-            send_frame(self.ws, _DATA_ACK, self.stream_id, codec.encode_data_ack(ready))
+            self.conn.send_frame(_DATA_ACK, self.stream_id, codec.encode_data_ack(ready))
 
     def _sent(self, n: int) -> None:
         self.bytes_out += n
@@ -186,14 +172,14 @@ class TcpStream(Stream, asyncio.BufferedProtocol):
         return memoryview(self._buf)[:size]
 
     def buffer_updated(self, nbytes: int) -> None:
-        send_frame(self.ws, _DATA, self.stream_id, memoryview(self._buf)[:nbytes])
+        self.conn.send_frame(_DATA, self.stream_id, memoryview(self._buf)[:nbytes])
         if nbytes == self._read_size and self._read_size < MAX_READ:
             self._read_size *= 2
         self._sent(nbytes)
 
     def eof_received(self) -> bool:
         self.target_eof = True
-        send_frame(self.ws, _DATA, self.stream_id, b"", _EOF)
+        self.conn.send_frame(_DATA, self.stream_id, b"", _EOF)
         if self.client_eof:
             self.transport.close()
         return True
@@ -251,7 +237,7 @@ class UdpStream(Stream, asyncio.DatagramProtocol):
         if self.paused or (self.flow_control and len(data) > self.send_credit):
             self.dropped += 1
             return
-        send_frame(self.ws, _DATA, self.stream_id, data)
+        self.conn.send_frame(_DATA, self.stream_id, data)
         self._sent(len(data))
 
     def error_received(self, exc: Exception) -> None:
@@ -306,6 +292,20 @@ class GatewayListener(WSListener):
         elif msg_type == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
             transport.disconnect()
+
+    def send_frame(self, type: int, stream_id: int, payload: Any = b"", flags: int = 0) -> None:
+        """Send one KSW1 frame as one WebSocket message (the compiled relay batches small ones).
+
+        Never picows' send() for this: for messages over 8 KiB it hands uvloop memoryviews
+        of buffers that are reused, and uvloop queues them uncopied when the socket is busy.
+        The external-buffer send copies whatever the kernel did not take.
+        """
+        assert self.ws is not None
+        size = len(payload)
+        message = bytearray(_WS_HEADROOM + HEADER_SIZE + size)  # one allocation, one copy
+        codec.pack_header(message, _WS_HEADROOM, type, flags, stream_id, size)
+        message[_WS_HEADROOM + HEADER_SIZE:] = payload
+        self.ws.send_reuse_external_bytearray(WSMsgType.BINARY, message, _WS_HEADROOM)
 
     def fail(self, code: int, reason: str) -> None:
         assert self.ws is not None

@@ -336,3 +336,38 @@ async def test_idle_ping() -> None:
         first = await asyncio.wait_for(reader.readexactly(2), 5)
         assert first[0] == 0x89  # FIN + PING
         writer.close()
+
+
+async def test_small_frames_ready_together_share_one_message(gw) -> None:
+    """The compiled relay sends the small frames of one loop iteration as one message."""
+    count = 16
+    writers: list[asyncio.StreamWriter] = []
+    connected = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        if len(writers) == count:
+            connected.set()
+        await reader.read()
+
+    target = await serve_tcp(hold)
+    async with target, RawClient(gw.address) as raw:
+        await raw.hello()
+        opens = b"".join(codec.encode_frame(FrameType.OPEN, sid, codec.encode_open(
+            Proto.TCP, AddrKind.IPV4, port_of(target), socket.inet_aton("127.0.0.1")))
+            for sid in range(1, count + 1))
+        await raw.send(opens)
+        assert {f.type for f in await raw.frames(count)} == {FrameType.OPEN_OK}
+        await asyncio.wait_for(connected.wait(), 10)
+        for i, writer in enumerate(writers):  # all targets readable in one iteration
+            writer.write(b"chunk %d" % i)
+        messages, frames = 0, []
+        while len(frames) < count:
+            message = await asyncio.wait_for(raw.ws.recv(), 10)
+            messages += 1
+            frames += raw.parser.feed(message)
+        assert sorted(bytes(f.payload) for f in frames) == sorted(
+            b"chunk %d" % i for i in range(count))
+        assert messages < count
+        for writer in writers:
+            writer.close()
