@@ -338,9 +338,12 @@ async def test_idle_ping() -> None:
         writer.close()
 
 
-async def test_small_frames_ready_together_share_one_message(gw) -> None:
-    """The compiled relay sends the small frames of one loop iteration as one message."""
-    count = 16
+# payloads are str(i) * size for 32 streams: 8 -> one batch; 1000 -> 54 KB of frames that
+# overflow a 32 KiB batch; 1500 -> frames of 3000 B (too big to batch) between batched ones
+@pytest.mark.parametrize("size", [8, 1000, 1500])
+async def test_small_frames_ready_together_share_messages(gw, size: int) -> None:
+    """The compiled relay sends the small frames of one loop iteration together."""
+    count = 32
     writers: list[asyncio.StreamWriter] = []
     connected = asyncio.Event()
 
@@ -360,14 +363,14 @@ async def test_small_frames_ready_together_share_one_message(gw) -> None:
         assert {f.type for f in await raw.frames(count)} == {FrameType.OPEN_OK}
         await asyncio.wait_for(connected.wait(), 10)
         for i, writer in enumerate(writers):  # all targets readable in one iteration
-            writer.write(b"chunk %d" % i)
+            writer.write(b"%d" % i * size)
         messages, frames = 0, []
         while len(frames) < count:
             message = await asyncio.wait_for(raw.ws.recv(), 10)
             messages += 1
             frames += raw.parser.feed(message)
         assert sorted(bytes(f.payload) for f in frames) == sorted(
-            b"chunk %d" % i for i in range(count))
+            b"%d" % i * size for i in range(count))
         assert messages < count
         for writer in writers:
             writer.close()
