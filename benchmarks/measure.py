@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Optional, Protocol, TypeVar, Union
+from typing import Any, Callable, Hashable, Iterator, Optional, Protocol, TypeVar, Union
 
 from benchmarks.context import GIB, MIB, Context
 from benchmarks.loadgen.pool import JobError
@@ -73,6 +74,21 @@ def runner(ctx: Context, specs: list[Spec], server: Optional[Server],
 Outcome = Union[list[Run], str]  # the runs, or why the measurement failed
 
 
+# What a failed run raises: the suite records it and goes on with the next measurement.
+RUN_ERRORS = (JobError, RuntimeError, OSError)
+
+
+@contextmanager
+def error_row(ctx: Context, rows: list[dict[str, Any]], head: dict[str, Any],
+              label: str) -> Iterator[None]:
+    """Run one measurement that appends its row; if it fails, append `head` + the error."""
+    try:
+        yield
+    except RUN_ERRORS as exc:
+        rows.append({**head, "error": f"{type(exc).__name__}: {exc}"})
+        ctx.progress.note(f"{label}: {rows[-1]['error']}")
+
+
 def alternate(ctx: Context, label: str, variants: dict[K, Callable[[], Run]],
               repeat: Optional[int] = None) -> dict[K, Outcome]:
     """`repeat` runs of each variant, in forward then reverse order and so on, so every
@@ -87,7 +103,7 @@ def alternate(ctx: Context, label: str, variants: dict[K, Callable[[], Run]],
                 continue
             try:
                 runs[name].append(variants[name]())
-            except (JobError, RuntimeError, OSError) as exc:
+            except RUN_ERRORS as exc:
                 errors[name] = f"{type(exc).__name__}: {exc}"
                 ctx.progress.note(f"{label} {name}: {errors[name]}")
     return {name: errors.get(name, runs[name]) for name in names}

@@ -15,9 +15,8 @@ import resource
 from typing import Any
 
 from benchmarks.context import LOADGEN_PROCESSES, MIB, Context, Sizes
-from benchmarks.loadgen.pool import JobError
 from benchmarks.loadgen.session import Spec, split
-from benchmarks.measure import measure
+from benchmarks.measure import error_row, measure
 
 NAME = "idle"
 WARMUP = 20
@@ -48,16 +47,14 @@ def run(ctx: Context) -> list[dict[str, Any]]:
                 "gateway_processes": workers}
         gateway = ctx.fresh_gateway("compiled", workers=workers)
         try:
-            measure(ctx, _hold(ctx, gateway.address, WARMUP), gateway)
-            before = gateway.rss()
-            held = measure(ctx, _hold(ctx, gateway.address, count), gateway, rss=gateway.rss)
-            rows.append({**head, "rss_before_mib": round(before / MIB, 1),
-                         "rss_after_mib": round(held.rss_base / MIB, 1),
-                         "rss_per_connection_kib": round((held.rss_base - before) / count / 1024,
-                                                         2)})
-        except (JobError, RuntimeError, OSError) as exc:
-            rows.append({**head, "error": f"{type(exc).__name__}: {exc}"})
-            ctx.progress.note(f"idle {count}: {rows[-1]['error']}")
+            with error_row(ctx, rows, head, f"idle {count}"):
+                measure(ctx, _hold(ctx, gateway.address, WARMUP), gateway)
+                before = gateway.rss()
+                held = measure(ctx, _hold(ctx, gateway.address, count), gateway, rss=gateway.rss)
+                per_connection = (held.rss_base - before) / count
+                rows.append({**head, "rss_before_mib": round(before / MIB, 1),
+                             "rss_after_mib": round(held.rss_base / MIB, 1),
+                             "rss_per_connection_kib": round(per_connection / 1024, 2)})
         finally:
             gateway.stop()
     return rows

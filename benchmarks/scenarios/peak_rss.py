@@ -11,9 +11,8 @@ from dataclasses import replace
 from typing import Any
 
 from benchmarks.context import MIB, Context, Sizes
-from benchmarks.loadgen.pool import JobError
 from benchmarks.loadgen.session import Spec
-from benchmarks.measure import measure, summarize
+from benchmarks.measure import error_row, measure, summarize
 
 NAME = "peak_rss"
 STREAMS = 64
@@ -32,21 +31,19 @@ def run(ctx: Context) -> list[dict[str, Any]]:
         head = {"impl": impl, "streams": STREAMS, "bytes": ctx.sizes.peak_bytes}
         gateway = ctx.fresh_gateway(impl)
         try:
-            spec = Spec(kind="download", via="ksw1", url=gateway.address,
-                        port=ctx.targets.source_port, streams=STREAMS, nbytes=WARMUP_BYTES)
-            measure(ctx, [spec], gateway)
-            big = measure(ctx, [replace(spec, nbytes=ctx.sizes.peak_bytes // STREAMS)],
-                          gateway, rss=gateway.rss)
-            peak = max([rss for _, rss in big.rss_samples] or [big.rss_base])
-            rows.append({**head, **summarize([big], "bytes"),
-                         "rss_base_mib": round(big.rss_base / MIB, 1),
-                         "rss_peak_mib": round(peak / MIB, 1),
-                         "rss_growth_mib": round((peak - big.rss_base) / MIB, 1),
-                         "rss_samples_mib": [[round(t, 3), round(rss / MIB, 1)]
-                                             for t, rss in big.rss_samples]})
-        except (JobError, RuntimeError, OSError) as exc:
-            rows.append({**head, "error": f"{type(exc).__name__}: {exc}"})
-            ctx.progress.note(f"peak RSS {impl}: {rows[-1]['error']}")
+            with error_row(ctx, rows, head, f"peak RSS {impl}"):
+                spec = Spec(kind="download", via="ksw1", url=gateway.address,
+                            port=ctx.targets.source_port, streams=STREAMS, nbytes=WARMUP_BYTES)
+                measure(ctx, [spec], gateway)
+                big = measure(ctx, [replace(spec, nbytes=ctx.sizes.peak_bytes // STREAMS)],
+                              gateway, rss=gateway.rss)
+                peak = max([rss for _, rss in big.rss_samples] or [big.rss_base])
+                rows.append({**head, **summarize([big], "bytes"),
+                             "rss_base_mib": round(big.rss_base / MIB, 1),
+                             "rss_peak_mib": round(peak / MIB, 1),
+                             "rss_growth_mib": round((peak - big.rss_base) / MIB, 1),
+                             "rss_samples_mib": [[round(t, 3), round(rss / MIB, 1)]
+                                                 for t, rss in big.rss_samples]})
         finally:
             gateway.stop()
     return rows
