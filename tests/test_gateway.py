@@ -280,6 +280,36 @@ async def test_connect_timeout_is_timeout() -> None:
         full.close()
 
 
+async def test_dns_timeout_is_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup that hangs is answered DnsErr Timeout after dns_timeout, and abandoned."""
+    import ksw1fast
+    from ksw1fast import client as kclient, connection
+
+    real_lookup = connection.lookup
+    hung: list[asyncio.Future] = []
+
+    async def lookup(name: str, port: int = 0, family: int = 0) -> list:
+        if name != "slow.example":
+            return await real_lookup(name, port, family)
+        hung.append(asyncio.get_running_loop().create_future())
+        return await hung[-1]
+
+    monkeypatch.setattr(connection, "lookup", lookup)
+    async with await ksw1fast.start_gateway(port=0, dns_timeout=0.3) as gw:
+        client = await kclient.connect(gw.address)
+        started = asyncio.get_running_loop().time()
+        slow = asyncio.ensure_future(client.resolve("slow.example"))
+        assert await client.resolve("127.0.0.1", 4) == ["127.0.0.1"]  # others go on meanwhile
+        with pytest.raises(DnsError) as info:
+            await slow
+        assert info.value.code == DnsErrCode.TIMEOUT
+        assert 0.25 < asyncio.get_running_loop().time() - started < 5
+        await asyncio.sleep(0)
+        assert hung[0].cancelled()  # the lookup was given up, not left running
+        assert await client.resolve("localhost", 4) == ["127.0.0.1"]
+        await client.close()
+
+
 async def test_handshake_timeout_drops_silent_sockets() -> None:
     import ksw1fast
 
