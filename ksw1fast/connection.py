@@ -238,24 +238,22 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     async def _connect(self, stream: "relay.Stream", host: str, port: int, udp: bool,
                        dest: str) -> None:
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        # one timer, not wait_for: that would run open_socket in a second task
+        timer = loop.call_later(self.config.connect_timeout, self._connect_timed_out, stream, dest)
         try:
-            sock = await asyncio.wait_for(
-                open_socket(host, port, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
-                            self.security.egress),
-                self.config.connect_timeout)
+            sock = await open_socket(host, port, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
+                                     self.security.egress)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            code, message = open_error(exc)
-            if self.streams.get(stream.stream_id) is stream:
-                del self.streams[stream.stream_id]
-                self._open_err(stream.stream_id, code, message, dest)
+            self._fail_open(stream, *open_error(exc), dest)
             return
         finally:
+            timer.cancel()
             self._tasks.pop(stream.stream_id, None)
             if not self._tasks:  # a dict keeps its grown table after pops: start afresh
                 self._tasks = {}
-        loop = asyncio.get_running_loop()
         try:
             if udp:
                 transport, _ = await loop.create_datagram_endpoint(lambda: stream, sock=sock)
@@ -263,9 +261,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
                 transport, _ = await loop.create_connection(lambda: stream, sock=sock)
         except OSError as exc:
             sock.close()
-            if self.streams.get(stream.stream_id) is stream:
-                del self.streams[stream.stream_id]
-                self._open_err(stream.stream_id, OpenErrCode.INTERNAL, str(exc), dest)
+            self._fail_open(stream, OpenErrCode.INTERNAL, str(exc), dest)
             return
         if self.streams.get(stream.stream_id) is not stream:  # closed while we connected
             transport.abort()
@@ -277,6 +273,18 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         metrics.child(metrics.STREAMS, "udp" if udp else "tcp", "ok").inc()
         metrics.OPEN_SECONDS.observe(time.monotonic() - started)
         log.debug("stream open peer=%s stream=%d dest=%s", self.peer, stream.stream_id, dest)
+
+    def _connect_timed_out(self, stream: "relay.Stream", dest: str) -> None:
+        if self.streams.get(stream.stream_id) is stream:  # else the client closed it
+            self._tasks.pop(stream.stream_id).cancel()  # closes the socket being connected
+            self._fail_open(stream, *open_error(TimeoutError()), dest)
+
+    def _fail_open(self, stream: "relay.Stream", code: OpenErrCode, message: str,
+                   dest: str) -> None:
+        """OpenErr for a stream whose connect failed, unless the client closed it meanwhile."""
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+            self._open_err(stream.stream_id, code, message, dest)
 
     def _on_close(self, flags: int, stream_id: int, payload: bytes) -> None:
         stream = self.streams.pop(stream_id, None)
