@@ -6,7 +6,6 @@ little-endian.
 """
 from __future__ import annotations
 
-import ipaddress
 import operator
 import socket
 import struct
@@ -326,10 +325,21 @@ def decode_open(payload: Buffer) -> OpenRequest:
         return OpenRequest(proto, addr_kind, port, addr, r.field())
 
 
+def _packed_ip(host: str) -> bytes:
+    """The 4 or 16 bytes of an address's text, a %scope dropped; ValueError if none.
+
+    inet_pton rather than the ipaddress module, a few times slower: every OpenOk packs two."""
+    text = host.partition("%")[0]
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+    except OSError:
+        raise ValueError(f"{host!r} is not an IPv4 or IPv6 address") from None
+
+
 def _pack_sockaddr(addr: SockAddr) -> bytes:
-    ip = ipaddress.ip_address(addr.host.partition("%")[0])  # drop an IPv6 %scope
-    kind = AddrKind.IPV4 if ip.version == 4 else AddrKind.IPV6
-    return _SOCKADDR_HEAD.pack(kind, _uint(addr.port, 16, "port"), len(ip.packed)) + ip.packed
+    raw = _packed_ip(addr.host)
+    kind = AddrKind.IPV4 if len(raw) == 4 else AddrKind.IPV6
+    return _SOCKADDR_HEAD.pack(kind, _uint(addr.port, 16, "port"), len(raw)) + raw
 
 
 def _read_sockaddr(r: _Reader) -> SockAddr:

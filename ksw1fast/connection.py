@@ -27,7 +27,8 @@ from ksw1fast.errors import MalformedPayload
 from ksw1fast.messages import OpenOkInfo, OpenRequest, SockAddr
 from ksw1fast.pkcs11 import wire
 from ksw1fast.pkcs11.supervisor import Pkcs11Backend
-from ksw1fast.resolve import ResolveError, address_bytes, lookup, open_error, open_socket
+from ksw1fast.resolve import (Endpoint, ResolveError, address_bytes, lookup, open_error,
+                               open_socket)
 from ksw1fast.security import Security
 
 log = logging.getLogger("ksw1fast")
@@ -179,10 +180,10 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     def _open_err(self, stream_id: int, code: OpenErrCode, message: str, dest: str = "?") -> None:
         log.info("open refused peer=%s stream=%d dest=%s reason=%s: %s",
                  self.peer, stream_id, dest, code.name, message)
-        metrics.STREAMS.labels(dest.split(" ", 1)[0] if " " in dest else "?",
-                               code.name.lower()).inc()
+        metrics.child(metrics.STREAMS, dest.split(" ", 1)[0] if " " in dest else "?",
+                      code.name.lower()).inc()
         if code == OpenErrCode.BLOCKED:
-            metrics.POLICY_DENIALS.labels("egress").inc()
+            metrics.child(metrics.POLICY_DENIALS, "egress").inc()
         self.send_frame(FrameType.OPEN_ERR, stream_id, codec.encode_open_err(code, message))
 
     def _on_open(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -214,12 +215,12 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         try:
             grant = self._authorize(req.token)
         except AuthError as exc:
-            metrics.AUTH_FAILURES.labels(exc.kind).inc()
+            metrics.child(metrics.AUTH_FAILURES, exc.kind).inc()
             self._open_err(stream_id, exc.open_err, f"token {exc.kind}", dest)
             return
         if (proto == "udp" and not grant.allows_udp) or not grant.allows_open(host, req.port,
                                                                                 proto):
-            metrics.AUTH_FAILURES.labels("scope").inc()
+            metrics.child(metrics.AUTH_FAILURES, "scope").inc()
             self._open_err(stream_id, OpenErrCode.AUTH_FAILED,
                            "the token does not allow this destination", dest)
             return
@@ -234,24 +235,22 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     async def _connect(self, stream: "relay.Stream", host: str, port: int, udp: bool,
                        dest: str) -> None:
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        # one timer, not wait_for: that would run open_socket in a second task
+        timer = loop.call_later(self.config.connect_timeout, self._connect_timed_out, stream, dest)
         try:
-            sock = await asyncio.wait_for(
-                open_socket(host, port, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
-                            self.security.egress),
-                self.config.connect_timeout)
+            sock = await open_socket(host, port, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
+                                     self.security.egress)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            code, message = open_error(exc)
-            if self.streams.get(stream.stream_id) is stream:
-                del self.streams[stream.stream_id]
-                self._open_err(stream.stream_id, code, message, dest)
+            self._fail_open(stream, *open_error(exc), dest)
             return
         finally:
+            timer.cancel()
             self._tasks.pop(stream.stream_id, None)
             if not self._tasks:  # a dict keeps its grown table after pops: start afresh
                 self._tasks = {}
-        loop = asyncio.get_running_loop()
         try:
             if udp:
                 transport, _ = await loop.create_datagram_endpoint(lambda: stream, sock=sock)
@@ -259,9 +258,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
                 transport, _ = await loop.create_connection(lambda: stream, sock=sock)
         except OSError as exc:
             sock.close()
-            if self.streams.get(stream.stream_id) is stream:
-                del self.streams[stream.stream_id]
-                self._open_err(stream.stream_id, OpenErrCode.INTERNAL, str(exc), dest)
+            self._fail_open(stream, OpenErrCode.INTERNAL, str(exc), dest)
             return
         if self.streams.get(stream.stream_id) is not stream:  # closed while we connected
             transport.abort()
@@ -270,9 +267,21 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             OpenOkInfo(_sockaddr(transport.get_extra_info("sockname")),
                        _sockaddr(transport.get_extra_info("peername")))))
         stream.start()
-        metrics.STREAMS.labels("udp" if udp else "tcp", "ok").inc()
+        metrics.child(metrics.STREAMS, "udp" if udp else "tcp", "ok").inc()
         metrics.OPEN_SECONDS.observe(time.monotonic() - started)
         log.debug("stream open peer=%s stream=%d dest=%s", self.peer, stream.stream_id, dest)
+
+    def _connect_timed_out(self, stream: "relay.Stream", dest: str) -> None:
+        if self.streams.get(stream.stream_id) is stream:  # else the client closed it
+            self._tasks.pop(stream.stream_id).cancel()  # closes the socket being connected
+            self._fail_open(stream, *open_error(TimeoutError()), dest)
+
+    def _fail_open(self, stream: "relay.Stream", code: OpenErrCode, message: str,
+                   dest: str) -> None:
+        """OpenErr for a stream whose connect failed, unless the client closed it meanwhile."""
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+            self._open_err(stream.stream_id, code, message, dest)
 
     def _on_close(self, flags: int, stream_id: int, payload: bytes) -> None:
         stream = self.streams.pop(stream_id, None)
@@ -326,7 +335,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         try:
             allowed = self._authorize().allows_dns(query.name)
         except AuthError as exc:
-            metrics.AUTH_FAILURES.labels(exc.kind).inc()
+            metrics.child(metrics.AUTH_FAILURES, exc.kind).inc()
             self._dns_err(query_id, DnsErrCode.REFUSED, f"token {exc.kind}")
             return
         decision = self.security.egress.check_name(query.name)
@@ -334,32 +343,42 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             self._dns_err(query_id, DnsErrCode.REFUSED,
                           decision.reason if allowed else "the token does not allow DNS here")
             return
-        task = asyncio.get_running_loop().create_task(self._resolve(query_id, query.name,
-                                                                    query.family))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(lookup(query.name, 0, query.family))
+        # one timer, not wait_for: that would run the lookup in a second task
+        timer = loop.call_later(self.config.dns_timeout, self._dns_timed_out, query_id, task)
         self._queries[task] = None
-        task.add_done_callback(self._forget_query)
+        task.add_done_callback(partial(self._dns_done, query_id, query.name, timer))
 
-    async def _resolve(self, query_id: int, name: str, family: int) -> None:
+    def _dns_timed_out(self, query_id: int, task: "asyncio.Task[list[Endpoint]]") -> None:
+        # (a closed connection has cancelled the task, which is done only a step later)
+        if not task.done() and not self.ws.is_disconnected:
+            task.cancel()
+            self._dns_err(query_id, DnsErrCode.TIMEOUT, "lookup timed out")
+
+    def _dns_done(self, query_id: int, name: str, timer: asyncio.TimerHandle,
+                  task: "asyncio.Task[list[Endpoint]]") -> None:
+        timer.cancel()
+        self._forget_query(task)
+        if task.cancelled():
+            return  # timed out (answered already) or the connection is gone
         try:
-            endpoints = await asyncio.wait_for(lookup(name, 0, family), self.config.dns_timeout)
+            endpoints = task.result()
         except ResolveError as exc:
             self._dns_err(query_id, exc.dns_code, str(exc))
-            return
-        except asyncio.TimeoutError:
-            self._dns_err(query_id, DnsErrCode.TIMEOUT, "lookup timed out")
             return
         addresses = self.security.egress.filter_dns(
             name, list(dict.fromkeys(address_bytes(e) for e in endpoints)))
         if not addresses:
             self._dns_err(query_id, DnsErrCode.REFUSED, "every address is denied by policy")
             return
-        metrics.DNS_QUERIES.labels("ok").inc()
+        metrics.child(metrics.DNS_QUERIES, "ok").inc()
         self.send_frame(FrameType.DNS_RESULT, query_id, codec.encode_dns_result(addresses))
 
     def _dns_err(self, query_id: int, code: DnsErrCode, message: str) -> None:
-        metrics.DNS_QUERIES.labels(code.name.lower()).inc()
+        metrics.child(metrics.DNS_QUERIES, code.name.lower()).inc()
         if code == DnsErrCode.REFUSED:
-            metrics.POLICY_DENIALS.labels("dns").inc()
+            metrics.child(metrics.POLICY_DENIALS, "dns").inc()
         self.send_frame(FrameType.DNS_ERR, query_id, codec.encode_dns_err(code, message))
 
     # -- PKCS#11 ----------------------------------------------------------------------

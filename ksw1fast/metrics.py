@@ -7,6 +7,7 @@ here runs per frame: bytes are harvested from the streams' own counters once a s
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 try:
@@ -65,6 +66,13 @@ AUTH_FAILURES = _metric("Counter", "ksw1fast_auth_failures", "Refused tokens, by
                         ("reason",))
 AGENTS = _metric("Gauge", "ksw1fast_pkcs11_agents", "Running PKCS#11 agent processes",
                  multiprocess_mode="livesum")
+
+
+@lru_cache(maxsize=None)  # label values come from small fixed sets (results, codes)
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once: prometheus_client takes a lock and builds
+    a key on every `labels` call, which per DNS query or Open is a cost worth sparing."""
+    return metric.labels(*labels)
 
 
 def render() -> tuple[bytes, str]:

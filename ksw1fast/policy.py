@@ -87,6 +87,14 @@ _SPECIAL: tuple[tuple[IPNetwork, str], ...] = tuple(
         ("ff00::/8", "multicast"),
         ("255.255.255.255/32", "broadcast"),
     ))
+# _SPECIAL as integer bounds per IP version, in the same order: every check consults it,
+# and comparing ints is several times cheaper than `ip in network`
+_SPECIAL_BOUNDS: dict[int, tuple[tuple[int, int, IPNetwork, str], ...]] = {
+    version: tuple((int(net.network_address), int(net.broadcast_address), net, what)
+                   for net, what in _SPECIAL if net.version == version)
+    for version in (4, 6)}
+# everything an IPv4 literal is made of; an IPv6 literal always has a colon
+_IPV4_CHARS = frozenset("0123456789.")
 
 
 def compile_wildcard(pattern: str, star: str = ".*") -> re.Pattern[str]:
@@ -123,13 +131,17 @@ def _unmap(ip: IPAddress) -> IPAddress:
 def to_address(ip: str | bytes | IPAddress) -> IPAddress:
     """An address from text (zone id allowed), 4/16 raw bytes or an address; IPv4-mapped
     IPv6 becomes its IPv4. Raises ValueError for anything else."""
-    return _unmap(ipaddress.ip_address(ip))
+    if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        ip = ipaddress.ip_address(ip)  # (given an address, it would parse its text again)
+    return _unmap(ip)
 
 
 def _literal(host: str) -> IPAddress | None:
     text = host.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
+    if ":" not in text and not _IPV4_CHARS.issuperset(text):
+        return None  # a name, as most are: spare ipaddress two failed parses and raises
     try:
         return to_address(text)
     except ValueError:
@@ -151,8 +163,9 @@ def normalize_proto(proto: str | int | None) -> str | None:
 
 
 def _special(ip: IPAddress) -> tuple[IPNetwork, str] | None:
-    for net, what in _SPECIAL:
-        if ip.version == net.version and ip in net:
+    value = int(ip)
+    for low, high, net, what in _SPECIAL_BOUNDS[ip.version]:
+        if low <= value <= high:
             return net, what
     return None
 
@@ -395,10 +408,15 @@ class EgressPolicy:
 
     def filter_dns(self, name: str, addresses: Iterable[Addr]) -> list[Addr]:
         """The DnsResult answers for `name` the rules allow, as given; empty → Refused."""
+        if not self.rules:  # nothing to match: check_address would refuse the special only
+            return [a for a in addresses if _special(to_address(a)) is None]
         return [a for a in addresses if self.check_address(a, None, None, name).allowed]
 
     def _evaluate(self, host_match: Callable[[Rule], bool], port: int | None,
                   proto: str | None, dest: str, special: str | None) -> Decision:
+        if not self.rules:  # the default policy: what the loop below comes to without rules
+            return (Decision(True, f"{dest} allowed by default (no allow rules)")
+                    if special is None else Decision(False, special))
         # First match, generalised to unknown port/proto: allowed when some (proto, port)
         # of the query reaches an allow rule before every deny covering it.
         protos = _PROTOS if proto is None else (proto,)

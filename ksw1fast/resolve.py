@@ -8,12 +8,13 @@ import socket
 from typing import NamedTuple, Optional
 
 from ksw1fast.constants import DnsErrCode, OpenErrCode
-from ksw1fast.policy import EgressPolicy
+from ksw1fast.policy import EgressPolicy, IPAddress
 
 _FAMILIES = {0: socket.AF_UNSPEC, 4: socket.AF_INET, 6: socket.AF_INET6}
 _NO_NAME = {socket.EAI_NONAME} | {getattr(socket, n) for n in ("EAI_NODATA", "EAI_ADDRFAMILY")
                                   if hasattr(socket, n)}
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH}
+_LITERAL_CHARS = frozenset("0123456789abcdefABCDEF.:")
 
 
 class ResolveError(Exception):
@@ -97,16 +98,21 @@ async def open_socket(host: str, port: int, kind: int = socket.SOCK_STREAM,
 
     With a policy, the name is checked first, then every resolved address, and the
     socket connects to a checked address itself: nothing resolves the name again
-    between the check and the connect (DNS rebinding).
+    between the check and the connect (DNS rebinding).  An IP literal without zone id
+    is checked once: its name check judges that very address, and getaddrinfo parses it
+    without asking any resolver.
     """
     proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+    literal = _parse_literal(host)
     if policy is not None:
-        decision = policy.check_name(host, port, proto)
+        # for a literal, check_name would parse it again to run this very check
+        decision = (policy.check_name(host, port, proto) if literal is None
+                    else policy.check_address(literal, port, proto))
         if not decision.allowed:
             raise Blocked(decision.reason)
-    endpoints = await lookup(host, port)
-    if policy is not None:
-        name = None if _is_literal(host) else host
+    endpoints = await lookup(host, port)  # uvloop answers a literal without its thread pool
+    if policy is not None and (literal is None or "%" in host):
+        name = None if _parse_literal(_strip_scope(host)) is not None else host
         decisions = [policy.check_address(e.sockaddr[0], port, proto, name=name)
                      for e in endpoints]
         allowed = [e for e, d in zip(endpoints, decisions) if d.allowed]
@@ -116,12 +122,14 @@ async def open_socket(host: str, port: int, kind: int = socket.SOCK_STREAM,
     return await connect(endpoints, kind)
 
 
-def _is_literal(host: str) -> bool:
+def _parse_literal(host: str) -> Optional[IPAddress]:
+    """The IP address `host` is, maybe with a zone id; None for a name."""
+    if not _LITERAL_CHARS.issuperset(_strip_scope(host)):
+        return None  # a name: spare ipaddress two failed parses and raises
     try:
-        ipaddress.ip_address(_strip_scope(host))
+        return ipaddress.ip_address(host)
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def open_error(exc: BaseException) -> tuple[OpenErrCode, str]:

@@ -1,6 +1,7 @@
 """The KSW1 codec: the pure-Python twin and the compiled module must behave identically."""
 from __future__ import annotations
 
+import ipaddress
 import socket
 from types import ModuleType
 from typing import Any, Callable, Union
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from ksw1fast import _codec as ccodec
 from ksw1fast import codec as pycodec
-from ksw1fast.constants import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, FrameType
+from ksw1fast.constants import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, AddrKind, FrameType
 from ksw1fast.errors import FrameError, MalformedPayload
 from ksw1fast.messages import (
     DnsQuery,
@@ -497,3 +498,32 @@ def test_both_codecs_agree_on_random_streams(case: tuple[list[tuple[int, int, in
         assert all(e[0] == "frames" for e in events) and events[-1][2] == 0
     elif damage == "oversize":
         assert [e[1] for e in events if e[0] == "error"][:1] == [1009]
+
+
+def _packed_by_ipaddress(host: str) -> Union[bytes, None]:
+    """How OpenOk addresses were packed before inet_pton: through the ipaddress module."""
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).packed
+    except ValueError:
+        return None
+
+
+_addresses = st.ip_addresses().map(str) | st.ip_addresses().map(lambda ip: ip.exploded)
+_address_like = st.text(alphabet="0123456789abcdefABCDEF.:%xyz ", max_size=45)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(_addresses, _addresses.map(lambda a: a + "%eth0"), _address_like,
+                 st.sampled_from(["0.0.0.0", "::", "::ffff:169.254.169.254", "01.2.3.4",
+                                  "1.2.3", "::1.2.3.4", "1:2:3:4:5:6:1.2.3.4", "١.2.3.4"])))
+def test_open_ok_packs_what_ipaddress_reads(host: str) -> None:
+    expected = _packed_by_ipaddress(host)
+    info = OpenOkInfo(SockAddr(host, 1), SockAddr("127.0.0.1", 2))
+    for module in MODULES:
+        if expected is None:
+            with pytest.raises(ValueError):
+                module.encode_open_ok(info)
+        else:
+            payload = module.encode_open_ok(info)  # kind u8, port u16, length u16, address
+            assert payload[0] == (AddrKind.IPV4 if len(expected) == 4 else AddrKind.IPV6)
+            assert payload[5:5 + len(expected)] == expected

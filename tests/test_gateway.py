@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from typing import Iterator
 
 import pytest
 
@@ -253,11 +254,9 @@ async def test_too_many_streams(connect, echo_port) -> None:
     assert info.value.code == OpenErrCode.TOO_MANY_STREAMS
 
 
-async def test_connect_timeout_is_timeout() -> None:
-    """A listener whose accept queue is full drops SYNs: the connect hangs until our timeout."""
-    import ksw1fast
-    from ksw1fast import client as kclient
-
+@pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A listener whose accept queue is full: it drops SYNs, a connect to it hangs."""
     full = socket.socket()
     full.bind(("127.0.0.1", 0))
     full.listen(0)
@@ -268,16 +267,70 @@ async def test_connect_timeout_is_timeout() -> None:
             s.setblocking(False)
             s.connect_ex(full.getsockname())
             fillers.append(s)
-        async with await ksw1fast.start_gateway(port=0, connect_timeout=1.0) as gw:
-            client = await kclient.connect(gw.address)
-            with pytest.raises(OpenError) as info:
-                await client.open_connection("127.0.0.1", full.getsockname()[1])
-            assert info.value.code == OpenErrCode.TIMEOUT
-            await client.close()
+        yield full.getsockname()[1]
     finally:
         for s in fillers:
             s.close()
         full.close()
+
+
+async def test_connect_timeout_is_timeout(unanswered_port: int) -> None:
+    import ksw1fast
+    from ksw1fast import client as kclient
+
+    async with await ksw1fast.start_gateway(port=0, connect_timeout=1.0) as gw:
+        client = await kclient.connect(gw.address)
+        with pytest.raises(OpenError) as info:
+            await client.open_connection("127.0.0.1", unanswered_port)
+        assert info.value.code == OpenErrCode.TIMEOUT
+        await client.close()
+
+
+async def test_close_while_connecting_ends_the_open(unanswered_port: int) -> None:
+    """The client's Close wins over the connect: CloseAck, and no OpenErr at the timeout."""
+    import ksw1fast
+
+    async with await ksw1fast.start_gateway(port=0, connect_timeout=0.3) as gw:
+        async with RawClient(gw.address) as raw:
+            await raw.hello()
+            await raw.send(codec.encode_frame(FrameType.OPEN, 1, codec.encode_open(
+                Proto.TCP, AddrKind.HOSTNAME, unanswered_port, b"127.0.0.1")))
+            await asyncio.sleep(0.1)
+            await raw.send(codec.encode_frame(FrameType.CLOSE, 1, codec.encode_close()))
+            (ack,) = await raw.frames(1)
+            assert (ack.type, ack.stream_id) == (FrameType.CLOSE_ACK, 1)
+            with pytest.raises(asyncio.TimeoutError):
+                await raw.frames(1, timeout=0.6)  # past connect_timeout: nothing more comes
+
+
+async def test_dns_timeout_is_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup that hangs is answered DnsErr Timeout after dns_timeout, and abandoned."""
+    import ksw1fast
+    from ksw1fast import client as kclient, connection
+
+    real_lookup = connection.lookup
+    hung: list[asyncio.Future] = []
+
+    async def lookup(name: str, port: int = 0, family: int = 0) -> list:
+        if name != "slow.example":
+            return await real_lookup(name, port, family)
+        hung.append(asyncio.get_running_loop().create_future())
+        return await hung[-1]
+
+    monkeypatch.setattr(connection, "lookup", lookup)
+    async with await ksw1fast.start_gateway(port=0, dns_timeout=0.3) as gw:
+        client = await kclient.connect(gw.address)
+        started = asyncio.get_running_loop().time()
+        slow = asyncio.ensure_future(client.resolve("slow.example"))
+        assert await client.resolve("127.0.0.1", 4) == ["127.0.0.1"]  # others go on meanwhile
+        with pytest.raises(DnsError) as info:
+            await slow
+        assert info.value.code == DnsErrCode.TIMEOUT
+        assert 0.25 < asyncio.get_running_loop().time() - started < 5
+        await asyncio.sleep(0)
+        assert hung[0].cancelled()  # the lookup was given up, not left running
+        assert await client.resolve("localhost", 4) == ["127.0.0.1"]
+        await client.close()
 
 
 async def test_handshake_timeout_drops_silent_sockets() -> None:
