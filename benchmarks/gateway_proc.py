@@ -20,7 +20,10 @@ _QUIET = (" connection open ", " connection closed ", " worker ")
 
 
 def _is_agent(proc: psutil.Process) -> bool:
-    return "ksw1fast.pkcs11.agent" in " ".join(proc.cmdline())
+    try:
+        return "ksw1fast.pkcs11.agent" in " ".join(proc.cmdline())
+    except psutil.NoSuchProcess:  # ended since it was listed (a zombie too): not running
+        return False
 
 
 class GatewayProcess(Service):

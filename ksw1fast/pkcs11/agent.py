@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import struct
 import sys
 import threading
 from typing import BinaryIO, Optional, Sequence
@@ -41,9 +40,9 @@ class _Replies:
         self._lock = threading.Lock()
         self._batch: list[bytes] = []
 
-    def queue(self, op: int, client: int, query: int, body: bytes = b"") -> None:
+    def queue(self, frame: bytes) -> None:
         with self._lock:
-            self._batch.append(ipc.pack(op, client, query, body))
+            self._batch.append(frame)
 
     def flush(self) -> None:
         with self._lock:
@@ -52,52 +51,52 @@ class _Replies:
                 self._out.write(b"".join(batch))
                 self._out.flush()
 
-    def send(self, op: int, client: int, query: int, body: bytes = b"") -> None:
-        self.queue(op, client, query, body)
+    def send(self, frame: bytes) -> None:
+        self.queue(frame)
         self.flush()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parse(argv)
+    options = _parse(argv)
     # stdout carries frames only: whatever the module prints goes to stderr instead
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     replies = _Replies(out)
-    pin = os.environ.get(args.pin_env, "").encode() if args.pin_env else None
+    pin = os.environ.get(options.pin_env, "").encode() if options.pin_env else None
     try:
         from ksw1fast.pkcs11.dispatch import Dispatcher
 
-        dispatcher = Dispatcher(args.lib, max_out=args.max_out, pin=pin or None,
-                                allow_admin=args.allow_admin, allow=args.allow, deny=args.deny,
-                                shared=args.shared)
+        dispatcher = Dispatcher(options.lib, max_out=options.max_out, pin=pin or None,
+                                allow_admin=options.allow_admin, allow=options.allow,
+                                deny=options.deny, shared=options.shared)
     except Exception as exc:  # a missing library, a module that will not initialise...
-        replies.send(ipc.OP_FAILED, 0, 0, f"cannot load PKCS#11 module: {exc}".encode())
+        replies.send(ipc.pack(ipc.OP_FAILED, 0, 0,
+                              f"cannot load PKCS#11 module: {exc}".encode()))
         return 1
-    replies.send(ipc.OP_READY, 0, 0)
+    replies.send(ipc.pack(ipc.OP_READY, 0, 0))
 
-    def run(message: ipc.Message) -> None:
-        (fn_id,) = struct.unpack_from("<H", message.body)
-        status, body = dispatcher.call(message.client, fn_id, message.body[2:])
-        replies.queue(ipc.OP_RESULT, message.client, message.query, bytes([status]) + body)
+    def run(client: int, query: int, fn_id: int, args: bytes) -> None:
+        replies.queue(ipc.pack_result(client, query, *dispatcher.call(client, fn_id, args)))
 
-    def run_alone(message: ipc.Message) -> None:
-        run(message)
+    def run_alone(client: int, query: int, fn_id: int, args: bytes) -> None:
+        run(client, query, fn_id, args)
         replies.flush()
 
     unpacker = ipc.Unpacker()
     stdin = sys.stdin.fileno()
     while data := os.read(stdin, 1 << 16):
-        for message in unpacker.feed(data):
-            if message.op == ipc.OP_OPEN:
-                replies.queue(ipc.OP_OPENED, dispatcher.open_client(), message.query)
-            elif message.op == ipc.OP_CALL:
-                (fn_id,) = struct.unpack_from("<H", message.body)
-                if dispatcher.is_blocking(fn_id, message.body[2:]):
-                    threading.Thread(target=run_alone, args=(message,), daemon=True).start()
+        for op, client, query, body in unpacker.feed(data):
+            if op == ipc.OP_CALL:
+                fn_id, args = ipc.split_call(body)
+                if dispatcher.is_blocking(fn_id, args):
+                    threading.Thread(target=run_alone, args=(client, query, fn_id, args),
+                                     daemon=True).start()
                 else:
-                    run(message)
-            elif message.op == ipc.OP_CLOSE:
-                dispatcher.close_client(message.client)
+                    run(client, query, fn_id, args)
+            elif op == ipc.OP_OPEN:
+                replies.queue(ipc.pack(ipc.OP_OPENED, dispatcher.open_client(), query))
+            elif op == ipc.OP_CLOSE:
+                dispatcher.close_client(client)
         replies.flush()
     dispatcher.close()  # the gateway closed our stdin: its worker is going away
     return 0

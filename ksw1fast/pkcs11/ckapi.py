@@ -36,6 +36,7 @@ CK_ULONG_MAX = (1 << (8 * ctypes.sizeof(CK_ULONG))) - 1
 CK_UNAVAILABLE_INFORMATION = CK_ULONG_MAX
 
 CKR_OK = CKR["CKR_OK"]
+CKR_FUNCTION_NOT_SUPPORTED = CKR["CKR_FUNCTION_NOT_SUPPORTED"]
 
 
 class CK_VERSION(ctypes.Structure):
@@ -148,7 +149,7 @@ class Module:
     def rv(self, name: str, *args: Any) -> int:
         function = self._functions[name]
         if function is None:
-            return CKR["CKR_FUNCTION_NOT_SUPPORTED"]
+            return CKR_FUNCTION_NOT_SUPPORTED
         return function(*args)
 
     def call(self, name: str, *args: Any) -> None:
@@ -165,17 +166,21 @@ class Module:
         buffer first); with one, that many bytes are offered and a module that
         needs more answers CKR_BUFFER_TOO_SMALL.
         """
+        function = self._functions[name]  # called directly: this is the hot path
+        if function is None:
+            raise CkrError(CKR_FUNCTION_NOT_SUPPORTED, name)
         args = _spread(buffers)
         length = CK_ULONG(0)
+        pointer = byref(length)
         if size is None:
-            self.call(name, session, *args, None, byref(length))
+            check(function(session, *args, None, pointer), name)
             size = length.value
             if size > self.max_output:
                 raise OutputTooLarge(f"{name} wants {size} bytes of output, "
                                      f"more than the cap of {self.max_output}")
         out = ctypes.create_string_buffer(size)
         length.value = size
-        self.call(name, session, *args, out, byref(length))
+        check(function(session, *args, out, pointer), name)
         return out.raw[:length.value]
 
     def get_attribute_value(self, session: int, obj: int,

@@ -9,6 +9,13 @@ Every call is synchronous and answers a `(status, body)` pair, never an
 exception. Each client (one browser connection) has its own handle tables:
 u32 row ids from 1, never reused, so a foreign or stale id is "unknown".
 
+The hot calls (the one-shots, the Inits, GenerateRandom) first try a
+struct-only decode of their args (hotargs); whatever it does not accept
+goes through the generic spec-driven parse, which also words every refusal.
+Per call, PyKCS11 wrappers of parameterless mechanisms and of object
+handles are reused rather than rebuilt, and byte strings cross SWIG in one
+copy (ckbytes): the agent spends its time in the module, not in Python.
+
 Threads: the module is initialised by PyKCS11 with NULL arguments, which
 promises it one thread at a time, so every module call and table change
 runs under one lock. A blocking WaitForSlotEvent (`is_blocking`) polls the
@@ -22,20 +29,21 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, lru_cache, partial
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
 import PyKCS11.LowLevel as LL
 from PyKCS11 import CKF, CKR, CKU
 
-from . import ckapi, wire
+from . import ckapi, ckbytes, hotargs, wire
 from .ckapi import CkrError, NativeParameter, check
-from .wire import FUNCTION_IDS, FUNCTIONS, HandleKind, Reader, Response, WireError, Writer
+from .wire import FUNCTION_IDS, FUNCTIONS, U32, HandleKind, Reader, Response, WireError, Writer
 
 DEFAULT_MAX_OUT = 1 << 20
 DEFAULT_WAIT_CAP = 300.0
 POLL_INTERVAL = 0.1
 WAIT_FOR_SLOT_EVENT = FUNCTION_IDS["WaitForSlotEvent"]
+GENERATE_RANDOM = FUNCTION_IDS["GenerateRandom"]
 DONT_BLOCK = 0x1  # WaitForSlotEvent flags bit0
 OPEN_RW = 0x1     # OpenSession flags bit0; bit1 (serial) is always set for the module
 # refused with a gateway-held PIN unless allow_admin, and so is Login as anyone but
@@ -67,10 +75,10 @@ class _Row:
 class _Session(_Row):
     pk: Any  # PyKCS11's CK_SESSION_HANDLE
     slot: int
+    handle: int = field(init=False)  # pk's value, read once rather than through SWIG per call
 
-    @property
-    def handle(self) -> int:
-        return self.pk.value()
+    def __post_init__(self) -> None:
+        self.handle = self.pk.value()
 
 
 @dataclass
@@ -158,6 +166,7 @@ _RESOLVERS: dict[str, Callable[["Dispatcher", _Client, Reader], Any]] = {
 
 
 _Parser = Callable[["Dispatcher", _Client, Reader], Any]
+_FastParser = Callable[[_Client, bytes], "list[Any] | None"]
 
 
 def _compile(spec: str) -> tuple[_Parser, ...]:
@@ -210,11 +219,16 @@ class _Op:
     @property
     def tail(self) -> str:
         """The spec word of the arg after the data (one-shot) or the session (Final)."""
-        return {SIZED: "size", QUERY: "-", CHECK: "bytes"}[self.result]
+        return {SIZED: hotargs.SIZE_TAIL, QUERY: hotargs.NO_TAIL,
+                CHECK: hotargs.BYTES_TAIL}[self.result]
 
     @property
     def init_spec(self) -> str:
         return "session mechanism " + ("key" if self.keyed else "-")
+
+    @cached_property
+    def init_name(self) -> str:
+        return f"C_{self.kind}Init"
 
 
 _OPS = (
@@ -238,17 +252,18 @@ def _rv(function: Callable[..., object], *args: Any) -> int:
 
 
 def _bytes_body(data: bytes) -> bytes:
-    return Writer().bytes(data).getvalue()
+    return U32.pack(len(data)) + data
 
 
+@lru_cache(maxsize=4096)
 def _pk_object(handle: int) -> Any:
+    """PyKCS11's wrapper of an object handle, an input only: built once, not per call."""
     obj = LL.CK_OBJECT_HANDLE()
     obj.assign(handle)
     return obj
 
 
-def _pk_bytes(data: bytes) -> Any:
-    return LL.ckbytelist(data)
+_pk_bytes = ckbytes.from_bytes
 
 
 def _pk_template(template: Template) -> Any:
@@ -261,7 +276,8 @@ def _pk_template(template: Template) -> Any:
 
 class _PkMechanism:
     """A CK_MECHANISM for PyKCS11 (`.ck`), holding the parameter buffers it points to:
-    keep this object, not just `.ck`, alive for the whole call."""
+    keep this object, not just `.ck`, alive for the whole call. `of` reuses the one of a
+    mechanism without a parameter: the module only reads it."""
 
     def __init__(self, native: NativeParameter) -> None:
         self._native = native
@@ -271,6 +287,15 @@ class _PkMechanism:
             self._param = _pk_bytes(native.blob)
             self.ck.pParameter = self._param
             self.ck.ulParameterLen = len(native.blob)
+
+    @staticmethod
+    def of(native: NativeParameter) -> "_PkMechanism":
+        return _PkMechanism(native) if native.blob else _bare_mechanism(native.type)
+
+
+@lru_cache(maxsize=256)
+def _bare_mechanism(mechanism: int) -> _PkMechanism:
+    return _PkMechanism(NativeParameter(wire.Mechanism(mechanism)))
 
 
 class Dispatcher:
@@ -316,6 +341,8 @@ class Dispatcher:
             method = getattr(self, name)
             for fn_id, spec in getattr(method, "_pkcs11_fns", ()):
                 specs[fn_id] = (spec, method)
+        # the hot calls' struct-only decoders (hotargs); the rest take the generic parse
+        self._fast: dict[int, _FastParser] = {GENERATE_RANDOM: self._fast_random}
         self._add_operations(specs)
         assert specs.keys() == FUNCTIONS.keys()
         self._handlers = {fn_id: (_compile(spec), handler)
@@ -324,9 +351,12 @@ class Dispatcher:
     def _add_operations(self, specs: dict[int, tuple[str, Callable[..., bytes]]]) -> None:
         for op in _OPS:
             specs[op.one_shot] = (f"{op.init_spec} bytes {op.tail}", partial(self._one_shot, op))
+            self._fast[op.one_shot] = partial(self._fast_mechanism, op.keyed, True, op.tail)
             if op.multipart:
                 init, update, final, abort = op.multipart
                 specs[init] = (op.init_spec, partial(self._op_init, op))
+                self._fast[init] = partial(self._fast_mechanism, op.keyed, False,
+                                           hotargs.NO_TAIL)
                 specs[update] = ("session bytes bool", partial(self._op_update, op))
                 specs[final] = (f"session {op.tail}", partial(self._op_final, op))
                 specs[abort] = ("session", partial(self._op_abort, op))
@@ -366,7 +396,11 @@ class Dispatcher:
             with self._lock:
                 if state.closed.is_set():
                     return wire.internal("unknown or closed PKCS#11 client")
-                return wire.ok(handler(state, *_parse(self, state, parsers, args)))
+                fast = self._fast.get(fn_id)
+                values = fast(state, args) if fast is not None else None
+                if values is None:
+                    values = _parse(self, state, parsers, args)
+                return wire.ok(handler(state, *values))
         except _Refusal as refusal:
             return refusal.response
         except WireError as exc:
@@ -394,6 +428,43 @@ class Dispatcher:
             if not self._closed:
                 self._closed = True
                 self._lib.Unload()
+
+    # --- the hot calls' args without the generic parse -----------------------------------
+    # The values _parse would give, or None whenever it would refuse the call (a malformed
+    # arg, an unknown handle, a size over the cap): it then runs and says why. Handles
+    # resolve in the order of the spec words, so an error it raises (a WireError from a
+    # mechanism parameter) is the one _parse would raise at the same point.
+
+    def _fast_mechanism(self, keyed: bool, data: bool, tail: str, c: _Client,
+                        args: bytes) -> list[Any] | None:
+        """`session mechanism key|- [bytes tail]`: the Init and one-shot calls."""
+        raw = hotargs.mechanism_call(args, keyed, data, tail)
+        if raw is None:
+            return None
+        sid, mechanism, parameter, kid, payload, end = raw
+        session = c.sessions.rows.get(sid)
+        if session is None:
+            return None
+        native = NativeParameter(wire.Mechanism(mechanism, parameter))
+        key = None
+        if kid is not None:
+            obj = c.objects.rows.get(kid)
+            if obj is None:
+                return None
+            key = obj.handle
+        if tail == hotargs.SIZE_TAIL and end > self.max_out:  # type: ignore[operator]
+            return None
+        return [session, native, key, payload, end] if data else [session, native, key]
+
+    def _fast_random(self, c: _Client, args: bytes) -> list[Any] | None:
+        """`session size`: GenerateRandom."""
+        raw = hotargs.session_u32(args)
+        if raw is None:
+            return None
+        session = c.sessions.rows.get(raw[0])
+        if session is None or raw[1] > self.max_out:
+            return None
+        return [session, raw[1]]
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -651,7 +722,7 @@ class Dispatcher:
     @_fn(0x0116, "session mechanism template")
     def _generate_key(self, c: _Client, s: _Session, mech: NativeParameter,
                       template: Template) -> bytes:
-        m = _PkMechanism(mech)
+        m = _PkMechanism.of(mech)
         return self._new_object(
             c, s, lambda out: self._lib.C_GenerateKey(s.pk, m.ck, _pk_template(template), out),
             "C_GenerateKey")
@@ -660,7 +731,7 @@ class Dispatcher:
     def _generate_key_pair(self, c: _Client, s: _Session, mech: NativeParameter,
                            public: Template, private: Template) -> bytes:
         pub, priv = LL.CK_OBJECT_HANDLE(), LL.CK_OBJECT_HANDLE()
-        m = _PkMechanism(mech)
+        m = _PkMechanism.of(mech)
         check(self._lib.C_GenerateKeyPair(s.pk, m.ck, _pk_template(public),
                                           _pk_template(private), pub, priv),
               "C_GenerateKeyPair")
@@ -670,7 +741,7 @@ class Dispatcher:
     @_fn(0x0117, "session key mechanism template")
     def _derive_key(self, c: _Client, s: _Session, base: int, mech: NativeParameter,
                     template: Template) -> bytes:
-        m = _PkMechanism(mech)
+        m = _PkMechanism.of(mech)
         return self._new_object(
             c, s, lambda out: self._lib.C_DeriveKey(s.pk, m.ck, _pk_object(base),
                                                     _pk_template(template), out),
@@ -679,17 +750,17 @@ class Dispatcher:
     @_fn(0x0118, "session mechanism key key")
     def _wrap_key(self, c: _Client, s: _Session, mech: NativeParameter, wrapping: int,
                   key: int) -> bytes:
-        m = _PkMechanism(mech)
+        m = _PkMechanism.of(mech)
         wrapped = LL.ckbytelist()
         for _ in range(2):  # an empty buffer is PyKCS11's length query; then the real call
             check(self._lib.C_WrapKey(s.pk, m.ck, _pk_object(wrapping), _pk_object(key),
                                       wrapped), "C_WrapKey")
-        return _bytes_body(bytes(wrapped))
+        return _bytes_body(ckbytes.to_bytes(wrapped))
 
     @_fn(0x0119, "session mechanism key bytes template")
     def _unwrap_key(self, c: _Client, s: _Session, mech: NativeParameter, unwrapping: int,
                     wrapped: bytes, template: Template) -> bytes:
-        m = _PkMechanism(mech)
+        m = _PkMechanism.of(mech)
         return self._new_object(
             c, s, lambda out: self._lib.C_UnwrapKey(s.pk, m.ck, _pk_object(unwrapping),
                                                     _pk_bytes(wrapped),
@@ -761,7 +832,7 @@ class Dispatcher:
             return _bytes_body(b"")
         data = LL.ckbytelist(length)
         check(self._lib.C_GenerateRandom(s.pk, data), "C_GenerateRandom")
-        return _bytes_body(bytes(data))
+        return _bytes_body(ckbytes.to_bytes(data))
 
     @_fn(0x011B, "session size")
     def _get_operation_state(self, c: _Client, s: _Session, size: int) -> bytes:
@@ -777,13 +848,15 @@ class Dispatcher:
     # --- encrypt, decrypt, sign, verify, digest (driven by _OPS) -------------------------
 
     def _init(self, op: _Op, s: _Session, mech: NativeParameter, key: int | None) -> None:
-        name = f"C_{op.kind}Init"
-        keys = () if key is None else (key,)  # None: DigestInit takes no key
-        if not hasattr(self._lib, name):  # the Recover kinds: PyKCS11 lacks them
-            self._ck.recover_init(name, s.handle, mech, *keys)
+        name = op.init_name
+        pk_init = getattr(self._lib, name, None)
+        if pk_init is None:  # the Recover kinds: PyKCS11 lacks them
+            self._ck.recover_init(name, s.handle, mech, key)  # type: ignore[arg-type]
             return
-        m = _PkMechanism(mech)
-        check(getattr(self._lib, name)(s.pk, m.ck, *map(_pk_object, keys)), name)
+        m = _PkMechanism.of(mech)
+        rv = (pk_init(s.pk, m.ck) if key is None  # None: DigestInit takes no key
+              else pk_init(s.pk, m.ck, _pk_object(key)))
+        check(rv, name)
 
     def _finish(self, op: _Op, session: int, stage: str, inputs: tuple[bytes, ...],
                 tail: int | bytes | None) -> bytes:

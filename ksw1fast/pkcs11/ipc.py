@@ -30,8 +30,22 @@ class Message(NamedTuple):
     body: bytes
 
 
+_RESULT = struct.Struct("<IBIIB")  # a RESULT's header and the status that starts its body
+_FN_ID = struct.Struct("<H")
+
+
 def pack(op: int, client: int, query: int, body: bytes = b"") -> bytes:
     return _HEADER.pack(_FIXED + len(body), op, client, query) + body
+
+
+def pack_result(client: int, query: int, status: int, body: bytes) -> bytes:
+    """pack(OP_RESULT, client, query, bytes([status]) + body), with one copy of body."""
+    return _RESULT.pack(_FIXED + 1 + len(body), OP_RESULT, client, query, status) + body
+
+
+def split_call(body: bytes) -> tuple[int, bytes]:
+    """A CALL body's fn_id and args."""
+    return _FN_ID.unpack_from(body)[0], body[_FN_ID.size:]
 
 
 class Unpacker:

@@ -23,6 +23,7 @@ from ..constants import Pkcs11Status
 T = TypeVar("T")
 
 CK_UNAVAILABLE_INFORMATION = (1 << 64) - 1  # ~0UL on LP64: "the token does not say"
+U8, U16, U32, U64 = (struct.Struct(f"<{code}") for code in "BHIQ")
 
 # fn id -> name, as in the spec's tables; names are what --pkcs11-allow/--pkcs11-deny take.
 FUNCTIONS: dict[int, str] = {
@@ -221,29 +222,33 @@ class Reader:
         self._data = memoryview(data).cast("B")
         self._pos = 0
 
-    def _take(self, n: int, what: str) -> memoryview:
-        end = self._pos + n
-        if end > len(self._data):
-            raise WireError(f"truncated {what}: need {n} bytes at offset {self._pos}, "
-                            f"have {len(self._data) - self._pos}")
-        chunk = self._data[self._pos:end]
-        self._pos = end
-        return chunk
+    def _advance(self, n: int, what: str) -> int:
+        """The offset of the next n bytes, which the reader then moves past."""
+        start = self._pos
+        if start + n > len(self._data):
+            raise WireError(f"truncated {what}: need {n} bytes at offset {start}, "
+                            f"have {len(self._data) - start}")
+        self._pos = start + n
+        return start
 
-    def _fixed(self, fmt: str, what: str) -> int:
-        return struct.unpack(fmt, self._take(struct.calcsize(fmt), what))[0]
+    def _take(self, n: int, what: str) -> memoryview:
+        start = self._advance(n, what)
+        return self._data[start:start + n]
+
+    def _fixed(self, fixed: struct.Struct, what: str) -> int:
+        return fixed.unpack_from(self._data, self._advance(fixed.size, what))[0]
 
     def u8(self) -> int:
-        return self._fixed("<B", "u8")
+        return self._fixed(U8, "u8")
 
     def u16(self) -> int:
-        return self._fixed("<H", "u16")
+        return self._fixed(U16, "u16")
 
     def u32(self) -> int:
-        return self._fixed("<I", "u32")
+        return self._fixed(U32, "u32")
 
     def u64(self) -> int:
-        return self._fixed("<Q", "u64")
+        return self._fixed(U64, "u64")
 
     def bool(self) -> bool:
         return self.u8() != 0
@@ -342,24 +347,24 @@ class Writer:
     def getvalue(self) -> builtins.bytes:
         return b"".join(self._parts)
 
-    def _fixed(self, fmt: str, value: int, what: str) -> "Writer":
+    def _fixed(self, fixed: struct.Struct, value: int, what: str) -> "Writer":
         try:
-            self._parts.append(struct.pack(fmt, value))
+            self._parts.append(fixed.pack(value))
         except struct.error:
             raise WireError(f"{what} out of range: {value}") from None
         return self
 
     def u8(self, value: int) -> "Writer":
-        return self._fixed("<B", value, "u8")
+        return self._fixed(U8, value, "u8")
 
     def u16(self, value: int) -> "Writer":
-        return self._fixed("<H", value, "u16")
+        return self._fixed(U16, value, "u16")
 
     def u32(self, value: int) -> "Writer":
-        return self._fixed("<I", value, "u32")
+        return self._fixed(U32, value, "u32")
 
     def u64(self, value: int) -> "Writer":
-        return self._fixed("<Q", value, "u64")
+        return self._fixed(U64, value, "u64")
 
     def bool(self, value: bool) -> "Writer":
         return self.u8(1 if value else 0)
