@@ -37,8 +37,13 @@ def ratios(scenarios: Rows) -> dict[str, Optional[float]]:
         for other in ("socat", "pure", "websockify"):
             if (*same.values(), other) in present:  # websockify: the single stream only
                 out[f"{key}_vs_{other}"] = ratio(row, find(bulk, **same, impl=other), "mib_per_s")
-    for name, baselines in (("echo", ("pure", "socat")), ("opens", ("pure",)),
-                            ("dns", ("pure", "direct"))):
+    for streams in sorted({r["streams"] for r in scenarios.get("echo", [])}):
+        rows = scenarios["echo"]
+        for other in ("pure", "socat"):
+            out[f"echo_{streams}s_vs_{other}"] = ratio(
+                find(rows, impl="compiled", streams=streams),
+                find(rows, impl=other, streams=streams), "ops_per_s")
+    for name, baselines in (("opens", ("pure",)), ("dns", ("pure", "direct"))):
         rows = scenarios.get(name, [])
         for other in baselines:
             out[f"{name}_vs_{other}"] = ratio(find(rows, impl="compiled"),
@@ -78,29 +83,32 @@ def goals(scenarios: Rows, ratio_of: dict[str, Optional[float]]) -> list[Goal]:
     pkcs11 = scenarios.get("pkcs11", [])
     return [
         Goal("download, 64 streams, 1 WebSocket: × socat relay",
-               ratio_of.get("download_64s_1ws_vs_socat"), 0.75),
+             ratio_of.get("download_64s_1ws_vs_socat"), 0.75),
         Goal("download, 64 streams, 1 WebSocket: gateway CPU-s/GiB",
-               _field(find(bulk, direction="download", streams=64, websockets=1,
-                           impl="compiled"), "server_cpu_s_per_gib"), 0.6, False),
+             _field(find(bulk, direction="download", streams=64, websockets=1,
+                         impl="compiled"), "server_cpu_s_per_gib"), 0.6, False),
         Goal("upload, 64 streams, 1 WebSocket: × socat relay",
-               ratio_of.get("upload_64s_1ws_vs_socat"), 0.6),
-        Goal("64-byte echo msgs/s: compiled × pure", ratio_of.get("echo_vs_pure"), 2.0),
+             ratio_of.get("upload_64s_1ws_vs_socat"), 0.6),
+        Goal("64-byte echo msgs/s, 16 streams: compiled × pure",
+             ratio_of.get("echo_16s_vs_pure"), 2.0),
+        Goal("64-byte echo msgs/s, 256 streams: compiled × pure",
+             ratio_of.get("echo_256s_vs_pure"), 2.0),
         Goal("download, 64 streams, 1 WebSocket: compiled × pure",
-               ratio_of.get("download_64s_1ws_vs_pure"), 1.5),
+             ratio_of.get("download_64s_1ws_vs_pure"), 1.5),
         Goal("single-stream download: × websockify",
-               ratio_of.get("download_1s_1ws_vs_websockify"), 3.0),
+             ratio_of.get("download_1s_1ws_vs_websockify"), 3.0),
         Goal("single-stream upload: × websockify",
-               ratio_of.get("upload_1s_1ws_vs_websockify"), 3.0),
+             ratio_of.get("upload_1s_1ws_vs_websockify"), 3.0),
         Goal(f"RSS per idle WebSocket with one stream, KiB "
-               f"({largest_idle['connections'] if largest_idle else '?'} connections)",
-               _field(largest_idle, "rss_per_connection_kib"), 10.0, False),
+             f"({largest_idle['connections'] if largest_idle else '?'} connections)",
+             _field(largest_idle, "rss_per_connection_kib"), 10.0, False),
         Goal("peak RSS growth during the big download, MiB",
-               _field(find(scenarios.get("peak_rss", []), impl="compiled"), "rss_growth_mib"),
-               64.0, False),
+             _field(find(scenarios.get("peak_rss", []), impl="compiled"), "rss_growth_mib"),
+             64.0, False),
         Goal("8 WebSockets, download: 2 workers × 1 worker",
-               ratio_of.get("workers_download_2_vs_1"), 1.6),
+             ratio_of.get("workers_download_2_vs_1"), 1.6),
         Goal("8 WebSockets, echo: 2 workers × 1 worker",
-               ratio_of.get("workers_echo_2_vs_1"), 1.6),
+             ratio_of.get("workers_echo_2_vs_1"), 1.6),
         Goal("PKCS#11 sign, 1 connection: gateway × direct (earlier goal)",
-               _field(find(pkcs11, op="sign", connections=1), "ratio"), 0.8),
+             _field(find(pkcs11, op="sign", connections=1), "ratio"), 0.8),
     ]

@@ -1,8 +1,10 @@
 """64-byte echo round trips: messages per second and latency percentiles.
 
-One WebSocket with 16 streams to the echo target, one message in flight per stream (so
-16 in flight), for `echo_seconds`; the same through socat over 16 TCP connections.
-Latency is the round trip seen by the load generator, which shares the machine.
+One WebSocket with 16, then 256, streams to the echo target, one message in flight per
+stream, for `echo_seconds`; the same through socat over as many TCP connections.
+With more in flight, more replies are ready in one event-loop iteration, which the
+compiled relay sends as one WebSocket message.  Latency is the round trip seen by the
+load generator, which shares the machine.
 """
 from __future__ import annotations
 
@@ -13,17 +15,17 @@ from benchmarks.loadgen.session import Spec
 from benchmarks.measure import Run, alternate, percentiles, runner, summarize
 
 NAME = "echo"
-STREAMS = 16
+STREAMS = (16, 256)
 MESSAGE = 64
 IMPLS = ("compiled", "pure", "socat")
 
 
 def steps(sizes: Sizes) -> int:
-    return sizes.repeat * len(IMPLS)
+    return sizes.repeat * len(IMPLS) * len(STREAMS)
 
 
 def echo_spec(ctx: Context, via: str, url: str, port: int, websockets: int = 1,
-              streams: int = STREAMS) -> Spec:
+              streams: int = STREAMS[0]) -> Spec:
     return Spec(kind="echo", via=via, url=url, port=port, websockets=websockets,
                 streams=streams, seconds=ctx.sizes.echo_seconds, message=MESSAGE)
 
@@ -38,12 +40,17 @@ def row(outcome: Any) -> dict[str, Any]:
 
 def run(ctx: Context) -> list[dict[str, Any]]:
     port = ctx.targets.echo_port
-    variants: dict[str, Callable[[], Run]] = {}
-    for impl in ("compiled", "pure"):
-        gateway = ctx.gateway(impl)
-        variants[impl] = runner(ctx, [echo_spec(ctx, "ksw1", gateway.address, port)], gateway)
     relay = ctx.socat(port)
-    variants["socat"] = runner(ctx, [echo_spec(ctx, "tcp", "", relay.port)], relay)
-    outcomes = alternate(ctx, "echo 64 B", variants)
-    return [{"message": MESSAGE, "streams": STREAMS, "websockets": 1, "impl": impl,
-             **row(outcome)} for impl, outcome in outcomes.items()]
+    rows = []
+    for streams in STREAMS:
+        variants: dict[str, Callable[[], Run]] = {}
+        for impl in ("compiled", "pure"):
+            gateway = ctx.gateway(impl)
+            variants[impl] = runner(ctx, [echo_spec(ctx, "ksw1", gateway.address, port,
+                                                    streams=streams)], gateway)
+        variants["socat"] = runner(ctx, [echo_spec(ctx, "tcp", "", relay.port,
+                                                   streams=streams)], relay)
+        outcomes = alternate(ctx, f"echo 64 B, {streams} streams", variants)
+        rows += [{"message": MESSAGE, "streams": streams, "websockets": 1, "impl": impl,
+                  **row(outcome)} for impl, outcome in outcomes.items()]
+    return rows
