@@ -6,11 +6,18 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 import uvloop
+from hypothesis import HealthCheck, settings
 
 import ksw1fast
 from ksw1fast import client as kclient
 
 from helpers import GatewayProcess, echo_handler, port_of, serve_tcp
+
+# Hypothesis judges no test by the clock: CI machines are small and shared, and a stall
+# there is not a bug here.
+settings.register_profile("ksw1fast", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ksw1fast")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:

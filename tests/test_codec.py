@@ -487,7 +487,7 @@ def run(module: ModuleType, chunks: list[Any]) -> list[tuple[Any, ...]]:
     return events
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(cut_streams())
 def test_both_codecs_agree_on_random_streams(case: tuple[list[tuple[int, int, int, bytes]], str, list[Any]]) -> None:
     frames, damage, chunks = case
@@ -512,7 +512,7 @@ _addresses = st.ip_addresses().map(str) | st.ip_addresses().map(lambda ip: ip.ex
 _address_like = st.text(alphabet="0123456789abcdefABCDEF.:%xyz ", max_size=45)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500)
 @given(st.one_of(_addresses, _addresses.map(lambda a: a + "%eth0"), _address_like,
                  st.sampled_from(["0.0.0.0", "::", "::ffff:169.254.169.254", "01.2.3.4",
                                   "1.2.3", "::1.2.3.4", "1:2:3:4:5:6:1.2.3.4", "١.2.3.4"])))
