@@ -236,8 +236,10 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
                        dest: str) -> None:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         # one timer, not wait_for: that would run open_socket in a second task
-        timer = loop.call_later(self.config.connect_timeout, self._connect_timed_out, stream, dest)
+        timer = loop.call_later(self.config.connect_timeout, self._connect_timed_out, stream,
+                                task, dest)
         try:
             sock = await open_socket(host, port, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
                                      self.security.egress)
@@ -248,9 +250,11 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             return
         finally:
             timer.cancel()
-            self._tasks.pop(stream.stream_id, None)
-            if not self._tasks:  # a dict keeps its grown table after pops: start afresh
-                self._tasks = {}
+            # the client may have closed this stream and opened its id again meanwhile
+            if self._tasks.get(stream.stream_id) is task:
+                del self._tasks[stream.stream_id]
+                if not self._tasks:  # a dict keeps its grown table after pops: start afresh
+                    self._tasks = {}
         try:
             if udp:
                 transport, _ = await loop.create_datagram_endpoint(lambda: stream, sock=sock)
@@ -271,9 +275,10 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         metrics.OPEN_SECONDS.observe(time.monotonic() - started)
         log.debug("stream open peer=%s stream=%d dest=%s", self.peer, stream.stream_id, dest)
 
-    def _connect_timed_out(self, stream: "relay.Stream", dest: str) -> None:
+    def _connect_timed_out(self, stream: "relay.Stream", task: "asyncio.Task[None]",
+                           dest: str) -> None:
         if self.streams.get(stream.stream_id) is stream:  # else the client closed it
-            self._tasks.pop(stream.stream_id).cancel()  # closes the socket being connected
+            task.cancel()  # closes the socket being connected
             self._fail_open(stream, *open_error(TimeoutError()), dest)
 
     def _fail_open(self, stream: "relay.Stream", code: OpenErrCode, message: str,

@@ -303,6 +303,26 @@ async def test_close_while_connecting_ends_the_open(unanswered_port: int) -> Non
                 await raw.frames(1, timeout=0.6)  # past connect_timeout: nothing more comes
 
 
+async def test_a_reused_stream_id_keeps_its_connect_timeout(unanswered_port: int) -> None:
+    """Close(1) and a new Open(1) in one message: the new open still times out."""
+    import ksw1fast
+
+    open_1 = codec.encode_frame(FrameType.OPEN, 1, codec.encode_open(
+        Proto.TCP, AddrKind.HOSTNAME, unanswered_port, b"127.0.0.1"))
+    async with await ksw1fast.start_gateway(port=0, connect_timeout=0.3) as gw:
+        async with RawClient(gw.address) as raw:
+            await raw.hello()
+            await raw.send(open_1)
+            await asyncio.sleep(0.1)
+            await raw.send(codec.encode_frame(FrameType.CLOSE, 1, codec.encode_close()) + open_1)
+            ack, err = await raw.frames(2, timeout=5)
+            assert (ack.type, ack.stream_id) == (FrameType.CLOSE_ACK, 1)
+            assert (err.type, err.stream_id) == (FrameType.OPEN_ERR, 1)
+            assert codec.decode_open_err(err.payload).code == OpenErrCode.TIMEOUT
+            (conn,) = gw.connections
+            assert not conn.streams and not conn._tasks  # the slot is free again
+
+
 async def test_dns_timeout_is_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     """A lookup that hangs is answered DnsErr Timeout after dns_timeout, and abandoned."""
     import ksw1fast
