@@ -18,7 +18,7 @@ Every frame of a connection goes through that batch, so order is kept.
 
 `ksw1fast/relay.py` is the pure-Python twin of this module.
 """
-from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport errno, EAGAIN, EINTR, ENOBUFS
 from libc.stdint cimport uint8_t, uint32_t
@@ -45,7 +45,8 @@ cdef enum:
     FLAG_EOF = 0x01
     MAX_DATAGRAM = 65507        # spec §7: larger client datagrams are dropped
     BATCH_SIZE = 32 * 1024      # the most frame bytes one batched message carries
-    BATCH_FRAME = 2 * 1024      # frames up to this size are batched, bigger ones go alone
+    BATCH_FRAME = 2 * 1024      # frames up to this size are batched, bigger ones go alone;
+                                # also a new batch's size, grown by doubling as needed
     SPARE_BATCHES = 32          # batch buffers kept for reuse across connections
 
 MIN_READ = 16 * 1024
@@ -449,7 +450,7 @@ cdef class GatewayListener(WSListener):
         of buffers that are reused, and uvloop queues them uncopied when the socket is busy.
         The external-buffer send copies whatever the kernel did not take.
         """
-        cdef const unsigned char[:] view = payload
+        cdef const unsigned char[::1] view = payload
         cdef Py_ssize_t n = view.shape[0]
         cdef bytearray buf
         cdef char* msg
@@ -466,17 +467,25 @@ cdef class GatewayListener(WSListener):
             self.ws.send_reuse_external_buffer(WSMsgType.BINARY, msg, KSW1_HEADER + n)
 
     cdef char* reserve(self, Py_ssize_t size) except NULL:
-        """Room for a frame of `size` (<= BATCH_FRAME) bytes at the end of the batch."""
+        """Room for a frame of `size` (<= BATCH_FRAME) bytes at the end of the batch.
+
+        A batch starts at BATCH_FRAME bytes and doubles up to BATCH_SIZE, so thousands
+        of connections each with one small reply in the same iteration stay cheap.
+        """
         cdef char* at
+        cdef Py_ssize_t capacity
         if self.batch is not None and self.batch_len + size > BATCH_SIZE:
             self.flush()
         if self.batch is None:
-            self.batch = _spare_batches.pop() if _spare_batches else \
-                bytearray(WS_HEADROOM + BATCH_SIZE)
             if not self.flush_scheduled:
                 # call_soon callbacks run once this iteration's I/O callbacks are done
-                self.flush_scheduled = True
                 self.ws._loop.call_soon(self._scheduled_flush)
+                self.flush_scheduled = True
+            self.batch = _spare_batches.pop() if _spare_batches else \
+                bytearray(WS_HEADROOM + BATCH_FRAME)
+        capacity = len(self.batch) - WS_HEADROOM
+        if self.batch_len + size > capacity:
+            PyByteArray_Resize(self.batch, WS_HEADROOM + min(2 * capacity, BATCH_SIZE))
         at = PyByteArray_AS_STRING(self.batch) + WS_HEADROOM + self.batch_len
         self.batch_len += size
         return at
@@ -488,16 +497,15 @@ cdef class GatewayListener(WSListener):
     cpdef flush(self):
         """Send the batched frames now, as one WebSocket message."""
         cdef bytearray batch = self.batch
+        cdef Py_ssize_t size = self.batch_len
         if batch is None:
             return
-        self.batch = None
+        self.batch, self.batch_len = None, 0  # before sending: a failed send leaves no batch
         if not self.ws.is_disconnected:
             self.ws.send_reuse_external_buffer(WSMsgType.BINARY,
-                                               PyByteArray_AS_STRING(batch) + WS_HEADROOM,
-                                               self.batch_len)
-        self.batch_len = 0
+                                               PyByteArray_AS_STRING(batch) + WS_HEADROOM, size)
         if len(_spare_batches) < SPARE_BATCHES:
-            _spare_batches.append(batch)
+            _spare_batches.append(batch)  # picows copied what the kernel did not take
 
     def fail(self, int code, str reason):
         """Close this WebSocket (and only it) with `code`."""

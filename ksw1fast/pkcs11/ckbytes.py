@@ -40,12 +40,17 @@ def from_bytes(data: bytes | bytearray | memoryview) -> Any:
 
 
 def _layout_holds() -> bool:
-    """Whether the first word of a vector points at its elements: read a known vector
-    first, and only if that matches, write one."""
+    """Whether the first word of a vector points at its elements: the vector's words
+    must look like (begin, end, capacity) before begin is read; a known vector is read
+    before one is written."""
     probe = bytes(range(7, 40))
     try:
         known = LL.ckbytelist(probe)
-        if ctypes.string_at(_storage(known), len(probe)) != probe:
+        begin, end, capacity = (ctypes.c_void_p * 3).from_address(int(known.this))
+        if not begin or end is None or capacity is None or \
+                end - begin != len(probe) or capacity < end:
+            return False  # another layout (a debug standard library...): do not dereference
+        if ctypes.string_at(begin, len(probe)) != probe:
             return False
         filled = LL.ckbytelist(len(probe))
         ctypes.memmove(_storage(filled), probe, len(probe))
