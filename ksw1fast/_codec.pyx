@@ -459,20 +459,9 @@ def decode_open(payload):
     return OpenRequest(proto, addr_kind, port, addr, r.field())
 
 
-cdef bytes _packed_ip(host):
-    """The 4 or 16 bytes of an address's text, a %scope dropped; ValueError if none.
-
-    inet_pton rather than the ipaddress module, a few times slower: every OpenOk packs two."""
-    text = host.partition("%")[0]
-    try:
-        return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
-    except OSError:
-        raise ValueError(f"{host!r} is not an IPv4 or IPv6 address") from None
-
-
 cdef bytes _pack_sockaddr(addr):
     cdef unsigned char* p
-    cdef bytes raw = _packed_ip(addr.host)
+    cdef bytes raw = addr.packed_host()
     cdef uint16_t port = _uint(addr.port, 16, "port")
     out = _new_bytes(5 + len(raw), &p)
     p[0] = AddrKind.IPV4 if len(raw) == 4 else AddrKind.IPV6

@@ -325,19 +325,8 @@ def decode_open(payload: Buffer) -> OpenRequest:
         return OpenRequest(proto, addr_kind, port, addr, r.field())
 
 
-def _packed_ip(host: str) -> bytes:
-    """The 4 or 16 bytes of an address's text, a %scope dropped; ValueError if none.
-
-    inet_pton rather than the ipaddress module, a few times slower: every OpenOk packs two."""
-    text = host.partition("%")[0]
-    try:
-        return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
-    except OSError:
-        raise ValueError(f"{host!r} is not an IPv4 or IPv6 address") from None
-
-
 def _pack_sockaddr(addr: SockAddr) -> bytes:
-    raw = _packed_ip(addr.host)
+    raw = addr.packed_host()
     kind = AddrKind.IPV4 if len(raw) == 4 else AddrKind.IPV6
     return _SOCKADDR_HEAD.pack(kind, _uint(addr.port, 16, "port"), len(raw)) + raw
 
