@@ -103,16 +103,17 @@ async def open_socket(host: str, port: int, kind: int = socket.SOCK_STREAM,
     without asking any resolver.
     """
     proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
-    literal = _parse_literal(host)
+    address = _parse_literal(_strip_scope(host))  # None for a name
+    zoned = "%" in host
     if policy is not None:
-        # for a literal, check_name would parse it again to run this very check
-        decision = (policy.check_name(host, port, proto) if literal is None
-                    else policy.check_address(literal, port, proto))
+        # for a plain literal, check_name would parse it again to run this very check
+        decision = (policy.check_address(address, port, proto)
+                    if address is not None and not zoned else policy.check_name(host, port, proto))
         if not decision.allowed:
             raise Blocked(decision.reason)
     endpoints = await lookup(host, port)  # uvloop answers a literal without its thread pool
-    if policy is not None and (literal is None or "%" in host):
-        name = None if _parse_literal(_strip_scope(host)) is not None else host
+    if policy is not None and (address is None or zoned):
+        name = None if address is not None else host
         decisions = [policy.check_address(e.sockaddr[0], port, proto, name=name)
                      for e in endpoints]
         allowed = [e for e, d in zip(endpoints, decisions) if d.allowed]
