@@ -39,6 +39,11 @@ CKR_OK = CKR["CKR_OK"]
 CKR_FUNCTION_NOT_SUPPORTED = CKR["CKR_FUNCTION_NOT_SUPPORTED"]
 
 
+def _not_supported(*args: Any) -> int:
+    """What the function table entry of a function the module lacks answers."""
+    return CKR_FUNCTION_NOT_SUPPORTED
+
+
 class CK_VERSION(ctypes.Structure):
     _fields_ = [("major", c_ubyte), ("minor", c_ubyte)]
 
@@ -143,14 +148,11 @@ class Module:
             prototype = ctypes.CFUNCTYPE(CK_ULONG, *argtypes)
             for name in names:
                 address = getattr(table.contents, name)
-                # a NULL entry is a function the module does not offer
-                self._functions[name] = prototype(address) if address else None
+                # a NULL entry is a function the module does not offer: it answers so
+                self._functions[name] = prototype(address) if address else _not_supported
 
     def rv(self, name: str, *args: Any) -> int:
-        function = self._functions[name]
-        if function is None:
-            return CKR_FUNCTION_NOT_SUPPORTED
-        return function(*args)
+        return self._functions[name](*args)
 
     def call(self, name: str, *args: Any) -> None:
         check(self.rv(name, *args), name)
@@ -167,8 +169,6 @@ class Module:
         needs more answers CKR_BUFFER_TOO_SMALL.
         """
         function = self._functions[name]  # called directly: this is the hot path
-        if function is None:
-            raise CkrError(CKR_FUNCTION_NOT_SUPPORTED, name)
         args = _spread(buffers)
         length = CK_ULONG(0)
         pointer = byref(length)
