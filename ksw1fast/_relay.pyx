@@ -241,11 +241,8 @@ cdef class TcpStream(Stream):
 
     def buffer_updated(self, Py_ssize_t nbytes):
         cdef char* msg
-        if KSW1_HEADER + nbytes <= BATCH_FRAME:
-            msg = self.conn.reserve(KSW1_HEADER + nbytes)
-            write_header(msg, FRAME_DATA, 0, self.stream_id, <uint32_t>nbytes)
-            memcpy(msg + KSW1_HEADER, _read_ptr + HEADROOM, nbytes)
-        else:
+        if not self.conn.batch_frame(FRAME_DATA, 0, self.stream_id, _read_ptr + HEADROOM,
+                                     nbytes):
             self.conn.flush()  # frames queued before this one leave first
             msg = _read_ptr + WS_HEADROOM
             write_header(msg, FRAME_DATA, 0, self.stream_id, <uint32_t>nbytes)
@@ -452,28 +449,29 @@ cdef class GatewayListener(WSListener):
         """
         cdef const unsigned char[::1] view = payload
         cdef Py_ssize_t n = view.shape[0]
+        cdef const char* data = <const char*>&view[0] if n else NULL
         cdef bytearray buf
         cdef char* msg
-        if KSW1_HEADER + n <= BATCH_FRAME:
-            msg = self.reserve(KSW1_HEADER + n)
-        else:
-            self.flush()
-            buf = _scratch if n <= len(_scratch) - HEADROOM else bytearray(HEADROOM + n)
-            msg = PyByteArray_AS_STRING(buf) + WS_HEADROOM
+        if self.batch_frame(type, flags, stream_id, data, n):
+            return
+        self.flush()
+        buf = _scratch if n <= len(_scratch) - HEADROOM else bytearray(HEADROOM + n)
+        msg = PyByteArray_AS_STRING(buf) + WS_HEADROOM
         write_header(msg, type, flags, stream_id, <uint32_t>n)
-        if n:
-            memcpy(msg + KSW1_HEADER, &view[0], n)
-        if KSW1_HEADER + n > BATCH_FRAME:
-            self.ws.send_reuse_external_buffer(WSMsgType.BINARY, msg, KSW1_HEADER + n)
+        memcpy(msg + KSW1_HEADER, data, n)
+        self.ws.send_reuse_external_buffer(WSMsgType.BINARY, msg, KSW1_HEADER + n)
 
-    cdef char* reserve(self, Py_ssize_t size) except NULL:
-        """Room for a frame of `size` (<= BATCH_FRAME) bytes at the end of the batch.
+    cdef bint batch_frame(self, uint8_t type, uint8_t flags, uint32_t stream_id,
+                          const char* data, Py_ssize_t n) except -1:
+        """Append a frame to the batch; False, doing nothing, if it is too big to batch.
 
         A batch starts at BATCH_FRAME bytes and doubles up to BATCH_SIZE, so thousands
         of connections each with one small reply in the same iteration stay cheap.
         """
+        cdef Py_ssize_t size = KSW1_HEADER + n, capacity
         cdef char* at
-        cdef Py_ssize_t capacity
+        if size > BATCH_FRAME:
+            return False
         if self.batch is not None and self.batch_len + size > BATCH_SIZE:
             self.flush()
         if self.batch is None:
@@ -488,7 +486,10 @@ cdef class GatewayListener(WSListener):
             PyByteArray_Resize(self.batch, WS_HEADROOM + min(2 * capacity, BATCH_SIZE))
         at = PyByteArray_AS_STRING(self.batch) + WS_HEADROOM + self.batch_len
         self.batch_len += size
-        return at
+        write_header(at, type, flags, stream_id, <uint32_t>n)
+        if n:
+            memcpy(at + KSW1_HEADER, data, n)
+        return True
 
     def _scheduled_flush(self):
         self.flush_scheduled = False
