@@ -27,8 +27,9 @@ from libc.string cimport memcpy
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType, WSCloseCode
 from ksw1fast._codec cimport FrameParser, FrameView, write_header
 
-from ksw1fast.constants import HEADER_SIZE as _HEADER_SIZE
+from ksw1fast.constants import HEADER_SIZE as _HEADER_SIZE, WSClose
 from ksw1fast.errors import FrameError
+from ksw1fast.wsclose import CLOSE_TIMEOUT, close_reason, reply_to_close
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
@@ -391,18 +392,22 @@ cdef class GatewayListener(WSListener):
     """picows listener base: runs the per-frame path; subclasses handle control frames.
 
     A subclass provides `on_control(type, flags, stream_id, payload: bytes)` for every
-    frame that is not Data of a known stream, and `stream_ended(stream, exc)` /
-    `stream_failed(stream, reason)` for streams ending on the target's side.
+    frame that is not Data of a known stream, `stream_ended(stream, exc)` /
+    `stream_failed(stream, reason)` for streams ending on the target's side, and
+    `end_session()`, called once when the KSW1 session is over: a Close either way, or
+    the socket gone without one.
     """
     cdef:
         readonly WSTransport ws
         readonly dict streams
         readonly bint targets_paused
+        readonly bint closing       # a Close was sent: nothing else may follow it
         FrameParser parser
         int congested
         bytearray batch             # frames waiting for the end of this loop iteration
         Py_ssize_t batch_len
         bint flush_scheduled
+        object close_timer
 
     def __init__(self, Py_ssize_t max_payload):
         self.streams = {}
@@ -420,7 +425,11 @@ cdef class GatewayListener(WSListener):
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef FrameView fv
         cdef object stream
-        if frame.msg_type == WSMsgType.BINARY or frame.msg_type == WSMsgType.CONTINUATION:
+        if frame.msg_type == WSMsgType.CLOSE:
+            self._on_close_frame(frame.get_payload_as_bytes())
+        elif self.closing:
+            return  # after our Close only the peer's answer matters
+        elif frame.msg_type == WSMsgType.BINARY or frame.msg_type == WSMsgType.CONTINUATION:
             try:
                 self.parser.start(frame.payload_ptr, frame.payload_size)
                 while self.parser.next_frame(&fv):
@@ -431,14 +440,35 @@ cdef class GatewayListener(WSListener):
                             continue
                     self.on_control(fv.type, fv.flags, fv.stream_id,
                                     PyBytes_FromStringAndSize(<char*>fv.payload, fv.payload_len))
+                    if self.closing:
+                        return  # that frame ended the session: the rest is not read
             except FrameError as exc:
                 self.fail(exc.close_code, exc.reason)
         elif frame.msg_type == WSMsgType.TEXT:
-            self.fail(WSCloseCode.UNSUPPORTED_DATA, "KSW1 is carried in binary messages only")
-        elif frame.msg_type == WSMsgType.CLOSE:
+            self.fail(WSClose.UNSUPPORTED_DATA, "KSW1 is carried in binary messages only")
+
+    cdef _on_close_frame(self, bytes payload):
+        """The peer's Close: answer it (unless it answers ours) and close the socket."""
+        if not self.closing:
             self.flush()
-            transport.send_close(frame.get_close_code())
-            transport.disconnect()
+            self.closing = True
+            reply = reply_to_close(payload)
+            if reply.code is None:  # picows' send_close always writes a code
+                self.ws.send(WSMsgType.CLOSE, b"")
+            else:
+                self.ws.send_close(<WSCloseCode>reply.code, reply.reason)
+            self.end_session()
+        self.ws.disconnect()
+
+    cpdef on_ws_disconnected(self, WSTransport transport):
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        if not self.closing:  # the socket went without a Close
+            self.closing = True
+            self.end_session()
+
+    def end_session(self):
+        """The KSW1 session is over; subclasses release what it holds."""
 
     cpdef send_frame(self, uint8_t type, uint32_t stream_id, payload=b"", uint8_t flags=0):
         """Queue one KSW1 frame for the client: batched when small, else sent at once.
@@ -452,6 +482,8 @@ cdef class GatewayListener(WSListener):
         cdef const char* data = <const char*>&view[0] if n else NULL
         cdef bytearray buf
         cdef char* msg
+        if self.closing:
+            return
         if self.batch_frame(type, flags, stream_id, data, n):
             return
         self.flush()
@@ -509,10 +541,16 @@ cdef class GatewayListener(WSListener):
             _spare_batches.append(batch)  # picows copied what the kernel did not take
 
     def fail(self, int code, str reason):
-        """Close this WebSocket (and only it) with `code`."""
+        """Close this WebSocket (and only it) with `code`: the session ends now, the socket
+        when the peer answers our Close (a client still sending would otherwise get a
+        reset and lose the code), or after CLOSE_TIMEOUT."""
+        if self.closing:
+            return
         self.flush()
-        self.ws.send_close(<WSCloseCode>code, reason.encode())
-        self.ws.disconnect()
+        self.closing = True
+        self.ws.send_close(<WSCloseCode>code, close_reason(reason))
+        self.end_session()
+        self.close_timer = self.ws._loop.call_later(CLOSE_TIMEOUT, (<object>self.ws).disconnect)
 
     cpdef pause_writing(self):
         self._pause_targets(True)

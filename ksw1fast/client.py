@@ -26,6 +26,7 @@ from ksw1fast.constants import (DEFAULT_INITIAL_CREDIT, DEFAULT_MAX_PAYLOAD, Add
                                 Flag, FrameType, Proto)
 from ksw1fast.errors import DnsError, FrameError, OpenError
 from ksw1fast.messages import HelloAck, OpenOkInfo, Pkcs11Response
+from ksw1fast.wsclose import CLOSE_TIMEOUT, close_reason, reply_to_close
 
 # What the polyfill asks for without flow control (spec §3).
 POLYFILL_FEATURES = Feature.HALF_CLOSE | Feature.DNS | Feature.UDP | Feature.PKCS11
@@ -380,10 +381,16 @@ class KSW1Client:
         self._send(FrameType.PING, 0, payload)
         return await waiter
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close with 1000 and wait for the gateway's answering Close (which closes the
+        socket), at most `timeout` seconds."""
         if self.ws is not None and not self.ws.is_disconnected:
-            self.ws.send_close(WSCloseCode.OK)
-            self.ws.disconnect()
+            if not self.ws.is_close_frame_sent:
+                self.ws.send_close(WSCloseCode.OK)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.disconnected), timeout)
+            except asyncio.TimeoutError:
+                self.ws.disconnect()
         await asyncio.shield(self.disconnected)
 
     async def __aenter__(self) -> "KSW1Client":
@@ -406,9 +413,14 @@ class KSW1Client:
             self.ws.underlying_transport.resume_reading()
 
     def _on_ws_frame(self, frame: WSFrame) -> None:
+        assert self.ws is not None
         if frame.msg_type == WSMsgType.CLOSE:
-            assert self.ws is not None
-            self.ws.send_close(frame.get_close_code())
+            if not self.ws.is_close_frame_sent:  # else this answers ours
+                reply = reply_to_close(frame.get_payload_as_bytes())
+                if reply.code is None:  # picows' send_close always writes a code
+                    self.ws.send(WSMsgType.CLOSE, b"")
+                else:
+                    self.ws.send_close(reply.code, reply.reason)
             self.ws.disconnect()
             return
         if frame.msg_type not in (WSMsgType.BINARY, WSMsgType.CONTINUATION):
@@ -416,8 +428,7 @@ class KSW1Client:
         try:
             frames = self._parser.feed(frame.get_payload_as_memoryview())
         except FrameError as exc:
-            assert self.ws is not None
-            self.ws.send_close(exc.close_code, exc.reason.encode())
+            self.ws.send_close(exc.close_code, close_reason(exc.reason))
             self.ws.disconnect()
             return
         for f in frames:

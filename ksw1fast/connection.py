@@ -30,6 +30,7 @@ from ksw1fast.pkcs11.supervisor import Pkcs11Backend
 from ksw1fast.resolve import (Endpoint, ResolveError, address_bytes, lookup, open_error,
                                open_socket)
 from ksw1fast.security import Security
+from ksw1fast.wsclose import closed_code
 
 log = logging.getLogger("ksw1fast")
 
@@ -65,7 +66,8 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
 
     # an idle connection should cost little memory: no per-instance __dict__
     __slots__ = ("config", "pkcs11", "security", "grant", "_grant_error", "peer", "hello_done",
-                 "features", "max_streams", "_on_closed", "_tasks", "_queries", "_counted")
+                 "features", "max_streams", "_on_closed", "_tasks", "_queries", "_counted",
+                 "_streams_at_end")
 
     def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
                  pkcs11: Pkcs11Backend, security: Security, grant: Optional[Grant]) -> None:
@@ -84,6 +86,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         # DNS lookups and PKCS#11 calls in flight (a dict: an empty set costs 3x the memory)
         self._queries: dict[asyncio.Future, None] = {}
         self._counted: dict[Any, tuple[int, int]] = {}  # stream -> bytes already in metrics
+        self._streams_at_end = 0  # streams open when the session ended (for the log)
 
     # -- WebSocket lifecycle ------------------------------------------------------
 
@@ -95,8 +98,10 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         metrics.CONNECTIONS.inc()
         metrics.CONNECTIONS_TOTAL.inc()
 
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
-        streams = len(self.streams)
+    def end_session(self) -> None:
+        """A Close either way, or the socket gone: release every stream, lookup and
+        PKCS#11 call now, not when the socket finally closes."""
+        self._streams_at_end = len(self.streams)
         for stream in self.streams.values():
             stream.forget()
             self._count_bytes(stream, final=True)
@@ -104,21 +109,26 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         for task in (*self._tasks.values(), *self._queries):
             task.cancel()
         self._tasks.clear()
-        handshake = transport.close_handshake
-        code = None
-        if handshake is not None:
-            info = handshake.sent if handshake.sent is not None else handshake.recv
-            code = int(info.code) if info is not None else None
-        log.info("connection closed peer=%s open_streams=%d close_code=%s", self.peer, streams, code)
-        metrics.CONNECTIONS.dec()
-        metrics.CONNECTIONS_CLOSED.labels(str(code)).inc()
         close = getattr(self.pkcs11, "close", None)
         if close is not None:  # ends this connection's agent and its sessions
             _background(close())
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        super().on_ws_disconnected(transport)
+        handshake = transport.close_handshake
+        sent = recv = None
+        if handshake is not None:
+            sent = None if handshake.sent is None else int(handshake.sent.code)
+            recv = None if handshake.recv is None else int(handshake.recv.code)
+        code = closed_code(sent, recv)
+        log.info("connection closed peer=%s open_streams=%d close_code=%d", self.peer,
+                 self._streams_at_end, code)
+        metrics.CONNECTIONS.dec()
+        metrics.CONNECTIONS_CLOSED.labels(str(code)).inc()
         self._on_closed(self)
 
     def go_away(self) -> None:
-        """The gateway is shutting down: close 1001 (spec-wise 'going away')."""
+        """The gateway is shutting down: close 1001 (going away)."""
         if self.ws is not None and not self.ws.is_disconnected:
             self.fail(WSClose.GOING_AWAY, "gateway shutting down")
 

@@ -91,9 +91,14 @@ class CloseReason(IntEnum):
 
 
 class WSClose(IntEnum):
-    """WebSocket close codes the gateway uses (spec §10)."""
+    """WebSocket close codes the gateway sends (spec §10, §11; RFC 6455 §7.4.1)."""
 
-    GOING_AWAY = 1001
+    NORMAL = 1000
+    GOING_AWAY = 1001          # shutdown, drain, a peer that stopped answering pings
     PROTOCOL_ERROR = 1002
-    UNSUPPORTED_DATA = 1003
+    UNSUPPORTED_DATA = 1003    # a text message
+    INVALID_DATA = 1007        # a close reason that is not UTF-8
+    POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013     # overloaded

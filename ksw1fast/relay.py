@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Optional
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from ksw1fast import codec
-from ksw1fast.constants import HEADER_SIZE, Flag, FrameType
+from ksw1fast.constants import HEADER_SIZE, Flag, FrameType, WSClose
 from ksw1fast.errors import FrameError
+from ksw1fast.wsclose import CLOSE_TIMEOUT, close_reason, reply_to_close
 
 MIN_READ = 16 * 1024
 MAX_READ = 256 * 1024
@@ -256,8 +257,10 @@ class GatewayListener(WSListener):
     """picows listener base: runs the per-frame path; subclasses handle control frames.
 
     A subclass provides `on_control(type, flags, stream_id, payload: bytes)` for every
-    frame that is not Data of a known stream, and `stream_ended(stream, exc)` /
-    `stream_failed(stream, reason)` for streams ending on the target's side.
+    frame that is not Data of a known stream, `stream_ended(stream, exc)` /
+    `stream_failed(stream, reason)` for streams ending on the target's side, and
+    `end_session()`, called once when the KSW1 session is over: a Close either way, or
+    the socket gone without one.
     """
 
     def __init__(self, max_payload: int) -> None:
@@ -267,6 +270,8 @@ class GatewayListener(WSListener):
         self.targets_paused = False
         self.parser = codec.FrameParser(max_payload)
         self.congested = 0
+        self.closing = False  # a Close was sent: nothing else may follow it
+        self._close_timer: Optional[asyncio.TimerHandle] = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.ws = transport
@@ -274,7 +279,11 @@ class GatewayListener(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
-        if msg_type == WSMsgType.BINARY or msg_type == WSMsgType.CONTINUATION:
+        if msg_type == WSMsgType.CLOSE:
+            self._on_close_frame(frame.get_payload_as_bytes())
+        elif self.closing:
+            return  # after our Close only the peer's answer matters
+        elif msg_type == WSMsgType.BINARY or msg_type == WSMsgType.CONTINUATION:
             try:
                 frames = self.parser.feed(frame.get_payload_as_memoryview())
             except FrameError as exc:
@@ -287,11 +296,33 @@ class GatewayListener(WSListener):
                         stream.client_data(f.payload, f.flags)
                         continue
                 self.on_control(f.type, f.flags, f.stream_id, bytes(f.payload))
+                if self.closing:
+                    return  # that frame ended the session: the rest is not read
         elif msg_type == WSMsgType.TEXT:
-            self.fail(WSCloseCode.UNSUPPORTED_DATA, "KSW1 is carried in binary messages only")
-        elif msg_type == WSMsgType.CLOSE:
-            transport.send_close(frame.get_close_code())
-            transport.disconnect()
+            self.fail(WSClose.UNSUPPORTED_DATA, "KSW1 is carried in binary messages only")
+
+    def _on_close_frame(self, payload: bytes) -> None:
+        """The peer's Close: answer it (unless it answers ours) and close the socket."""
+        assert self.ws is not None
+        if not self.closing:
+            self.closing = True
+            reply = reply_to_close(payload)
+            if reply.code is None:  # picows' send_close always writes a code
+                self.ws.send(WSMsgType.CLOSE, b"")
+            else:
+                self.ws.send_close(reply.code, reply.reason)
+            self.end_session()
+        self.ws.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if not self.closing:  # the socket went without a Close
+            self.closing = True
+            self.end_session()
+
+    def end_session(self) -> None:
+        """The KSW1 session is over; subclasses release what it holds."""
 
     def send_frame(self, type: int, stream_id: int, payload: Any = b"", flags: int = 0) -> None:
         """Send one KSW1 frame as one WebSocket message (the compiled relay batches small ones).
@@ -301,6 +332,8 @@ class GatewayListener(WSListener):
         The external-buffer send copies whatever the kernel did not take.
         """
         assert self.ws is not None
+        if self.closing:
+            return
         size = len(payload)
         message = bytearray(_WS_HEADROOM + HEADER_SIZE + size)  # one allocation, one copy
         codec.pack_header(message, _WS_HEADROOM, type, flags, stream_id, size)
@@ -308,9 +341,17 @@ class GatewayListener(WSListener):
         self.ws.send_reuse_external_bytearray(WSMsgType.BINARY, message, _WS_HEADROOM)
 
     def fail(self, code: int, reason: str) -> None:
+        """Close this WebSocket (and only it) with `code`: the session ends now, the socket
+        when the peer answers our Close (a client still sending would otherwise get a
+        reset and lose the code), or after CLOSE_TIMEOUT."""
         assert self.ws is not None
-        self.ws.send_close(code, reason.encode())
-        self.ws.disconnect()
+        if self.closing:
+            return
+        self.closing = True
+        self.ws.send_close(code, close_reason(reason))
+        self.end_session()
+        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT,
+                                                                  self.ws.disconnect)
 
     def pause_writing(self) -> None:
         self._pause_targets(True)
