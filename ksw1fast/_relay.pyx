@@ -402,6 +402,7 @@ cdef class GatewayListener(WSListener):
         readonly dict streams
         readonly bint targets_paused
         readonly bint closing       # a Close was sent: nothing else may follow it
+        readonly unsigned long long frames_in  # WebSocket frames received (keepalive)
         FrameParser parser
         int congested
         bytearray batch             # frames waiting for the end of this loop iteration
@@ -425,6 +426,7 @@ cdef class GatewayListener(WSListener):
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef FrameView fv
         cdef object stream
+        self.frames_in += 1
         if frame.msg_type == WSMsgType.CLOSE:
             self._on_close_frame(frame.get_payload_as_bytes())
         elif self.closing:

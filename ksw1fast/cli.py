@@ -67,8 +67,10 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     limits.add_argument("--dns-timeout", type=float,
                         help=f"seconds for a DnsQuery (default {_D.dns_timeout})")
     limits.add_argument("--idle-ping", type=float,
-                        help="ping after this many idle seconds and drop the connection "
-                             "without a pong; 0 disables (default 0)")
+                        help="keepalive: a client silent up to this many seconds is pinged "
+                             "and closed with 1001 if it does not answer within half as "
+                             f"long again; keep it below your balancer's idle timeout; "
+                             f"0 disables (default {_D.idle_ping:g})")
     sec = serve.add_argument_group("security (README: Security)")
     sec.add_argument("--token-file", metavar="FILE",
                      help="accepted tokens, one per line, or sha256:<hex> of each")

@@ -18,7 +18,9 @@ class GatewayConfig:
     handshake_timeout: float = 5.0   # seconds for the HTTP upgrade request to arrive
     connect_timeout: float = 10.0    # resolve + TCP connect of one Open
     dns_timeout: float = 5.0         # one DnsQuery
-    idle_ping: float = 0.0           # seconds of silence before a WebSocket ping; 0 = off
+    idle_ping: float = 20.0          # keepalive: a client silent up to this long is pinged,
+                                     # closed (1001) if the ping stays unanswered for half
+                                     # as long again; 0 = off
     # -- operations (README "Operating") --
     workers: int = 1                 # worker processes (each its own loop and listener)
     reuse_port: bool = False         # SO_REUSEPORT listener (set for workers)

@@ -67,7 +67,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     # an idle connection should cost little memory: no per-instance __dict__
     __slots__ = ("config", "pkcs11", "security", "grant", "_grant_error", "peer", "hello_done",
                  "features", "max_streams", "_on_closed", "_tasks", "_queries", "_counted",
-                 "_streams_at_end")
+                 "_streams_at_end", "_frames_seen", "_pinged")
 
     def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
                  pkcs11: Pkcs11Backend, security: Security, grant: Optional[Grant]) -> None:
@@ -87,6 +87,8 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         self._queries: dict[asyncio.Future, None] = {}
         self._counted: dict[Any, tuple[int, int]] = {}  # stream -> bytes already in metrics
         self._streams_at_end = 0  # streams open when the session ended (for the log)
+        self._frames_seen = 0     # frames_in at the last keepalive sweep
+        self._pinged = False      # a keepalive ping is unanswered
 
     # -- WebSocket lifecycle ------------------------------------------------------
 
@@ -126,6 +128,20 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         metrics.CONNECTIONS.dec()
         metrics.CONNECTIONS_CLOSED.labels(str(code)).inc()
         self._on_closed(self)
+
+    def keepalive(self) -> None:
+        """One keepalive sweep: ping a client that sent nothing since the last sweep (its
+        pong, like any frame, counts as something), close one that answered no ping."""
+        if self.ws is None or self.closing:
+            return
+        if self.frames_in != self._frames_seen:
+            self._frames_seen = self.frames_in
+            self._pinged = False
+        elif self._pinged:
+            self.fail(WSClose.GOING_AWAY, "no answer to ping")
+        else:
+            self._pinged = True
+            self.ws.send_ping()
 
     def go_away(self) -> None:
         """The gateway is shutting down: close 1001 (going away)."""

@@ -37,6 +37,7 @@ class Gateway:
         self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._server: Optional[asyncio.AbstractServer] = None
         self._byte_counter: Optional[asyncio.Task] = None
+        self._keepalive: Optional[asyncio.Task] = None
         self.draining = False
 
     async def start(self) -> "Gateway":
@@ -49,9 +50,7 @@ class Gateway:
             websocket_handshake_timeout=cfg.handshake_timeout,
             # one WebSocket frame may carry one maximal KSW1 frame; our parser bounds the rest
             max_frame_size=cfg.max_payload + HEADER_SIZE,
-            enable_auto_ping=cfg.idle_ping > 0,
-            auto_ping_idle_timeout=cfg.idle_ping or 20,
-            auto_ping_reply_timeout=cfg.idle_ping or 20,
+            enable_auto_ping=False,  # a task per connection: one sweep for all instead
             use_aiofastnet=False,  # uvloop's own transports: pause_reading and write limits
             # an idle connection should cost little: picows grows the buffer when needed
             read_buffer_init_size=2048,
@@ -61,8 +60,19 @@ class Gateway:
             reuse_port=cfg.reuse_port or None,
         )
         self._byte_counter = asyncio.ensure_future(self._count_bytes())
+        if cfg.idle_ping > 0:
+            self._keepalive = asyncio.ensure_future(self._keep_alive(cfg.idle_ping / 2))
         log.info("ksw1fast serving %s", self.address)
         return self
+
+    async def _keep_alive(self, period: float) -> None:
+        """Keepalive (spec §11): the client never pings, and balancers drop upgraded
+        connections idle for 30-60 s.  Every `period` seconds each connection pings a
+        silent client or closes one that left the last ping unanswered."""
+        while True:
+            await asyncio.sleep(period)
+            for conn in list(self.connections):
+                conn.keepalive()
 
     async def _count_bytes(self) -> None:
         """Harvest the streams' byte counters into the metrics once a second."""
@@ -136,8 +146,9 @@ class Gateway:
         if self._server is None:
             return
         self._server.close()
-        if self._byte_counter is not None:
-            self._byte_counter.cancel()
+        for task in (self._byte_counter, self._keepalive):
+            if task is not None:
+                task.cancel()
         for conn in list(self.connections):
             conn.go_away()
         await self._server.wait_closed()

@@ -271,6 +271,7 @@ class GatewayListener(WSListener):
         self.parser = codec.FrameParser(max_payload)
         self.congested = 0
         self.closing = False  # a Close was sent: nothing else may follow it
+        self.frames_in = 0    # WebSocket frames received (keepalive)
         self._close_timer: Optional[asyncio.TimerHandle] = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -279,6 +280,7 @@ class GatewayListener(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
+        self.frames_in += 1
         if msg_type == WSMsgType.CLOSE:
             self._on_close_frame(frame.get_payload_as_bytes())
         elif self.closing:

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import pytest
 
+import ksw1fast
 from ksw1fast import codec
 from ksw1fast.constants import (AddrKind, DnsErrCode, Feature, FrameType, OpenErrCode,
                                 Pkcs11Status, Proto)
@@ -395,19 +396,49 @@ async def test_reads_grow_so_large_transfers_use_few_frames(gw) -> None:
     assert len(sizes) < total // (16 * 1024) // 2
 
 
-async def test_idle_ping() -> None:
-    """With --idle-ping the gateway pings a silent client (RFC 6455 ping, opcode 0x9)."""
-    import ksw1fast
+async def test_keepalive_is_on_by_default() -> None:
+    assert ksw1fast.GatewayConfig().idle_ping == 20
 
-    async with await ksw1fast.start_gateway(port=0, idle_ping=0.3) as gw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     b"Sec-WebSocket-Version: 13\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        assert head.startswith(b"HTTP/1.1 101")
-        first = await asyncio.wait_for(reader.readexactly(2), 5)
-        assert first[0] == 0x89  # FIN + PING
+
+async def _upgraded(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket on a plain TCP stream: nothing answers pings unless the test does."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
+async def test_keepalive_pings_a_silent_client_and_keeps_one_that_answers() -> None:
+    """RFC 6455 pings (opcode 0x9) to a silent client; a client answering each with a
+    pong (masked, as clients send) stays connected for many ping periods."""
+    async with await ksw1fast.start_gateway(port=0, idle_ping=0.2) as gw:
+        reader, writer = await _upgraded(gw.port)
+        for _ in range(6):
+            head = await asyncio.wait_for(reader.readexactly(2), 5)
+            assert head == b"\x89\x00"  # FIN + PING, empty
+            writer.write(b"\x8a\x80" + bytes(4))  # PONG, masked with a zero key
+        assert len(gw.connections) == 1
+        writer.close()
+
+
+async def test_keepalive_closes_a_client_that_does_not_answer() -> None:
+    async with await ksw1fast.start_gateway(port=0, idle_ping=0.2) as gw:
+        reader, writer = await _upgraded(gw.port)
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\x89\x00"
+        head = await asyncio.wait_for(reader.readexactly(2), 5)
+        assert head[0] == 0x88  # Close 1001 "no answer to ping"
+        assert await reader.readexactly(head[1]) == b"\x03\xe9no answer to ping"
+        writer.close()
+
+
+async def test_keepalive_off() -> None:
+    async with await ksw1fast.start_gateway(port=0, idle_ping=0) as gw:
+        reader, writer = await _upgraded(gw.port)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.readexactly(1), 1)
         writer.close()
 
 
