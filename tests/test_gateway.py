@@ -233,6 +233,20 @@ async def test_pkcs11_without_module_is_internal(connect) -> None:
     assert response.body[4:] == b"no PKCS#11 module configured"
 
 
+@pytest.mark.parametrize("fn_id, args, message", [
+    (0x0000, b"", b"malformed GetSlotList args: "),        # the bool is missing
+    (0x0004, b"\x00" * 9, b"malformed OpenSession args: "),  # a byte too many
+    (0x4242, b"", b"unknown fn id 0x4242"),
+])
+async def test_pkcs11_without_module_validates_first(connect, fn_id: int, args: bytes,
+                                                     message: bytes) -> None:
+    """A malformed request is a ProtocolError with a module or without one."""
+    client = await connect()
+    response = await client.pkcs11(fn_id, args)
+    assert response.status == Pkcs11Status.PROTOCOL_ERROR
+    assert response.body[4:].startswith(message)
+
+
 async def test_target_close_is_eof_and_client_close_is_acked(connect) -> None:
     async def close_at_once(reader, writer):
         writer.close()

@@ -29,13 +29,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache, partial
+from functools import lru_cache, partial
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
 import PyKCS11.LowLevel as LL
 from PyKCS11 import CKF, CKR, CKU
 
 from . import ckapi, ckbytes, hotargs, wire
+from .args import ARGS, CHECK, OPS, SIZED, Op, malformed, unknown_fn
 from .ckapi import CkrError, NativeParameter, check
 from .wire import FUNCTION_IDS, FUNCTIONS, U32, HandleKind, Reader, Response, WireError, Writer
 
@@ -183,63 +184,13 @@ def _parse(d: "Dispatcher", c: _Client, parsers: tuple[_Parser, ...], args: byte
     return values
 
 
-_HandlerSpecs = list[tuple[int, str]]
-
-
-def _fn(fn_id: int, spec: str = "") -> Callable[[Callable[..., bytes]], Callable[..., bytes]]:
-    """Registers a Dispatcher method as the handler of fn_id, taking the args in spec."""
+def _fn(name: str) -> Callable[[Callable[..., bytes]], Callable[..., bytes]]:
+    """Registers a Dispatcher method as the handler of the fn `name` (wire.FUNCTIONS);
+    its args are the words of args.ARGS for each fn id of that name."""
     def register(method: Callable[..., bytes]) -> Callable[..., bytes]:
-        specs: _HandlerSpecs = method.__dict__.setdefault("_pkcs11_fns", [])
-        specs.append((fn_id, spec))
+        method._pkcs11_fn = name  # type: ignore[attr-defined]
         return method
     return register
-
-
-# --- the operation families ------------------------------------------------------------
-
-SIZED = "sized"  # output into the client's max_out (u32 arg)
-QUERY = "query"  # output sized by the PKCS#11 length query (no arg)
-CHECK = "check"  # a signature in (bytes arg), no output
-
-
-@dataclass(frozen=True)
-class _Op:
-    """An operation kind: C_{kind}Init, C_{kind} (one-shot), C_{kind}Update, C_{kind}Final.
-
-    SIZED kinds also return output from Update. `multipart` holds the fn ids of
-    Init, Update, Final and Abort, for the kinds that have them.
-    """
-
-    kind: str
-    keyed: bool
-    result: str
-    one_shot: int
-    multipart: tuple[int, int, int, int] | None = None
-
-    @property
-    def tail(self) -> str:
-        """The spec word of the arg after the data (one-shot) or the session (Final)."""
-        return {SIZED: hotargs.SIZE_TAIL, QUERY: hotargs.NO_TAIL,
-                CHECK: hotargs.BYTES_TAIL}[self.result]
-
-    @property
-    def init_spec(self) -> str:
-        return "session mechanism " + ("key" if self.keyed else "-")
-
-    @cached_property
-    def init_name(self) -> str:
-        return f"C_{self.kind}Init"
-
-
-_OPS = (
-    _Op("Encrypt", True, SIZED, 0x010B, (0x011E, 0x011F, 0x0120, 0x0121)),
-    _Op("Decrypt", True, SIZED, 0x010A, (0x0122, 0x0123, 0x0124, 0x0125)),
-    _Op("Sign", True, QUERY, 0x0108, (0x0126, 0x0127, 0x0128, 0x0129)),
-    _Op("Verify", True, CHECK, 0x0109, (0x012A, 0x012B, 0x012C, 0x012D)),
-    _Op("Digest", False, QUERY, 0x010C, (0x012E, 0x012F, 0x0130, 0x0131)),
-    _Op("SignRecover", True, SIZED, 0x0112),
-    _Op("VerifyRecover", True, SIZED, 0x0113),
-)
 
 
 def _rv(function: Callable[..., object], *args: Any) -> int:
@@ -336,30 +287,28 @@ class Dispatcher:
         self._clients: dict[int, _Client] = {}
         self._last_client = 0
         self._closed = False
-        specs: dict[int, tuple[str, Callable[..., bytes]]] = {}
+        handlers: dict[str, Callable[..., bytes]] = {}
         for name in dir(type(self)):
             method = getattr(self, name)
-            for fn_id, spec in getattr(method, "_pkcs11_fns", ()):
-                specs[fn_id] = (spec, method)
+            if hasattr(method, "_pkcs11_fn"):
+                handlers[method._pkcs11_fn] = method
         # the hot calls' struct-only decoders (hotargs); the rest take the generic parse
         self._fast: dict[int, _FastParser] = {GENERATE_RANDOM: self._fast_random}
-        self._add_operations(specs)
-        assert specs.keys() == FUNCTIONS.keys()
-        self._handlers = {fn_id: (_compile(spec), handler)
-                          for fn_id, (spec, handler) in specs.items()}
+        self._add_operations(handlers)
+        self._handlers = {fn_id: (_compile(spec), handlers[FUNCTIONS[fn_id]])
+                          for fn_id, spec in ARGS.items()}
 
-    def _add_operations(self, specs: dict[int, tuple[str, Callable[..., bytes]]]) -> None:
-        for op in _OPS:
-            specs[op.one_shot] = (f"{op.init_spec} bytes {op.tail}", partial(self._one_shot, op))
+    def _add_operations(self, handlers: dict[str, Callable[..., bytes]]) -> None:
+        for op in OPS:
+            handlers[op.kind] = partial(self._one_shot, op)
             self._fast[op.one_shot] = partial(self._fast_mechanism, op.keyed, True, op.tail)
             if op.multipart:
-                init, update, final, abort = op.multipart
-                specs[init] = (op.init_spec, partial(self._op_init, op))
-                self._fast[init] = partial(self._fast_mechanism, op.keyed, False,
-                                           hotargs.NO_TAIL)
-                specs[update] = ("session bytes bool", partial(self._op_update, op))
-                specs[final] = (f"session {op.tail}", partial(self._op_final, op))
-                specs[abort] = ("session", partial(self._op_abort, op))
+                handlers[f"{op.kind}Init"] = partial(self._op_init, op)
+                handlers[f"{op.kind}Update"] = partial(self._op_update, op)
+                handlers[f"{op.kind}Final"] = partial(self._op_final, op)
+                handlers[f"{op.kind}Abort"] = partial(self._op_abort, op)
+                self._fast[op.multipart[0]] = partial(self._fast_mechanism, op.keyed, False,
+                                                      hotargs.NO_TAIL)
 
     # --- public API ----------------------------------------------------------------------
 
@@ -385,7 +334,7 @@ class Dispatcher:
             if state is None:
                 return wire.internal("unknown or closed PKCS#11 client")
             if name is None:
-                return wire.protocol_error(f"unknown fn id 0x{fn_id:04x}")
+                return wire.protocol_error(unknown_fn(fn_id))
             if name not in self._permitted:
                 return wire.auth_denied(f"fn {name} not allowed")
             if name in ADMIN_FUNCTIONS:
@@ -404,7 +353,7 @@ class Dispatcher:
         except _Refusal as refusal:
             return refusal.response
         except WireError as exc:
-            return wire.protocol_error(f"malformed {name} args: {exc}")
+            return wire.protocol_error(malformed(fn_id, exc))
         except CkrError as exc:
             return wire.ck_error(exc.rv, str(exc))
         except ckapi.OutputTooLarge as exc:
@@ -518,14 +467,13 @@ class Dispatcher:
 
     # --- slot and token ------------------------------------------------------------------
 
-    @_fn(0x0000, "bool")
+    @_fn("GetSlotList")
     def _get_slot_list(self, c: _Client, token_present: bool) -> bytes:
         slots = LL.ckulonglist()
         check(self._lib.C_GetSlotList(token_present, slots), "C_GetSlotList")
         return _u64_list(list(slots))
 
-    @_fn(0x0001, "u64")
-    @_fn(0x000A, "u32")
+    @_fn("GetSlotInfo")
     def _get_slot_info(self, c: _Client, slot: int) -> bytes:
         info = LL.CK_SLOT_INFO()
         check(self._lib.C_GetSlotInfo(slot, info), "C_GetSlotInfo")
@@ -533,8 +481,7 @@ class Dispatcher:
             info.GetSlotDescription(), info.GetManufacturerID(), info.flags,
             _version(info.hardwareVersion), _version(info.firmwareVersion))).getvalue()
 
-    @_fn(0x0002, "u64")
-    @_fn(0x000B, "u32")
+    @_fn("GetTokenInfo")
     def _get_token_info(self, c: _Client, slot: int) -> bytes:
         t = LL.CK_TOKEN_INFO()
         check(self._lib.C_GetTokenInfo(slot, t), "C_GetTokenInfo")
@@ -546,7 +493,7 @@ class Dispatcher:
             t.ulTotalPrivateMemory, t.ulFreePrivateMemory, _version(t.hardwareVersion),
             _version(t.firmwareVersion), t.GetUtcTime() if clock else None)).getvalue()
 
-    @_fn(0x0003, "u32 opt_string string")
+    @_fn("InitToken")
     def _init_token(self, c: _Client, slot: int, so_pin: str | None, label: str) -> bytes:
         raw = label.encode("utf-8")
         if len(raw) > 32:
@@ -557,7 +504,7 @@ class Dispatcher:
         check(self._lib.C_InitToken(slot, pin, padded), "C_InitToken")
         return b""
 
-    @_fn(0x0004, "u32 u32")
+    @_fn("OpenSession")
     def _open_session(self, c: _Client, slot: int, flags: int) -> bytes:
         if flags & ~0x3:
             raise _Refusal(wire.protocol_error(f"unknown OpenSession flags 0x{flags:x}"))
@@ -566,28 +513,28 @@ class Dispatcher:
         check(self._lib.C_OpenSession(slot, ck_flags, pk), "C_OpenSession")
         return Writer().u32(c.sessions.add(_Session(pk, slot))).getvalue()
 
-    @_fn(0x0005, "u32")
+    @_fn("GetMechanismList")
     def _get_mechanism_list(self, c: _Client, slot: int) -> bytes:
         mechanisms = LL.ckulonglist()
         check(self._lib.C_GetMechanismList(slot, mechanisms), "C_GetMechanismList")
         return _u64_list(list(mechanisms))
 
-    @_fn(0x0006, "opt_string")
+    @_fn("Initialize")
     def _initialize(self, c: _Client, config: str | None) -> bytes:
         return b""  # the agent initialised the module once for every client; config unused
 
-    @_fn(0x0007)
+    @_fn("Finalize")
     def _finalize(self, c: _Client) -> bytes:
         self._drop_client(c)  # this client's handles only: the module stays initialised
         return b""
 
-    @_fn(0x0008, "u32")
+    @_fn("CloseAllSessions")
     def _close_all_sessions(self, c: _Client, slot: int) -> bytes:
         for sid in [sid for sid, s in c.sessions.rows.items() if s.slot == slot]:
             self._close_session(c, sid, check_rv=False)
         return b""
 
-    @_fn(0x0009)
+    @_fn("GetInfo")
     def _get_info(self, c: _Client) -> bytes:
         info = LL.CK_INFO()
         check(self._lib.C_GetInfo(info), "C_GetInfo")
@@ -595,7 +542,7 @@ class Dispatcher:
             _version(info.cryptokiVersion), info.GetManufacturerID(), info.flags,
             info.GetLibraryDescription(), _version(info.libraryVersion))).getvalue()
 
-    @_fn(WAIT_FOR_SLOT_EVENT, "u32")
+    @_fn("WaitForSlotEvent")
     def _wait_for_slot_event(self, c: _Client, flags: int) -> bytes:
         deadline = time.monotonic() + self._wait_cap
         while True:
@@ -619,7 +566,7 @@ class Dispatcher:
         present = bool(info.flags & CKF["CKF_TOKEN_PRESENT"])
         return Writer().u32(slot).bool(present).getvalue()
 
-    @_fn(0x000D, "u32 u64")
+    @_fn("GetMechanismInfo")
     def _get_mechanism_info(self, c: _Client, slot: int, mechanism: int) -> bytes:
         info = LL.CK_MECHANISM_INFO()
         check(self._lib.C_GetMechanismInfo(slot, mechanism, info), "C_GetMechanismInfo")
@@ -628,7 +575,7 @@ class Dispatcher:
 
     # --- session, login ------------------------------------------------------------------
 
-    @_fn(0x0100, "session u32 bytes")
+    @_fn("Login")
     def _login(self, c: _Client, s: _Session, user_type: int, pin: bytes) -> bytes:
         if self._pin is not None and user_type in _GATEWAY_PIN_USERS:
             rv = self._lib.C_Login(s.pk, user_type, _pk_bytes(self._pin))
@@ -641,7 +588,7 @@ class Dispatcher:
         check(self._lib.C_Login(s.pk, user_type, _pk_bytes(pin)), "C_Login")
         return b""
 
-    @_fn(0x0132, "session u32 bytes")
+    @_fn("LoginVendor")
     def _login_vendor(self, c: _Client, s: _Session, user_type: int, pin: bytes) -> bytes:
         if user_type < CKU_VENDOR_DEFINED:
             raise _Refusal(wire.protocol_error(
@@ -649,47 +596,47 @@ class Dispatcher:
         check(self._lib.C_Login(s.pk, user_type, _pk_bytes(pin)), "C_Login")
         return b""
 
-    @_fn(0x0101, "session")
+    @_fn("Logout")
     def _logout(self, c: _Client, s: _Session) -> bytes:
         if not self._shared:  # shared: the login is every client's; see the class docstring
             check(self._lib.C_Logout(s.pk), "C_Logout")
         return b""
 
-    @_fn(0x0102, "session")
+    @_fn("CloseSession")
     def _close_session_fn(self, c: _Client, s: _Session) -> bytes:
         self._close_session(c, s.id)
         return b""
 
-    @_fn(0x0103, "session bytes")
+    @_fn("InitPIN")
     def _init_pin(self, c: _Client, s: _Session, pin: bytes) -> bytes:
         check(self._lib.C_InitPIN(s.pk, _pk_bytes(pin)), "C_InitPIN")
         return b""
 
-    @_fn(0x0110, "session bytes bytes")
+    @_fn("SetPIN")
     def _set_pin(self, c: _Client, s: _Session, old: bytes, new: bytes) -> bytes:
         check(self._lib.C_SetPIN(s.pk, _pk_bytes(old), _pk_bytes(new)), "C_SetPIN")
         return b""
 
-    @_fn(0x011D, "session")
+    @_fn("GetSessionInfo")
     def _get_session_info(self, c: _Client, s: _Session) -> bytes:
         info = LL.CK_SESSION_INFO()
         check(self._lib.C_GetSessionInfo(s.pk, info), "C_GetSessionInfo")
         return Writer().session_info(wire.SessionInfo(
             info.slotID, info.state, info.flags, info.ulDeviceError)).getvalue()
 
-    @_fn(0x010F, "session")
+    @_fn("CancelFunction")
     def _cancel_function(self, c: _Client, s: _Session) -> bytes:
         self._ck.call("C_CancelFunction", s.handle)
         return b""
 
     # --- find ----------------------------------------------------------------------------
 
-    @_fn(0x0104, "session template")
+    @_fn("FindObjectsInit")
     def _find_objects_init(self, c: _Client, s: _Session, template: Template) -> bytes:
         check(self._lib.C_FindObjectsInit(s.pk, _pk_template(template)), "C_FindObjectsInit")
         return Writer().u32(c.cursors.add(_Cursor(s.id))).getvalue()
 
-    @_fn(0x0105, "cursor size")
+    @_fn("FindObjects")
     def _find_objects(self, c: _Client, cursor: _Cursor, count: int) -> bytes:
         session = c.sessions.get(cursor.session)
         if count == 0:  # PyKCS11 would answer CKR_ARGUMENTS_BAD itself
@@ -699,7 +646,7 @@ class Dispatcher:
         ids = [self._mint_object(c, session, handle) for handle in found]
         return _u32_list(ids)
 
-    @_fn(0x0106, "cursor")
+    @_fn("FindObjectsFinal")
     def _find_objects_final(self, c: _Client, cursor: _Cursor) -> bytes:
         c.cursors.pop(cursor.id)
         session = c.sessions.get(cursor.session)
@@ -708,18 +655,18 @@ class Dispatcher:
 
     # --- objects and keys ----------------------------------------------------------------
 
-    @_fn(0x0114, "session template")
+    @_fn("CreateObject")
     def _create_object(self, c: _Client, s: _Session, template: Template) -> bytes:
         return self._new_object(
             c, s, lambda out: self._lib.C_CreateObject(s.pk, _pk_template(template), out),
             "C_CreateObject")
 
-    @_fn(0x011A, "session key template")
+    @_fn("CopyObject")
     def _copy_object(self, c: _Client, s: _Session, source: int, template: Template) -> bytes:
         handle = self._ck.copy_object(s.handle, source, template)
         return Writer().u32(self._mint_object(c, s, handle)).getvalue()
 
-    @_fn(0x0116, "session mechanism template")
+    @_fn("GenerateKey")
     def _generate_key(self, c: _Client, s: _Session, mech: NativeParameter,
                       template: Template) -> bytes:
         m = _PkMechanism.of(mech)
@@ -727,7 +674,7 @@ class Dispatcher:
             c, s, lambda out: self._lib.C_GenerateKey(s.pk, m.ck, _pk_template(template), out),
             "C_GenerateKey")
 
-    @_fn(0x0107, "session mechanism template template")
+    @_fn("GenerateKeyPair")
     def _generate_key_pair(self, c: _Client, s: _Session, mech: NativeParameter,
                            public: Template, private: Template) -> bytes:
         pub, priv = LL.CK_OBJECT_HANDLE(), LL.CK_OBJECT_HANDLE()
@@ -738,7 +685,7 @@ class Dispatcher:
         return (Writer().u32(self._mint_object(c, s, pub.value()))
                 .u32(self._mint_object(c, s, priv.value())).getvalue())
 
-    @_fn(0x0117, "session key mechanism template")
+    @_fn("DeriveKey")
     def _derive_key(self, c: _Client, s: _Session, base: int, mech: NativeParameter,
                     template: Template) -> bytes:
         m = _PkMechanism.of(mech)
@@ -747,7 +694,7 @@ class Dispatcher:
                                                     _pk_template(template), out),
             "C_DeriveKey")
 
-    @_fn(0x0118, "session mechanism key key")
+    @_fn("WrapKey")
     def _wrap_key(self, c: _Client, s: _Session, mech: NativeParameter, wrapping: int,
                   key: int) -> bytes:
         m = _PkMechanism.of(mech)
@@ -757,7 +704,7 @@ class Dispatcher:
                                       wrapped), "C_WrapKey")
         return _bytes_body(ckbytes.to_bytes(wrapped))
 
-    @_fn(0x0119, "session mechanism key bytes template")
+    @_fn("UnwrapKey")
     def _unwrap_key(self, c: _Client, s: _Session, mech: NativeParameter, unwrapping: int,
                     wrapped: bytes, template: Template) -> bytes:
         m = _PkMechanism.of(mech)
@@ -767,44 +714,44 @@ class Dispatcher:
                                                     _pk_template(template), out),
             "C_UnwrapKey")
 
-    @_fn(0x0111, "session key")
+    @_fn("DigestKey")
     def _digest_key(self, c: _Client, s: _Session, key: int) -> bytes:
         check(self._lib.C_DigestKey(s.pk, _pk_object(key)), "C_DigestKey")
         return b""
 
-    @_fn(0x0200, "object types")
+    @_fn("GetAttributeValue")
     def _get_attribute_value(self, c: _Client, obj: _Object, types: list[int]) -> bytes:
         session = self._object_session(c, obj)
         values = self._ck.get_attribute_value(session.handle, obj.handle, types)
         return Writer().attributes(ckapi.wire_attribute(t, raw) for t, raw in values).getvalue()
 
-    @_fn(0x0201, "object")
+    @_fn("DestroyObject")
     def _destroy_object(self, c: _Client, obj: _Object) -> bytes:
         session = self._object_session(c, obj)
         check(self._lib.C_DestroyObject(session.pk, _pk_object(obj.handle)), "C_DestroyObject")
         self._forget_object(c, obj)  # every reference: the object is gone
         return b""
 
-    @_fn(0x0202, "object")
+    @_fn("GetObjectSize")
     def _get_object_size(self, c: _Client, obj: _Object) -> bytes:
         session = self._object_session(c, obj)
         return Writer().u64(self._ck.object_size(session.handle, obj.handle)).getvalue()
 
-    @_fn(0x0203, "object template")
+    @_fn("SetAttributeValue")
     def _set_attribute_value(self, c: _Client, obj: _Object, template: Template) -> bytes:
         session = self._object_session(c, obj)
         check(self._lib.C_SetAttributeValue(session.pk, _pk_object(obj.handle),
                                             _pk_template(template)), "C_SetAttributeValue")
         return b""
 
-    @_fn(0x0204, "session object")
+    @_fn("ObjectBind")
     def _object_bind(self, c: _Client, s: _Session, obj: _Object) -> bytes:
         obj.refs += 1
         if s.id not in obj.sessions:
             obj.sessions.append(s.id)
         return Writer().u32(obj.id).getvalue()
 
-    @_fn(0xFF00, "u8 u32")
+    @_fn("HandleDrop")
     def _handle_drop(self, c: _Client, kind: int, rid: int) -> bytes:
         if kind == HandleKind.SESSION:
             self._close_session(c, rid)
@@ -821,12 +768,12 @@ class Dispatcher:
 
     # --- random and operation state ------------------------------------------------------
 
-    @_fn(0x010D, "session bytes")
+    @_fn("SeedRandom")
     def _seed_random(self, c: _Client, s: _Session, seed: bytes) -> bytes:
         check(self._lib.C_SeedRandom(s.pk, _pk_bytes(seed)), "C_SeedRandom")
         return b""
 
-    @_fn(0x010E, "session size")
+    @_fn("GenerateRandom")
     def _generate_random(self, c: _Client, s: _Session, length: int) -> bytes:
         if length == 0:  # PyKCS11 would pass the module a NULL buffer
             return _bytes_body(b"")
@@ -834,20 +781,20 @@ class Dispatcher:
         check(self._lib.C_GenerateRandom(s.pk, data), "C_GenerateRandom")
         return _bytes_body(ckbytes.to_bytes(data))
 
-    @_fn(0x011B, "session size")
+    @_fn("GetOperationState")
     def _get_operation_state(self, c: _Client, s: _Session, size: int) -> bytes:
         return _bytes_body(self._ck.output("C_GetOperationState", s.handle, size=size))
 
-    @_fn(0x011C, "session bytes opt_key opt_key")
+    @_fn("SetOperationState")
     def _set_operation_state(self, c: _Client, s: _Session, state: bytes, encryption_key: int,
                              authentication_key: int) -> bytes:
         self._ck.call("C_SetOperationState", s.handle, state, len(state), encryption_key,
                       authentication_key)
         return b""
 
-    # --- encrypt, decrypt, sign, verify, digest (driven by _OPS) -------------------------
+    # --- encrypt, decrypt, sign, verify, digest (driven by args.OPS) -------------------------
 
-    def _init(self, op: _Op, s: _Session, mech: NativeParameter, key: int | None) -> None:
+    def _init(self, op: Op, s: _Session, mech: NativeParameter, key: int | None) -> None:
         name = op.init_name
         pk_init = getattr(self._lib, name, None)
         if pk_init is None:  # the Recover kinds: PyKCS11 lacks them
@@ -858,7 +805,7 @@ class Dispatcher:
               else pk_init(s.pk, m.ck, _pk_object(key)))
         check(rv, name)
 
-    def _finish(self, op: _Op, session: int, stage: str, inputs: tuple[bytes, ...],
+    def _finish(self, op: Op, session: int, stage: str, inputs: tuple[bytes, ...],
                 tail: int | bytes | None) -> bytes:
         """The call that ends an operation (one-shot or Final) and its Ok body."""
         name = f"C_{op.kind}{stage}"
@@ -867,7 +814,7 @@ class Dispatcher:
             return b""
         return _bytes_body(self._ck.output(name, session, *inputs, size=tail))  # type: ignore
 
-    def _discard(self, op: _Op, session: int, stage: str, inputs: tuple[bytes, ...]) -> None:
+    def _discard(self, op: Op, session: int, stage: str, inputs: tuple[bytes, ...]) -> None:
         """Drives an operation to its end, ignoring result and error: PKCS#11 ends it at
         any call but a length query or one answering CKR_BUFFER_TOO_SMALL, so the call
         gets max_out bytes of room (no length query: see ckapi.Module) and a
@@ -878,7 +825,7 @@ class Dispatcher:
         else:
             _rv(partial(self._ck.output, size=self.max_out), name, session, *inputs)
 
-    def _active(self, op: _Op, session: int) -> bool:
+    def _active(self, op: Op, session: int) -> bool:
         """Whether an operation of this kind is active: an empty Update does nothing
         to one (or ends it with an error) and answers NOT_INITIALIZED without one.
         (Any other answer, CKR_BUFFER_TOO_SMALL for the empty output buffer included,
@@ -887,7 +834,7 @@ class Dispatcher:
         call = partial(self._ck.output, size=0) if op.result == SIZED else self._ck.feed
         return _rv(call, name, session, b"") != CKR["CKR_OPERATION_NOT_INITIALIZED"]
 
-    def _one_shot(self, op: _Op, c: _Client, s: _Session, mech: NativeParameter,
+    def _one_shot(self, op: Op, c: _Client, s: _Session, mech: NativeParameter,
                   key: int | None, data: bytes, tail: int | bytes | None) -> bytes:
         self._init(op, s, mech, key)
         try:
@@ -897,12 +844,12 @@ class Dispatcher:
                 self._discard(op, s.handle, "", (data,))
             raise
 
-    def _op_init(self, op: _Op, c: _Client, s: _Session, mech: NativeParameter,
+    def _op_init(self, op: Op, c: _Client, s: _Session, mech: NativeParameter,
                  key: int | None) -> bytes:
         self._init(op, s, mech, key)
         return b""
 
-    def _op_update(self, op: _Op, c: _Client, s: _Session, part: bytes, last_hint: bool) -> bytes:
+    def _op_update(self, op: Op, c: _Client, s: _Session, part: bytes, last_hint: bool) -> bytes:
         # last_hint is advisory: PKCS#11 has no such argument
         name = f"C_{op.kind}Update"
         if op.result == SIZED:
@@ -910,10 +857,10 @@ class Dispatcher:
         self._ck.feed(name, s.handle, part)
         return b""
 
-    def _op_final(self, op: _Op, c: _Client, s: _Session, tail: int | bytes | None) -> bytes:
+    def _op_final(self, op: Op, c: _Client, s: _Session, tail: int | bytes | None) -> bytes:
         return self._finish(op, s.handle, "Final", (), tail)
 
-    def _op_abort(self, op: _Op, c: _Client, s: _Session) -> bytes:
+    def _op_abort(self, op: Op, c: _Client, s: _Session) -> bytes:
         """PKCS#11 v2.40 has no abort: end the operation by finishing it (Final,
         then the one-shot call on empty data) until none of this kind is active."""
         for stage, inputs in (("Final", ()), ("", (b"",))):

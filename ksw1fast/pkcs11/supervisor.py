@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from ksw1fast import metrics
 from ksw1fast.pkcs11 import ipc, wire
+from ksw1fast.pkcs11.args import check as layout_error
 
 log = logging.getLogger("ksw1fast.pkcs11")
 
@@ -157,7 +158,10 @@ class AgentProcess:
         if op == ipc.OP_CALL:
             self._calls.add(query)
         assert self._proc.stdin is not None
-        self._proc.stdin.write(ipc.pack(op, client, query, body))
+        try:
+            self._proc.stdin.write(ipc.pack(op, client, query, body))
+        except (RuntimeError, ConnectionError):  # died before its stdout told us
+            self._die("PKCS#11 agent exited")
         return waiter
 
     async def open_client(self) -> int:
@@ -288,10 +292,12 @@ class WorkerAgent:
 
 
 class NoModule:
-    """No module configured: a clear error for every call."""
+    """No module configured: a clear error for every well-formed call, and the
+    ProtocolError an agent would answer for a malformed one."""
 
     async def handle(self, fn_id: int, args: bytes) -> tuple[int, bytes]:
-        return wire.internal(NO_MODULE)
+        error = layout_error(fn_id, args)
+        return wire.protocol_error(error) if error else wire.internal(NO_MODULE)
 
 
 def make_provider(settings: Pkcs11Settings) -> Any:

@@ -207,3 +207,27 @@ def test_native_pointer_parameter() -> None:
     assert verbatim.blob == b"0123456789abcdef"
     with pytest.raises(WireError):
         ckapi.NativeParameter(Mechanism(0x1050, b"\x01"))
+
+
+# --- the args layout table (args.py) -------------------------------------------------
+
+def test_every_fn_has_a_layout_and_check_agrees_with_an_agent() -> None:
+    from ksw1fast.pkcs11 import args
+
+    assert args.ARGS.keys() == wire.FUNCTIONS.keys()
+    assert args.check(0x0000, b"\x01") is None                 # GetSlotList(true)
+    assert args.check(0x0000, b"") == "malformed GetSlotList args: " + str(
+        _wire_error(lambda: Reader(b"").bool()))
+    assert args.check(0x0009, b"x").startswith("malformed GetInfo args: ")  # trailing byte
+    assert args.check(0x4242, b"") == "unknown fn id 0x4242"
+    # a pointer-parameter mechanism (OAEP) whose parameter is not its wire fields
+    encrypt = Writer().u32(1).mechanism(Mechanism(0x0009, b"\x00")).u32(2).bytes(b"x").u32(16)
+    assert args.check(0x010B, encrypt.getvalue()).startswith("malformed Encrypt args")
+
+
+def _wire_error(read) -> WireError:
+    try:
+        read()
+    except WireError as exc:
+        return exc
+    raise AssertionError("no WireError")
