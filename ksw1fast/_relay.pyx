@@ -404,15 +404,22 @@ cdef class GatewayListener(WSListener):
         readonly bint closing       # a Close was sent: nothing else may follow it
         readonly unsigned long long frames_in  # WebSocket frames received (keepalive)
         FrameParser parser
-        int congested
+        int congested               # targets whose write buffer is full
+        readonly bint over_budget   # our queued output to the client passed send_limit
+        bint reading_paused         # the client is not being read: congested or over budget
+        Py_ssize_t send_limit
+        double send_timeout
         bytearray batch             # frames waiting for the end of this loop iteration
         Py_ssize_t batch_len
         bint flush_scheduled
         object close_timer
+        object budget_timer
 
-    def __init__(self, Py_ssize_t max_payload):
+    def __init__(self, Py_ssize_t max_payload, Py_ssize_t send_limit, double send_timeout):
         self.streams = {}
         self.parser = FrameParser(max_payload)
+        self.send_limit = send_limit
+        self.send_timeout = send_timeout
 
     cpdef on_ws_connected(self, WSTransport transport):
         self.ws = transport
@@ -463,8 +470,9 @@ cdef class GatewayListener(WSListener):
         self.ws.disconnect()
 
     cpdef on_ws_disconnected(self, WSTransport transport):
-        if self.close_timer is not None:
-            self.close_timer.cancel()
+        for timer in (self.close_timer, self.budget_timer):
+            if timer is not None:
+                timer.cancel()
         if not self.closing:  # the socket went without a Close
             self.closing = True
             self.end_session()
@@ -494,6 +502,8 @@ cdef class GatewayListener(WSListener):
         write_header(msg, type, flags, stream_id, <uint32_t>n)
         memcpy(msg + KSW1_HEADER, data, n)
         self.ws.send_reuse_external_buffer(WSMsgType.BINARY, msg, KSW1_HEADER + n)
+        if self.targets_paused:
+            self._check_budget()
 
     cdef bint batch_frame(self, uint8_t type, uint8_t flags, uint32_t stream_id,
                           const char* data, Py_ssize_t n) except -1:
@@ -541,6 +551,8 @@ cdef class GatewayListener(WSListener):
                                                PyByteArray_AS_STRING(batch) + WS_HEADROOM, size)
         if len(_spare_batches) < SPARE_BATCHES:
             _spare_batches.append(batch)  # picows copied what the kernel did not take
+        if self.targets_paused:
+            self._check_budget()
 
     def fail(self, int code, str reason):
         """Close this WebSocket (and only it) with `code`: the session ends now, the socket
@@ -559,21 +571,46 @@ cdef class GatewayListener(WSListener):
 
     cpdef resume_writing(self):
         self._pause_targets(False)
+        if self.over_budget:
+            self.over_budget = False
+            self.budget_timer.cancel()
+            self._update_reading()
 
     cdef _pause_targets(self, bint on):
         self.targets_paused = on
         for stream in self.streams.values():
             stream.set_paused(PAUSE_WEBSOCKET, on)
 
+    cdef _check_budget(self):
+        """Targets are paused, so what still grows our queue to the client is what we
+        generate in answer to it (Pongs, DNS and PKCS#11 replies...): past send_limit,
+        stop reading the client until the queue drains, and close it with 1008 if it
+        does not drain within send_timeout."""
+        if self.over_budget or self.closing:
+            return
+        if self.ws.underlying_transport.get_write_buffer_size() + self.batch_len > self.send_limit:
+            self.over_budget = True
+            self._update_reading()
+            self.budget_timer = self.ws._loop.call_later(self.send_timeout, self._budget_timed_out)
+
+    def _budget_timed_out(self):
+        if self.over_budget:
+            self.fail(WSClose.POLICY_VIOLATION, "client does not read what it asked for")
+
     def congest(self, int delta):
         """Count targets whose write buffer is full; stop reading the WebSocket while any is."""
-        cdef int before = self.congested
         self.congested += delta
-        if self.ws is None or self.ws.is_disconnected:
+        self._update_reading()
+
+    cdef _update_reading(self):
+        """Read the client unless a target is congested or our output is over budget."""
+        cdef bint pause = self.congested > 0 or self.over_budget
+        if pause == self.reading_paused or self.ws is None or self.ws.is_disconnected:
             return
-        if before == 0 and self.congested > 0:
+        self.reading_paused = pause
+        if pause:
             self.ws.underlying_transport.pause_reading()
-        elif before > 0 and self.congested == 0:
+        else:
             self.ws.underlying_transport.resume_reading()
 
 

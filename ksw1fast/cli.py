@@ -27,6 +27,7 @@ _FIELDS = {
     "host": "host", "port": "port", "path": "path", "max_streams": "max_streams",
     "max_payload": "max_payload", "handshake_timeout": "handshake_timeout",
     "connect_timeout": "connect_timeout", "dns_timeout": "dns_timeout",
+    "send_buffer_limit": "send_buffer_limit", "send_timeout": "send_timeout",
     "idle_ping": "idle_ping", "tls_cert": "tls_cert", "tls_key": "tls_key",
     "workers": "workers", "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
     "metrics_host": "metrics_host", "log_format": "log_format",
@@ -37,6 +38,7 @@ _FIELDS = {
     "pkcs11_pool_size": "pkcs11.pool_size", "pkcs11_pin_env": "pkcs11.pin_env",
     "pkcs11_allow_admin": "pkcs11.allow_admin", "pkcs11_allow": "pkcs11.allow",
     "pkcs11_deny": "pkcs11.deny", "pkcs11_max_out": "pkcs11.max_out",
+    "pkcs11_max_calls": "pkcs11.max_calls",
 }
 # environment names of the reference server
 _ENV = {"GATEWAY_HOST": ("host", str), "GATEWAY_PORT": ("port", int),
@@ -66,6 +68,13 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                         help=f"seconds to resolve and connect an Open (default {_D.connect_timeout})")
     limits.add_argument("--dns-timeout", type=float,
                         help=f"seconds for a DnsQuery (default {_D.dns_timeout})")
+    limits.add_argument("--send-buffer-limit", type=int, metavar="BYTES",
+                        help="bytes of replies queued for a client that does not read them "
+                             "before the gateway stops reading its requests "
+                             f"(default {_D.send_buffer_limit})")
+    limits.add_argument("--send-timeout", type=float,
+                        help="seconds a client may stay over --send-buffer-limit before it "
+                             f"is closed with 1008 (default {_D.send_timeout:g})")
     limits.add_argument("--idle-ping", type=float,
                         help="keepalive: a client silent up to this many seconds is pinged "
                              "and closed with 1001 if it does not answer within half as "
@@ -112,6 +121,9 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                      help="refuse these functions with AuthDenied (repeatable)")
     p11.add_argument("--pkcs11-max-out", type=int,
                      help=f"cap on output sizes a client may ask for (default {_P.max_out})")
+    p11.add_argument("--pkcs11-max-calls", type=int,
+                     help="calls one connection may have in flight; more are answered "
+                          f"Internal at once (default {_P.max_calls})")
     ops = serve.add_argument_group("operations (README: Operating)")
     ops.add_argument("--workers", type=worker_count,
                      help="worker processes, or 'auto' for one per CPU (default 1); each has "

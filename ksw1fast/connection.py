@@ -24,6 +24,7 @@ from ksw1fast.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CRED
                                 CloseReason, DnsErrCode, Feature, FrameType, OpenErrCode,
                                 Pkcs11Status, Proto, WSClose)
 from ksw1fast.errors import MalformedPayload
+from ksw1fast.logs import Throttled
 from ksw1fast.messages import OpenOkInfo, OpenRequest, SockAddr
 from ksw1fast.pkcs11 import wire
 from ksw1fast.pkcs11.supervisor import Pkcs11Backend
@@ -33,6 +34,7 @@ from ksw1fast.security import Security
 from ksw1fast.wsclose import closed_code
 
 log = logging.getLogger("ksw1fast")
+refusals = Throttled(log)  # what a client can cause at will: bounded
 
 # What this server really implements; a HelloAck carries the intersection with the client's.
 # Pkcs11 is granted even without a module: calls then get a clear Internal error.
@@ -66,12 +68,12 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
 
     # an idle connection should cost little memory: no per-instance __dict__
     __slots__ = ("config", "pkcs11", "security", "grant", "_grant_error", "peer", "hello_done",
-                 "features", "max_streams", "_on_closed", "_tasks", "_queries", "_counted",
+                 "features", "max_streams", "_on_closed", "_tasks", "_lookups", "_calls", "_counted",
                  "_streams_at_end", "_frames_seen", "_pinged")
 
     def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
                  pkcs11: Pkcs11Backend, security: Security, grant: Optional[Grant]) -> None:
-        super().__init__(config.max_payload)
+        super().__init__(config.max_payload, config.send_buffer_limit, config.send_timeout)
         self.config = config
         self.pkcs11 = pkcs11
         self.security = security
@@ -83,8 +85,9 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         self.max_streams = 0
         self._on_closed = on_closed
         self._tasks: dict[int, asyncio.Task] = {}  # stream id -> its connect task
-        # DNS lookups and PKCS#11 calls in flight (a dict: an empty set costs 3x the memory)
-        self._queries: dict[asyncio.Future, None] = {}
+        # DNS lookups and PKCS#11 calls in flight (dicts: an empty set costs 3x the memory)
+        self._lookups: dict[asyncio.Future, None] = {}
+        self._calls: dict[asyncio.Future, None] = {}
         self._counted: dict[Any, tuple[int, int]] = {}  # stream -> bytes already in metrics
         self._streams_at_end = 0  # streams open when the session ended (for the log)
         self._frames_seen = 0     # frames_in at the last keepalive sweep
@@ -108,7 +111,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             stream.forget()
             self._count_bytes(stream, final=True)
         self.streams.clear()
-        for task in (*self._tasks.values(), *self._queries):
+        for task in (*self._tasks.values(), *self._lookups, *self._calls):
             task.cancel()
         self._tasks.clear()
         close = getattr(self.pkcs11, "close", None)
@@ -204,7 +207,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     # -- streams --------------------------------------------------------------------
 
     def _open_err(self, stream_id: int, code: OpenErrCode, message: str, dest: str = "?") -> None:
-        log.info("open refused peer=%s stream=%d dest=%s reason=%s: %s",
+        refusals.info("open refused peer=%s stream=%d dest=%s reason=%s: %s",
                  self.peer, stream_id, dest, code.name, message)
         metrics.child(metrics.STREAMS, dest.split(" ", 1)[0] if " " in dest else "?",
                       code.name.lower()).inc()
@@ -344,7 +347,8 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
 
     def stream_failed(self, stream: "relay.Stream", reason: str) -> None:
         """The client broke a stream's rules: drop the target and Close(sid, 1)."""
-        log.info("stream closed peer=%s stream=%d reason=%s", self.peer, stream.stream_id, reason)
+        refusals.info("stream closed peer=%s stream=%d reason=%s", self.peer, stream.stream_id,
+                      reason)
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
         stream.forget()
@@ -378,7 +382,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         task = loop.create_task(lookup(query.name, 0, query.family))
         # one timer, not wait_for: that would run the lookup in a second task
         timer = loop.call_later(self.config.dns_timeout, self._dns_timed_out, query_id, task)
-        self._queries[task] = None
+        self._lookups[task] = None
         task.add_done_callback(partial(self._dns_done, query_id, query.name, timer))
 
     def _dns_timed_out(self, query_id: int, task: "asyncio.Task[list[Endpoint]]") -> None:
@@ -390,7 +394,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     def _dns_done(self, query_id: int, name: str, timer: asyncio.TimerHandle,
                   task: "asyncio.Task[list[Endpoint]]") -> None:
         timer.cancel()
-        self._forget_query(task)
+        self._lookups.pop(task, None)
         if task.cancelled():
             return  # timed out (answered already) or the connection is gone
         try:
@@ -431,18 +435,21 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         if not allowed:
             self._pkcs11_reply(*wire.auth_denied(reason), query_id)
             return
+        if len(self._calls) >= self.config.pkcs11.max_calls:
+            # bounds what answers may pile up: max_calls x max_out bytes (spec §6 spirit)
+            metrics.child(metrics.LIMITS, "pkcs11_calls").inc()
+            self._pkcs11_reply(*wire.internal(
+                f"more than {self.config.pkcs11.max_calls} PKCS#11 calls in flight"), query_id)
+            return
         # the built-in agents answer with a plain future: no task per call on this path
         answer = asyncio.ensure_future(self.pkcs11.handle(request.fn_id, request.args))
-        self._queries[answer] = None
+        self._calls[answer] = None
         answer.add_done_callback(partial(self._pkcs11_done, query_id, request.fn_id,
                                          time.monotonic()))
 
-    def _forget_query(self, query: asyncio.Future) -> None:
-        self._queries.pop(query, None)
-
     def _pkcs11_done(self, query_id: int, fn_id: int, started: float,
                      answer: "asyncio.Future[tuple[int, bytes]]") -> None:
-        self._forget_query(answer)
+        self._calls.pop(answer, None)
         if answer.cancelled():
             return  # the connection is gone
         if answer.exception() is not None:  # a custom backend's bug: this call fails only

@@ -14,7 +14,7 @@ from picows import (WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithLi
 
 from ksw1fast import metrics
 from ksw1fast.config import GatewayConfig
-from ksw1fast.connection import Connection
+from ksw1fast.connection import Connection, refusals
 from ksw1fast.constants import HEADER_SIZE
 from ksw1fast.pkcs11.supervisor import NoModule, make_provider
 from ksw1fast.security import HandshakeRefused, Security
@@ -126,7 +126,7 @@ class Gateway:
         try:
             grant, subprotocol = self.security.admit(path, request.headers)
         except HandshakeRefused as exc:
-            log.info("handshake refused status=%d reason=%s", exc.status, exc)
+            refusals.info("handshake refused status=%d reason=%s", exc.status, exc)
             if exc.kind == "origin":
                 metrics.POLICY_DENIALS.labels("origin").inc()
             else:

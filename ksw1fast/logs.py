@@ -33,3 +33,34 @@ def configure(level: str, fmt: str) -> None:
     root.setLevel(getattr(logging, level.upper()))
     # picows logs every accept on its own; our connection lines say the same with more
     logging.getLogger("picows").setLevel(max(root.level, logging.WARNING))
+
+
+class Throttled:
+    """Log lines a client can cause at will (a refused Open, a refused handshake): at most
+    `rate` a second with bursts of `burst`, so a flood of refusals cannot flood the log
+    or block the event loop on a slow log pipe. The first line let through after some
+    were dropped says how many."""
+
+    def __init__(self, logger: logging.Logger, rate: float = 50.0, burst: float = 200.0) -> None:
+        self._logger = logger
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._last = time.monotonic()
+        self._dropped = 0
+
+    def info(self, message: str, *args: object) -> None:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1:
+            self._dropped += 1
+            return
+        self._tokens -= 1
+        if self._dropped:
+            message += " (%d similar lines dropped)"
+            args += (self._dropped,)
+            self._dropped = 0
+        self._logger.info(message, *args)

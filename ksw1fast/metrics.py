@@ -64,6 +64,8 @@ POLICY_DENIALS = _metric("Counter", "ksw1fast_policy_denials",
                          "Requests denied by Origin or egress policy", ("reason",))
 AUTH_FAILURES = _metric("Counter", "ksw1fast_auth_failures", "Refused tokens, by reason",
                         ("reason",))
+LIMITS = _metric("Counter", "ksw1fast_limit_refusals",
+                 "Requests refused or connections paused by a limit, by limit", ("limit",))
 AGENTS = _metric("Gauge", "ksw1fast_pkcs11_agents", "Running PKCS#11 agent processes",
                  multiprocess_mode="livesum")
 

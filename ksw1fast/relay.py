@@ -263,13 +263,18 @@ class GatewayListener(WSListener):
     the socket gone without one.
     """
 
-    def __init__(self, max_payload: int) -> None:
+    def __init__(self, max_payload: int, send_limit: int, send_timeout: float) -> None:
         super().__init__()
         self.ws: Optional[WSTransport] = None
         self.streams: dict[int, Stream] = {}
         self.targets_paused = False
         self.parser = codec.FrameParser(max_payload)
-        self.congested = 0
+        self.congested = 0            # targets whose write buffer is full
+        self.over_budget = False      # our queued output to the client passed send_limit
+        self.reading_paused = False   # the client is not being read: congested or over budget
+        self.send_limit = send_limit
+        self.send_timeout = send_timeout
+        self._budget_timer: Optional[asyncio.TimerHandle] = None
         self.closing = False  # a Close was sent: nothing else may follow it
         self.frames_in = 0    # WebSocket frames received (keepalive)
         self._close_timer: Optional[asyncio.TimerHandle] = None
@@ -317,8 +322,9 @@ class GatewayListener(WSListener):
         self.ws.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        if self._close_timer is not None:
-            self._close_timer.cancel()
+        for timer in (self._close_timer, self._budget_timer):
+            if timer is not None:
+                timer.cancel()
         if not self.closing:  # the socket went without a Close
             self.closing = True
             self.end_session()
@@ -341,6 +347,8 @@ class GatewayListener(WSListener):
         codec.pack_header(message, _WS_HEADROOM, type, flags, stream_id, size)
         message[_WS_HEADROOM + HEADER_SIZE:] = payload
         self.ws.send_reuse_external_bytearray(WSMsgType.BINARY, message, _WS_HEADROOM)
+        if self.targets_paused:
+            self._check_budget()
 
     def fail(self, code: int, reason: str) -> None:
         """Close this WebSocket (and only it) with `code`: the session ends now, the socket
@@ -360,18 +368,47 @@ class GatewayListener(WSListener):
 
     def resume_writing(self) -> None:
         self._pause_targets(False)
+        if self.over_budget:
+            self.over_budget = False
+            assert self._budget_timer is not None
+            self._budget_timer.cancel()
+            self._update_reading()
 
     def _pause_targets(self, on: bool) -> None:
         self.targets_paused = on
         for stream in self.streams.values():
             stream.set_paused(PAUSE_WEBSOCKET, on)  # type: ignore[attr-defined]
 
-    def congest(self, delta: int) -> None:
-        before = self.congested
-        self.congested += delta
-        if self.ws is None or self.ws.is_disconnected:
+    def _check_budget(self) -> None:
+        """Targets are paused, so what still grows our queue to the client is what we
+        generate in answer to it (Pongs, DNS and PKCS#11 replies...): past send_limit,
+        stop reading the client until the queue drains, and close it with 1008 if it
+        does not drain within send_timeout."""
+        assert self.ws is not None
+        if self.over_budget or self.closing:
             return
-        if before == 0 and self.congested > 0:
+        if self.ws.underlying_transport.get_write_buffer_size() > self.send_limit:
+            self.over_budget = True
+            self._update_reading()
+            self._budget_timer = asyncio.get_running_loop().call_later(
+                self.send_timeout, self._budget_timed_out)
+
+    def _budget_timed_out(self) -> None:
+        if self.over_budget:
+            self.fail(WSClose.POLICY_VIOLATION, "client does not read what it asked for")
+
+    def congest(self, delta: int) -> None:
+        """Count targets whose write buffer is full; stop reading the WebSocket while any is."""
+        self.congested += delta
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read the client unless a target is congested or our output is over budget."""
+        pause = self.congested > 0 or self.over_budget
+        if pause == self.reading_paused or self.ws is None or self.ws.is_disconnected:
+            return
+        self.reading_paused = pause
+        if pause:
             self.ws.underlying_transport.pause_reading()
-        elif before > 0 and self.congested == 0:
+        else:
             self.ws.underlying_transport.resume_reading()

@@ -15,6 +15,10 @@ import urllib.request
 from typing import Awaitable, Callable
 
 import websockets
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
 
 from ksw1fast import codec as pycodec
 
@@ -141,3 +145,135 @@ def http_get(url: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+class RawPeer:
+    """A WebSocket client whose every byte is visible: websockets' sans-I/O protocol for
+    the upgrade and for building frames, a plain non-blocking socket underneath."""
+
+    def __init__(self, address: str) -> None:
+        self.protocol = ClientProtocol(parse_uri(address), max_size=None)
+        uri = parse_uri(address)
+        self.sock = socket.create_connection((uri.host, uri.port))
+        self.sock.setblocking(False)
+
+    async def upgrade(self) -> None:
+        self.protocol.send_request(self.protocol.connect())
+        await self._flush()
+        loop = asyncio.get_running_loop()
+        while not any(isinstance(e, Response) for e in self.protocol.events_received()):
+            self.protocol.receive_data(await loop.sock_recv(self.sock, 65536))
+        assert self.protocol.handshake_exc is None
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        for data in self.protocol.data_to_send():
+            if data:
+                await loop.sock_sendall(self.sock, data)
+
+    async def send_frame(self, opcode: Opcode, payload: bytes) -> None:
+        self.protocol.send_frame(Frame(opcode, payload))  # masked, as a client must
+        await self._flush()
+
+    async def flood(self, message: bytes, count: int, blocked_for: float = 2.0) -> int:
+        """Send `message` as a binary message up to `count` times without reading, until
+        the server has not taken one for `blocked_for` seconds; how many went out."""
+        for sent in range(count):
+            try:
+                await asyncio.wait_for(self.send_frame(Opcode.BINARY, message), blocked_for)
+            except asyncio.TimeoutError:
+                return sent
+        return count
+
+    async def close_code(self, timeout: float = 30) -> int | None:
+        """Read (and drop) everything until the server's Close; answer it; its code."""
+        loop = asyncio.get_running_loop()
+        while True:
+            for event in self.protocol.events_received():
+                if isinstance(event, Frame) and event.opcode == Opcode.CLOSE:
+                    await self._flush()  # the protocol queued the answering Close
+                    return int.from_bytes(event.data[:2], "big") if event.data else None
+            data = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 20), timeout)
+            if not data:
+                return None
+            self.protocol.receive_data(data)
+
+    async def read_exactly(self, n: int, timeout: float = 10) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = await asyncio.wait_for(
+                asyncio.get_running_loop().sock_recv(self.sock, n - len(data)), timeout)
+            if not chunk:
+                raise EOFError(f"closed after {data!r}")
+            data += chunk
+        return data
+
+    async def read_frame(self) -> bytes:
+        """The next server frame, header and all (servers do not mask; payload < 126)."""
+        head = await self.read_exactly(2)
+        return head + await self.read_exactly(head[1] & 0x7F)
+
+    async def at_eof(self, timeout: float = 10) -> bool:
+        """Whether the server closes the TCP connection within `timeout` (data is read
+        and dropped)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while await asyncio.wait_for(loop.sock_recv(self.sock, 65536), timeout):
+                pass
+        except asyncio.TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ControlEcho:
+    """A well-behaved client echoing through the gateway while an attack runs.
+
+        async with ControlEcho(address, echo_port):
+            ...  # the attack
+
+    A round trip every `period` seconds over one stream; on exit it asserts that every
+    round trip completed within `stall` seconds and that it made some.
+    """
+
+    def __init__(self, address: str, echo_port: int, stall: float = 5.0,
+                 period: float = 0.05) -> None:
+        self.address, self.echo_port, self.stall, self.period = address, echo_port, stall, period
+        self.round_trips = 0
+        self.stalls: list[str] = []
+
+    async def __aenter__(self) -> "ControlEcho":
+        from ksw1fast import client
+
+        self.client = await client.connect(self.address)
+        self.stream = await self.client.open_connection("127.0.0.1", self.echo_port)
+        self._stop = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            message = b"%08d" % self.round_trips
+            self.stream.write(message)
+            try:
+                echoed = await asyncio.wait_for(self.stream.readexactly(len(message)), self.stall)
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+                self.stalls.append(f"round trip {self.round_trips}: {exc!r}")
+                return
+            assert echoed == message
+            self.round_trips += 1
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.period)
+            except asyncio.TimeoutError:
+                pass
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        await self._task
+        await self.client.close()
+        assert not self.stalls, f"the control connection stalled: {self.stalls}"
+        assert self.round_trips > 0

@@ -1,28 +1,26 @@
 """The WebSocket close handshake (spec §11, RFC 6455 §5.5.1 and §7.4), byte for byte.
 
-The answers are read off the socket as raw bytes: the client side is the `websockets`
-library's sans-I/O protocol (an implementation nobody here wrote) driving a plain
-socket, so every Close frame below, valid or not, really crosses the wire.
+The answers are read off the socket as raw bytes (helpers.RawPeer: the `websockets`
+library's sans-I/O protocol, an implementation nobody here wrote, driving a plain
+socket), so every Close frame below, valid or not, really crosses the wire.
 """
 from __future__ import annotations
 
 import asyncio
-import socket
 import struct
 
 import pytest
 import websockets
 from hypothesis import given, strategies as st
-from websockets.client import ClientProtocol
+from websockets.frames import Opcode
 from websockets.server import ServerProtocol
-from websockets.frames import Frame, Opcode
-from websockets.http11 import Response
-from websockets.uri import parse_uri
 
 import ksw1fast
 from ksw1fast import client as kclient
 from ksw1fast import codec
 from ksw1fast.wsclose import MAX_REASON, close_reason, closed_code, may_send, reply_to_close
+
+from helpers import RawPeer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,66 +54,6 @@ CASES = {
                         _close(1007, b"Received CLOSE with invalid UTF-8 reason")),
     "123-byte reason": (struct.pack("!H", 1000) + b"r" * 123, _close(1000)),
 }
-
-
-class RawPeer:
-    """A WebSocket client whose every byte is visible: websockets' sans-I/O protocol for
-    the upgrade and for building frames, a plain non-blocking socket underneath."""
-
-    def __init__(self, address: str) -> None:
-        self.protocol = ClientProtocol(parse_uri(address))
-        uri = parse_uri(address)
-        self.sock = socket.create_connection((uri.host, uri.port))
-        self.sock.setblocking(False)
-
-    async def upgrade(self) -> None:
-        self.protocol.send_request(self.protocol.connect())
-        await self._flush()
-        loop = asyncio.get_running_loop()
-        while not any(isinstance(e, Response) for e in self.protocol.events_received()):
-            self.protocol.receive_data(await loop.sock_recv(self.sock, 65536))
-        assert self.protocol.handshake_exc is None
-
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        for data in self.protocol.data_to_send():
-            if data:
-                await loop.sock_sendall(self.sock, data)
-
-    async def send_frame(self, opcode: Opcode, payload: bytes) -> None:
-        self.protocol.send_frame(Frame(opcode, payload))  # masked, as a client must
-        await self._flush()
-
-    async def read_exactly(self, n: int, timeout: float = 10) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = await asyncio.wait_for(
-                asyncio.get_running_loop().sock_recv(self.sock, n - len(data)), timeout)
-            if not chunk:
-                raise EOFError(f"closed after {data!r}")
-            data += chunk
-        return data
-
-    async def read_frame(self) -> bytes:
-        """The next server frame, header and all (servers do not mask; payload < 126)."""
-        head = await self.read_exactly(2)
-        return head + await self.read_exactly(head[1] & 0x7F)
-
-    async def at_eof(self, timeout: float = 10) -> bool:
-        """Whether the server closes the TCP connection within `timeout` (data is read
-        and dropped)."""
-        loop = asyncio.get_running_loop()
-        try:
-            while await asyncio.wait_for(loop.sock_recv(self.sock, 65536), timeout):
-                pass
-        except asyncio.TimeoutError:
-            return False
-        except ConnectionResetError:
-            return True
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

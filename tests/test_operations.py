@@ -138,3 +138,23 @@ async def test_json_logs(echo_port, spawn_gateway) -> None:
     messages = [e["message"] for e in entries]
     assert any(m.startswith("connection open peer=") for m in messages)
     assert all({"ts", "level", "logger", "pid", "message"} <= e.keys() for e in entries)
+
+
+def test_throttled_log_lines_are_bounded_and_say_what_was_dropped(caplog, monkeypatch) -> None:
+    import logging
+
+    from ksw1fast import logs
+
+    now = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    throttled = logs.Throttled(logging.getLogger("ksw1fast.test"), rate=10, burst=5)
+    with caplog.at_level(logging.INFO, "ksw1fast.test"):
+        for i in range(100):  # a flood within one instant: the burst only
+            throttled.info("refused %d", i)
+        now[0] += 1.0         # a second later: 10 more lines' worth
+        for i in range(100, 120):
+            throttled.info("refused %d", i)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:5] == [f"refused {i}" for i in range(5)]
+    assert lines[5] == "refused 100 (95 similar lines dropped)"
+    assert len(lines) == 10  # the burst refilled, no more

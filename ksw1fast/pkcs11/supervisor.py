@@ -45,6 +45,8 @@ class Pkcs11Settings:
     allow: Optional[tuple[str, ...]] = None  # fn names allowed (None = all)
     deny: tuple[str, ...] = field(default_factory=tuple)
     max_out: int = 1 << 20                 # cap on client-given output sizes
+    max_calls: int = 16                    # calls in flight per connection; their answers
+                                           # are at most max_calls x max_out bytes
 
     def __post_init__(self) -> None:
         if self.isolation not in ("connection", "worker"):
@@ -52,8 +54,8 @@ class Pkcs11Settings:
         if self.isolation == "worker" and not self.pin_env:
             raise ValueError("pkcs11 isolation 'worker' shares one login between "
                              "connections: it needs a gateway-held PIN (pin_env)")
-        if self.pool_size < 0 or self.max_out < 1:
-            raise ValueError("pkcs11 pool_size must be >= 0 and max_out >= 1")
+        if self.pool_size < 0 or self.max_out < 1 or self.max_calls < 1:
+            raise ValueError("pkcs11 pool_size must be >= 0, max_out and max_calls >= 1")
 
     def agent_argv(self, shared: bool) -> list[str]:
         argv = [sys.executable, "-m", "ksw1fast.pkcs11.agent", "--lib", str(self.lib),
