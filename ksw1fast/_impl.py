@@ -28,3 +28,4 @@ def _load() -> tuple[ModuleType, ModuleType, bool]:
 
 
 codec, relay, EXTENSIONS = _load()
+CODEC = "compiled" if EXTENSIONS else "pure"  # as /healthz and ksw1fast_build_info say it

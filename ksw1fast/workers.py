@@ -5,8 +5,9 @@ PKCS#11 modules both break across fork) with its own uvloop and its own SO_REUSE
 listener on the same port; the kernel spreads connections over them.  The supervisor
 starts the workers before it creates an event loop or a thread, restarts a worker that
 dies (with a back-off, so a crash loop does not spin), serves /metrics (aggregated over
-the workers through prometheus_client's multiprocess directory), /healthz and /readyz,
-and on SIGTERM/SIGINT drains: readiness goes false, every worker drains, exit 0.
+the workers through prometheus_client's multiprocess directory), /healthz (each live
+worker's codec) and /readyz, and on SIGTERM/SIGINT drains: readiness goes false, every
+worker drains, exit 0.
 """
 from __future__ import annotations
 
@@ -100,10 +101,10 @@ class Supervisor:
         ops = None
         if self.config.metrics_port is not None:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
-            from ksw1fast.ops_http import OpsServer
+            from ksw1fast.ops_http import OpsServer, workers_health
 
-            ops = await OpsServer(lambda: self.ready).start(self.config.metrics_host,
-                                                            self.config.metrics_port)
+            ops = await OpsServer(lambda: self.ready, workers_health).start(
+                self.config.metrics_host, self.config.metrics_port)
         await asyncio.sleep(1.0)  # the workers have bound the port by now
         if holder is not None:
             holder.close()
