@@ -17,11 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
-from ksw1fast import metrics
+from ksw1fast import children, metrics
 from ksw1fast.pkcs11 import ipc, wire
 
 log = logging.getLogger("ksw1fast.pkcs11")
@@ -54,20 +53,20 @@ class Pkcs11Settings:
         if self.pool_size < 0 or self.max_out < 1:
             raise ValueError("pkcs11 pool_size must be >= 0 and max_out >= 1")
 
-    def agent_argv(self, shared: bool) -> list[str]:
-        argv = [sys.executable, "-m", "ksw1fast.pkcs11.agent", "--lib", str(self.lib),
-                "--max-out", str(self.max_out)]
+    def agent_args(self, shared: bool) -> list[str]:
+        """Arguments of `ksw1fast.pkcs11.agent`."""
+        args = ["--lib", str(self.lib), "--max-out", str(self.max_out)]
         if self.pin_env:
-            argv += ["--pin-env", self.pin_env]
+            args += ["--pin-env", self.pin_env]
         if self.allow_admin:
-            argv.append("--allow-admin")
+            args.append("--allow-admin")
         for name in self.allow or ():
-            argv += ["--allow", name]
+            args += ["--allow", name]
         for name in self.deny:
-            argv += ["--deny", name]
+            args += ["--deny", name]
         if shared:
-            argv.append("--shared")
-        return argv
+            args.append("--shared")
+        return args
 
 
 class AgentError(Exception):
@@ -88,9 +87,9 @@ class AgentProcess:
 
     @classmethod
     async def start(cls, settings: Pkcs11Settings, shared: bool = False) -> "AgentProcess":
+        argv, env = children.command("ksw1fast.pkcs11.agent", settings.agent_args(shared))
         proc = await asyncio.create_subprocess_exec(
-            *settings.agent_argv(shared), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE)
+            *argv, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         agent = cls(proc)
         metrics.AGENTS.inc()
         try:

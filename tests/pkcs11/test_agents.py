@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 
 import psutil
 import pytest
@@ -12,8 +13,10 @@ import pytest
 import ksw1fast
 from ksw1fast import client as kclient
 from ksw1fast.constants import Pkcs11Status
-from ksw1fast.pkcs11.supervisor import Pkcs11Settings
+from ksw1fast.pkcs11.supervisor import AgentProcess, Pkcs11Settings
 from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer
+
+from helpers import PackageCopy
 
 from .conftest import USER_PIN, SoftHSM
 
@@ -118,3 +121,17 @@ async def test_a_slow_call_does_not_freeze_relaying(gateway, echo_port) -> None:
     assert response.status == Pkcs11Status.OK
     await a.close()
     await b.close()
+
+
+async def test_an_agent_started_in_an_unbuilt_checkout_imports_the_gateways_package(
+        softhsm: SoftHSM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkout = PackageCopy(tmp_path, built=False)
+    monkeypatch.chdir(tmp_path)
+    agent = await AgentProcess.start(Pkcs11Settings(lib=softhsm.module))
+    try:
+        client = await agent.open_client()
+        status, body = await agent.call(client, F["GetSlotList"], Writer().bool(True).getvalue())
+    finally:
+        await agent.stop()
+    assert status == Pkcs11Status.OK and Reader(body).list(Reader.u64)
+    assert checkout.imported_by == set()
