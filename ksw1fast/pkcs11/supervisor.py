@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Protocol
@@ -27,6 +28,9 @@ log = logging.getLogger("ksw1fast.pkcs11")
 
 NO_MODULE = "no PKCS#11 module configured"
 START_TIMEOUT = 30.0  # loading a module and C_Initialize
+# an agent asked to stop by a signal, as a service manager or a terminal sends one to
+# every process of the service when it drains: a normal end, like closing its stdin
+_STOP_STATUSES = (-signal.SIGTERM, -signal.SIGINT)
 
 
 class Pkcs11Backend(Protocol):
@@ -83,6 +87,7 @@ class AgentProcess:
         self._next_query = 1
         self._ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.dead: Optional[str] = None  # why it can no longer answer
+        self._stopping = False  # stop() closed its stdin: exiting is what we asked for
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
@@ -111,7 +116,9 @@ class AgentProcess:
                 self._dispatch(message)
         code = await self._proc.wait()
         metrics.AGENTS.dec()
-        self._die(f"PKCS#11 agent exited (status {code})")
+        normal = (self._stopping and code == 0) or code in _STOP_STATUSES
+        self._die(f"PKCS#11 agent exited (status {code})",
+                  logging.DEBUG if normal else logging.WARNING)
 
     def _dispatch(self, message: ipc.Message) -> None:
         if message.op == ipc.OP_READY:
@@ -126,10 +133,10 @@ class AgentProcess:
             elif message.op == ipc.OP_RESULT:
                 _settle(waiter, (message.body[0], message.body[1:]))
 
-    def _die(self, reason: str) -> None:
+    def _die(self, reason: str, level: int = logging.WARNING) -> None:
         if self.dead is None:
             self.dead = reason
-            log.warning("PKCS#11 agent %d: %s", self._proc.pid, reason)
+            log.log(level, "PKCS#11 agent %d: %s", self._proc.pid, reason)
         error = AgentError(self.dead)
         for query, waiter in [(0, self._ready), *self._pending.items()]:
             if waiter.done():
@@ -173,6 +180,7 @@ class AgentProcess:
     async def stop(self, timeout: float = 5.0) -> None:
         """Close its stdin (it finalises and exits); kill it if it does not."""
         if self._proc.returncode is None:
+            self._stopping = True
             if self._proc.stdin is not None:
                 self._proc.stdin.close()
             try:
