@@ -13,6 +13,8 @@ from picows import (WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithLi
                     ws_create_server)
 
 from ksw1fast import metrics
+from ksw1fast._impl import CODEC
+from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
 from ksw1fast.connection import Connection, refusals
 from ksw1fast.constants import HEADER_SIZE
@@ -62,6 +64,8 @@ class Gateway:
         self._byte_counter = asyncio.ensure_future(self._count_bytes())
         if cfg.idle_ping > 0:
             self._keepalive = asyncio.ensure_future(self._keep_alive(cfg.idle_ping / 2))
+        # here, not at import: agents import this package too, and are not gateways
+        metrics.BUILD_INFO.labels(__version__, CODEC).set(1)
         log.info("ksw1fast serving %s", self.address)
         return self
 

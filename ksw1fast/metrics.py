@@ -7,6 +7,7 @@ here runs per frame: bytes are harvested from the streams' own counters once a s
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Any
 
@@ -68,6 +69,10 @@ LIMITS = _metric("Counter", "ksw1fast_limit_refusals",
                  "Requests refused or connections paused by a limit, by limit", ("limit",))
 AGENTS = _metric("Gauge", "ksw1fast_pkcs11_agents", "Running PKCS#11 agent processes",
                  multiprocess_mode="livesum")
+# one sample per live worker (with its pid): a supervisor's /healthz lists them from it
+BUILD_INFO = _metric("Gauge", "ksw1fast_build_info",
+                     "Always 1: the version and the codec (compiled or pure) this gateway runs",
+                     ("version", "codec"), multiprocess_mode="liveall")
 
 
 @lru_cache(maxsize=None)  # label values come from small fixed sets (results, codes)
@@ -77,17 +82,28 @@ def child(metric: Any, *labels: str) -> Any:
     return metric.labels(*labels)
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text of this process, or of all workers in multiprocess mode."""
+def _registry() -> Any:
+    """This process's metrics, or in multiprocess mode all the workers'."""
     if prom is None:
         raise RuntimeError("metrics need prometheus_client: pip install 'ksw1fast[metrics]'")
-    import os
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return prom.REGISTRY
+    from prometheus_client import multiprocess
 
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+    registry = prom.CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
 
-        registry = prom.CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-    else:
-        registry = prom.REGISTRY
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of this process, or of all workers in multiprocess mode."""
+    registry = _registry()
     return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST
+
+
+def worker_codecs() -> list[dict[str, Any]]:
+    """pid and codec of each live worker, as its BUILD_INFO says (a supervisor's view)."""
+    workers = [{"pid": int(sample.labels["pid"]), "codec": sample.labels["codec"]}
+               for metric in _registry().collect() if metric.name == "ksw1fast_build_info"
+               for sample in metric.samples]
+    return sorted(workers, key=lambda worker: worker["pid"])

@@ -2,15 +2,19 @@
 
 A separate port from the WebSocket (`--metrics-port`, off by default), so it can stay
 private while the gateway faces browsers.  Deliberately tiny: GET only, one request per
-connection, bounded reads.
+connection, bounded reads.  /healthz answers 200 with a small JSON body saying the
+version and the codec: this process's, or in a supervisor each live worker's.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ksw1fast import metrics
+from ksw1fast._impl import CODEC
+from ksw1fast._version import __version__
 
 log = logging.getLogger("ksw1fast")
 
@@ -18,11 +22,24 @@ _MAX_REQUEST = 8192
 _TIMEOUT = 5.0
 
 
-class OpsServer:
-    """`is_ready()` answers /readyz: accepting connections, not draining."""
+def process_health() -> dict[str, Any]:
+    """/healthz of a gateway process."""
+    return {"status": "ok", "version": __version__, "codec": CODEC}
 
-    def __init__(self, is_ready: Callable[[], bool]) -> None:
+
+def workers_health() -> dict[str, Any]:
+    """/healthz of a supervisor: its live workers, as their metrics report them."""
+    return {"status": "ok", "version": __version__, "workers": metrics.worker_codecs()}
+
+
+class OpsServer:
+    """`is_ready()` answers /readyz: accepting connections, not draining; `health()` is
+    the body of /healthz."""
+
+    def __init__(self, is_ready: Callable[[], bool],
+                 health: Callable[[], dict[str, Any]] = process_health) -> None:
         self._is_ready = is_ready
+        self._health = health
         self._server: Optional[asyncio.AbstractServer] = None
 
     async def start(self, host: str, port: int) -> "OpsServer":
@@ -48,7 +65,7 @@ class OpsServer:
             body, content_type = metrics.render()
             return 200, body, content_type
         if path == "/healthz":
-            return 200, b"ok\n", "text/plain"
+            return 200, json.dumps(self._health()).encode() + b"\n", "application/json"
         if path == "/readyz":
             ready = self._is_ready()
             return (200, b"ready\n", "text/plain") if ready else (503, b"draining\n",

@@ -1,12 +1,13 @@
 """`ksw1fast serve --workers N`: a supervisor and N worker processes.
 
-Each worker is a fresh `python -m ksw1fast serve` process (exec, not fork: uvloop and
-PKCS#11 modules both break across fork) with its own uvloop and its own SO_REUSEPORT
-listener on the same port; the kernel spreads connections over them.  The supervisor
-starts the workers before it creates an event loop or a thread, restarts a worker that
-dies (with a back-off, so a crash loop does not spin), serves /metrics (aggregated over
-the workers through prometheus_client's multiprocess directory), /healthz and /readyz,
-and on SIGTERM/SIGINT drains: readiness goes false, every worker drains, exit 0.
+Each worker is a fresh `ksw1fast serve` process (exec, not fork: uvloop and PKCS#11
+modules both break across fork) on the supervisor's own package and codec (see
+children.py), with its own uvloop and its own SO_REUSEPORT listener on the same port;
+the kernel spreads connections over them.  The supervisor starts the workers before it
+creates an event loop or a thread, restarts a worker that dies (with a back-off, so a
+crash loop does not spin), serves /metrics (aggregated over the workers through
+prometheus_client's multiprocess directory), /healthz (each live worker's codec) and
+/readyz, and on SIGTERM/SIGINT drains: readiness goes false, every worker drains, exit 0.
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Optional, Sequence
 
+from ksw1fast import children
 from ksw1fast.config import GatewayConfig
 
 log = logging.getLogger("ksw1fast")
@@ -71,9 +72,10 @@ class Supervisor:
         return holder
 
     def _spawn(self, worker: _Worker) -> None:
-        argv = [sys.executable, "-m", "ksw1fast", "serve", *self._serve_argv,
-                "--workers", "1", "--port", str(self._port), "--worker-process"]
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
+        argv, env = children.command(
+            "ksw1fast", ["serve", *self._serve_argv, "--workers", "1", "--port", str(self._port),
+                         "--worker-process"],
+            {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir})
         worker.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
         worker.started = time.monotonic()
         log.info("worker %d started pid=%d", worker.index, worker.proc.pid)
@@ -100,10 +102,10 @@ class Supervisor:
         ops = None
         if self.config.metrics_port is not None:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
-            from ksw1fast.ops_http import OpsServer
+            from ksw1fast.ops_http import OpsServer, workers_health
 
-            ops = await OpsServer(lambda: self.ready).start(self.config.metrics_host,
-                                                            self.config.metrics_port)
+            ops = await OpsServer(lambda: self.ready, workers_health).start(
+                self.config.metrics_host, self.config.metrics_port)
         await asyncio.sleep(1.0)  # the workers have bound the port by now
         if holder is not None:
             holder.close()

@@ -4,15 +4,18 @@ library."""
 from __future__ import annotations
 
 import asyncio
+import importlib.machinery
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import urllib.error
 import urllib.request
-from typing import Awaitable, Callable
+from pathlib import Path
+from typing import Awaitable, Callable, Sequence
 
 import websockets
 from websockets.client import ClientProtocol
@@ -20,19 +23,23 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
+import ksw1fast
 from ksw1fast import codec as pycodec
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class GatewayProcess:
-    """`python -m ksw1fast serve` in a subprocess; the address is read from its log."""
+    """`python -m ksw1fast serve` (or `command` serve) in a subprocess, in `cwd`; the
+    address is read from its log."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None,
-                 default_port: bool = False) -> None:
+                 default_port: bool = False,
+                 command: Sequence[str] = (sys.executable, "-m", "ksw1fast"),
+                 cwd: Path | None = None) -> None:
         port = () if default_port else ("--port", "0")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ksw1fast", "serve", *port, *args],
+            [*command, "serve", *port, *args], cwd=cwd,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})}, text=True)
         self.address = ""
@@ -129,6 +136,30 @@ class RawClient:
                 await asyncio.wait_for(self.ws.recv(), timeout)
         except websockets.ConnectionClosed as exc:
             return exc.rcvd.code if exc.rcvd is not None else None
+
+
+class PackageCopy:
+    """A copy of the ksw1fast under test as `root/ksw1fast`, like a source checkout: built
+    (with the compiled extensions) or not.  Importing the copy appends the importing
+    process's pid to `root/imported`, so a test can tell which processes ran the copy."""
+
+    def __init__(self, root: Path, built: bool) -> None:
+        skip = ["__pycache__", "*.c", "*.html"]
+        if not built:
+            skip += [f"*{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+        shutil.copytree(Path(ksw1fast.__file__).parent, root / "ksw1fast",
+                        ignore=shutil.ignore_patterns(*skip))
+        self.root = root
+        self.package = root / "ksw1fast"
+        self._marks = root / "imported"
+        with open(self.package / "__init__.py", "a") as init:
+            init.write(f"\nimport os as _os\nwith open({str(self._marks)!r}, 'a') as _marks:\n"
+                       "    print(_os.getpid(), file=_marks)\n")
+
+    @property
+    def imported_by(self) -> set[int]:
+        """pids of the processes that imported this copy."""
+        return set(map(int, self._marks.read_text().split())) if self._marks.exists() else set()
 
 
 def free_port() -> int:

@@ -10,7 +10,10 @@ import time
 import psutil
 import pytest
 
+import ksw1fast
 from ksw1fast import client as kclient
+from ksw1fast import metrics
+from ksw1fast.ops_http import OpsServer
 
 from helpers import GatewayProcess, RawClient, free_port, http_get, port_of, serve_tcp
 
@@ -77,7 +80,14 @@ async def test_a_killed_worker_is_replaced_and_others_never_notice(echo_port,
                 if line.startswith("ksw1fast_connections_total"))
     assert total >= 21, text  # aggregated over the workers, the dead one included
     assert "ksw1fast_streams_total" in text and "ksw1fast_open_seconds_bucket" in text
-    assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/healthz"))[0] == 200
+    for _ in range(100):  # the dead worker's build info goes with the supervisor's next reap
+        status, body = await asyncio.to_thread(http_get,
+                                               f"http://127.0.0.1:{metrics_port}/healthz")
+        listed = {w["pid"] for w in json.loads(body)["workers"]}
+        if status == 200 and listed == {w.pid for w in _workers(proc)}:
+            break
+        await asyncio.sleep(0.1)
+    assert status == 200 and victim not in listed and len(listed) == 2, body
     assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/readyz"))[0] == 200
     for c in [*survivors, fresh]:
         await c.close()
@@ -126,6 +136,19 @@ async def test_drain_timeout_closes_the_rest_with_1001() -> None:
         assert await raw.close_code(timeout=15) == 1001
         assert time.monotonic() - started < 15
     assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+
+
+async def test_healthz_and_build_info_say_the_version_and_codec(gw) -> None:
+    ops = await OpsServer(lambda: gw.ready).start("127.0.0.1", 0)
+    try:
+        status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{ops.port}/healthz")
+    finally:
+        await ops.close()
+    assert status == 200
+    assert json.loads(body) == {"status": "ok", "version": ksw1fast.__version__,
+                                "codec": "compiled"}
+    text = metrics.render()[0].decode()
+    assert f'ksw1fast_build_info{{codec="compiled",version="{ksw1fast.__version__}"}} 1.0' in text
 
 
 async def test_json_logs(echo_port, spawn_gateway) -> None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import struct
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
-from ksw1fast import metrics
+from ksw1fast import children, metrics
 from ksw1fast.pkcs11 import ipc, wire
 from ksw1fast.pkcs11.args import check as layout_error
 
@@ -29,6 +29,9 @@ log = logging.getLogger("ksw1fast.pkcs11")
 
 NO_MODULE = "no PKCS#11 module configured"
 START_TIMEOUT = 30.0  # loading a module and C_Initialize
+# an agent asked to stop by a signal, as a service manager or a terminal sends one to
+# every process of the service when it drains: a normal end, like closing its stdin
+_STOP_STATUSES = (-signal.SIGTERM, -signal.SIGINT)
 
 
 class Pkcs11Backend(Protocol):
@@ -57,20 +60,20 @@ class Pkcs11Settings:
         if self.pool_size < 0 or self.max_out < 1 or self.max_calls < 1:
             raise ValueError("pkcs11 pool_size must be >= 0, max_out and max_calls >= 1")
 
-    def agent_argv(self, shared: bool) -> list[str]:
-        argv = [sys.executable, "-m", "ksw1fast.pkcs11.agent", "--lib", str(self.lib),
-                "--max-out", str(self.max_out)]
+    def agent_args(self, shared: bool) -> list[str]:
+        """Arguments of `ksw1fast.pkcs11.agent`."""
+        args = ["--lib", str(self.lib), "--max-out", str(self.max_out)]
         if self.pin_env:
-            argv += ["--pin-env", self.pin_env]
+            args += ["--pin-env", self.pin_env]
         if self.allow_admin:
-            argv.append("--allow-admin")
+            args.append("--allow-admin")
         for name in self.allow or ():
-            argv += ["--allow", name]
+            args += ["--allow", name]
         for name in self.deny:
-            argv += ["--deny", name]
+            args += ["--deny", name]
         if shared:
-            argv.append("--shared")
-        return argv
+            args.append("--shared")
+        return args
 
 
 class AgentError(Exception):
@@ -87,13 +90,14 @@ class AgentProcess:
         self._next_query = 1
         self._ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.dead: Optional[str] = None  # why it can no longer answer
+        self._stopping = False  # stop() closed its stdin: exiting is what we asked for
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
     async def start(cls, settings: Pkcs11Settings, shared: bool = False) -> "AgentProcess":
+        argv, env = children.command("ksw1fast.pkcs11.agent", settings.agent_args(shared))
         proc = await asyncio.create_subprocess_exec(
-            *settings.agent_argv(shared), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE)
+            *argv, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         agent = cls(proc)
         metrics.AGENTS.inc()
         try:
@@ -115,7 +119,9 @@ class AgentProcess:
                 self._dispatch(message)
         code = await self._proc.wait()
         metrics.AGENTS.dec()
-        self._die(f"PKCS#11 agent exited (status {code})")
+        normal = (self._stopping and code == 0) or code in _STOP_STATUSES
+        self._die(f"PKCS#11 agent exited (status {code})",
+                  logging.DEBUG if normal else logging.WARNING)
 
     def _dispatch(self, message: ipc.Message) -> None:
         if message.op == ipc.OP_READY:
@@ -130,10 +136,10 @@ class AgentProcess:
             elif message.op == ipc.OP_RESULT:
                 _settle(waiter, (message.body[0], message.body[1:]))
 
-    def _die(self, reason: str) -> None:
+    def _die(self, reason: str, level: int = logging.WARNING) -> None:
         if self.dead is None:
             self.dead = reason
-            log.warning("PKCS#11 agent %d: %s", self._proc.pid, reason)
+            log.log(level, "PKCS#11 agent %d: %s", self._proc.pid, reason)
         error = AgentError(self.dead)
         for query, waiter in [(0, self._ready), *self._pending.items()]:
             if waiter.done():
@@ -180,6 +186,7 @@ class AgentProcess:
     async def stop(self, timeout: float = 5.0) -> None:
         """Close its stdin (it finalises and exits); kill it if it does not."""
         if self._proc.returncode is None:
+            self._stopping = True
             if self._proc.stdin is not None:
                 self._proc.stdin.close()
             try:

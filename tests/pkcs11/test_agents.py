@@ -3,8 +3,10 @@ ended with it, and a crash that hurts nobody else."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+from pathlib import Path
 
 import psutil
 import pytest
@@ -12,8 +14,10 @@ import pytest
 import ksw1fast
 from ksw1fast import client as kclient
 from ksw1fast.constants import Pkcs11Status
-from ksw1fast.pkcs11.supervisor import Pkcs11Settings
+from ksw1fast.pkcs11.supervisor import AgentProcess, Pkcs11Settings
 from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer
+
+from helpers import PackageCopy
 
 from .conftest import USER_PIN, SoftHSM
 
@@ -118,3 +122,45 @@ async def test_a_slow_call_does_not_freeze_relaying(gateway, echo_port) -> None:
     assert response.status == Pkcs11Status.OK
     await a.close()
     await b.close()
+
+
+async def test_an_agent_started_in_an_unbuilt_checkout_imports_the_gateways_package(
+        softhsm: SoftHSM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkout = PackageCopy(tmp_path, built=False)
+    monkeypatch.chdir(tmp_path)
+    agent = await AgentProcess.start(Pkcs11Settings(lib=softhsm.module))
+    try:
+        client = await agent.open_client()
+        status, body = await agent.call(client, F["GetSlotList"], Writer().bool(True).getvalue())
+    finally:
+        await agent.stop()
+    assert status == Pkcs11Status.OK and Reader(body).list(Reader.u64)
+    assert checkout.imported_by == set()
+
+
+async def _ended(agent: AgentProcess) -> None:
+    for _ in range(100):
+        if agent.dead is not None:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail("the agent did not end")
+
+
+@pytest.mark.parametrize("end, level", [
+    ("stop", logging.DEBUG),               # its connection closed: stdin closed, status 0
+    (signal.SIGTERM, logging.DEBUG),       # a service manager stopping everything on drain
+    (signal.SIGKILL, logging.WARNING),     # a crash, as far as the gateway can tell
+])
+async def test_an_agents_end_is_a_warning_only_when_nobody_asked_for_it(
+        softhsm: SoftHSM, caplog: pytest.LogCaptureFixture, end: object, level: int) -> None:
+    caplog.set_level(logging.DEBUG, logger="ksw1fast.pkcs11")
+    agent = await AgentProcess.start(Pkcs11Settings(lib=softhsm.module))
+    if end == "stop":
+        await agent.stop()
+    else:
+        os.kill(agent.pid, end)
+        await _ended(agent)
+        await agent.stop()
+    (record,) = [r for r in caplog.records if r.name == "ksw1fast.pkcs11"]
+    assert record.levelno == level
+    assert record.getMessage().startswith(f"PKCS#11 agent {agent.pid}: PKCS#11 agent exited")
