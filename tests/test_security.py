@@ -136,7 +136,29 @@ async def test_allow_origin_patterns() -> None:
             port=0, allow_origins=("https://*.example.com",)) as gw:
         async with websockets.connect(gw.address, origin="https://app.example.com"):
             pass
-        assert await _status_of_refusal(gw.address, origin="http://localhost:3000") == 403
+        for origin in ("http://localhost:3000", "https://app.example.com:8443",
+                       "https://app.example.com.evil.net", "https://app.example.com/",
+                       "https://evil.net?.example.com"):
+            assert await _status_of_refusal(gw.address, origin=origin) == 403, origin
+
+
+@pytest.mark.parametrize("allow_origins", [(), ("*",), ("https://app.example.com", "null")])
+async def test_two_origin_headers_are_refused(allow_origins: tuple[str, ...]) -> None:
+    """Whatever their values: which of them would count is anyone's guess."""
+    async with await ksw1fast.start_gateway(port=0, allow_origins=allow_origins) as gw:
+        for first, second in (("http://localhost:3000", "http://localhost:3000"),
+                              ("https://app.example.com", "https://evil.example")):
+            assert await _status_of_refusal(gw.address, origin=first,
+                                            additional_headers=[("Origin", second)]) == 403
+
+
+def test_a_bad_origin_pattern_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="origin pattern 'https://app.example.com/login'"):
+        Security(GatewayConfig(allow_origins=("https://app.example.com/login",)))
+    result = subprocess.run([sys.executable, "-m", "ksw1fast", "serve", "--port", "0",
+                             "--allow-origin", "http://localhost:8O"],
+                            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "port '8O'" in result.stderr, result.stderr
 
 
 async def test_egress_rules(echo_port) -> None:
