@@ -118,13 +118,14 @@ _TEREDO = 0x2001_0000          # 2001::/32
 _6TO4 = 0x2002                 # 2002::/16
 
 
-def compile_wildcard(pattern: str, star: str = ".*") -> re.Pattern[str]:
-    """A regex (for `fullmatch`) where `*` matches `star` and all else is literal.
+def compile_wildcard(pattern: str) -> re.Pattern[str]:
+    """A regex (for `fullmatch`) where `*` matches any run of characters and all else is
+    literal.
 
     Unlike fnmatch there are no `?` or `[...]` classes, so `[::1]` means itself.
     Callers lower-case both sides.
     """
-    return re.compile(star.join(map(re.escape, pattern.split("*"))))
+    return re.compile(".*".join(map(re.escape, pattern.split("*"))))
 
 
 _compiled = lru_cache(maxsize=1024)(compile_wildcard)
