@@ -90,7 +90,8 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                      help="upgrade without a handshake token; each Open, DnsQuery and "
                           "Pkcs11Request then needs a valid token (Open field or Hello)")
     sec.add_argument("--allow-origin", metavar="PATTERN", action="append",
-                     help="browser Origin allowed to connect, '*' wildcards (repeatable); "
+                     help="browser Origin allowed to connect, scheme://host[:port] with '*' "
+                          "for the port or host labels, or '*' or 'null' (repeatable); "
                           "default: no Origin, or localhost / 127.0.0.1 / [::1] on any port")
     sec.add_argument("--egress", metavar="RULE", action="append",
                      help="egress rule, e.g. 'allow tcp db.internal:5432' or "

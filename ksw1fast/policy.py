@@ -40,7 +40,21 @@ Semantics:
   lives, cloud metadata fd00:ec2::254 and 100.100.100.200, 0.0.0.0/8, `::`,
   multicast, broadcast) are denied unless a CIDR `allow` lying inside that special
   range admits them: neither `*` nor name rules nor `allow 0.0.0.0/0` reach
-  169.254.169.254. IPv4-mapped IPv6 (`::ffff:169.254.169.254`) counts as its IPv4.
+  169.254.169.254. IPv4-mapped IPv6 (`::ffff:169.254.169.254`) is its IPv4 everywhere
+  (a dual-stack socket sends it as IPv4).
+- Other IPv6 forms carry an IPv4 that a translator or tunnel delivers to: NAT64
+  `64:ff9b::/96` and SIIT `::ffff:0:a.b.c.d` (the low 32 bits), the deprecated
+  IPv4-compatible `::a.b.c.d` (not `::` or `::1`), the local-use NAT64 `64:ff9b:1::/48`
+  (read in the RFC 6052 layout of a /48 prefix: bits 48-63 and 72-87), 6to4 `2002::/16`
+  (bits 16-47) and Teredo `2001::/32` (two: its server, bits 32-63, and its client, the
+  low 32 bits inverted). Such an address meets IPv4 CIDR rules as its IPv4 (Teredo: both
+  must lie in the network), IPv6 CIDR rules as itself, `*` and name rules as any address;
+  first match wins as ever. On top, its IPv4 judged alone must not be refused (special,
+  or met by a deny before any allow): `allow [64:ff9b::/96]` admits NAT64 destinations,
+  but never one whose IPv4 is special or denied, wherever the rules stand. A special
+  IPv4 needs an IPv4 CIDR allow inside its special range in every form it comes in
+  (`allow 169.254.169.254` admits `64:ff9b::a9fe:a9fe`; `allow [64:ff9b::a9fe:a9fe]` alone
+  does not). Token scopes match CIDRs the same way.
 
 Using it against DNS rebinding (the server's job, made natural here)::
 
@@ -95,15 +109,23 @@ _SPECIAL_BOUNDS: dict[int, tuple[tuple[int, int, IPNetwork, str], ...]] = {
     for version in (4, 6)}
 # everything an IPv4 literal is made of; an IPv6 literal always has a colon
 _IPV4_CHARS = frozenset("0123456789.")
+# IPv6 prefixes that carry an IPv4, as integers of the address bits above their length
+_LOW32 = 0xFFFF_FFFF
+_NAT64 = 0x64_FF9B << 64       # 64:ff9b::/96
+_SIIT = 0xFFFF << 16           # ::ffff:0:0:0/96
+_NAT64_LOCAL = 0x64_FF9B_0001  # 64:ff9b:1::/48
+_TEREDO = 0x2001_0000          # 2001::/32
+_6TO4 = 0x2002                 # 2002::/16
 
 
-def compile_wildcard(pattern: str, star: str = ".*") -> re.Pattern[str]:
-    """A regex (for `fullmatch`) where `*` matches `star` and all else is literal.
+def compile_wildcard(pattern: str) -> re.Pattern[str]:
+    """A regex (for `fullmatch`) where `*` matches any run of characters and all else is
+    literal.
 
     Unlike fnmatch there are no `?` or `[...]` classes, so `[::1]` means itself.
     Callers lower-case both sides.
     """
-    return re.compile(star.join(map(re.escape, pattern.split("*"))))
+    return re.compile(".*".join(map(re.escape, pattern.split("*"))))
 
 
 _compiled = lru_cache(maxsize=1024)(compile_wildcard)
@@ -170,6 +192,35 @@ def _special(ip: IPAddress) -> tuple[IPNetwork, str] | None:
     return None
 
 
+def _embedded(ip: IPAddress) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 address hands to a translator or tunnel (see the
+    module docstring); () for every other address. Integer tests: it runs on every check."""
+    if ip.version == 4:
+        return ()
+    value = int(ip)
+    top96 = value >> 32
+    if top96 == _NAT64 or top96 == _SIIT or (top96 == 0 and value > 1):
+        v4 = value & _LOW32
+    elif value >> 96 == _TEREDO:  # server, then the client (stored inverted)
+        return (ipaddress.IPv4Address((value >> 64) & _LOW32),
+                ipaddress.IPv4Address(~value & _LOW32))
+    elif value >> 112 == _6TO4:
+        v4 = (value >> 80) & _LOW32
+    elif value >> 80 == _NAT64_LOCAL:  # 16 bits, the 'u' octet (ignored), 16 bits
+        v4 = ((value >> 64) & 0xFFFF) << 16 | ((value >> 40) & 0xFFFF)
+    else:
+        return ()
+    return (ipaddress.IPv4Address(v4),)
+
+
+def _is_special(ip: IPAddress) -> bool:
+    """Whether `ip` or an IPv4 it embeds is special: what the default policy refuses."""
+    if _special(ip) is not None:
+        return True
+    # (most answers are IPv4: spare them the call and the generator)
+    return ip.version == 6 and any(_special(v4) is not None for v4 in _embedded(ip))
+
+
 def _dest(host: object, port: int | None, proto: str | None) -> str:
     text = f"[{host}]" if ":" in str(host) and port is not None else str(host)
     return f"{proto or 'any'} {text}" + (f":{port}" if port is not None else "")
@@ -224,11 +275,20 @@ class Rule:
         if port is not None and not self.ports[0] <= port <= self.ports[1]:
             return False
         ip = _literal(host)
-        return self._host_matches(ip, normalize_name(host) if ip is None else None)
+        if ip is None:
+            return self._host_matches(None, normalize_name(host))
+        return self._host_matches(ip, None, _embedded(ip))
 
-    def _host_matches(self, ip: IPAddress | None, name: str | None) -> bool:
-        if self.network is not None:
-            return ip is not None and ip.version == self.network.version and ip in self.network
+    def _host_matches(self, ip: IPAddress | None, name: str | None,
+                      embedded: tuple[ipaddress.IPv4Address, ...] = ()) -> bool:
+        """`embedded`: the IPv4s `ip` carries (`_embedded`), which meet IPv4 networks."""
+        net = self.network
+        if net is not None:
+            if ip is None:
+                return False
+            if ip.version == net.version:  # (`in` would compare mixed versions as integers)
+                return ip in net
+            return bool(embedded) and all(v4 in net for v4 in embedded)
         if self.host == "*":
             return True
         return name is not None and _compiled(self.host).fullmatch(name) is not None
@@ -388,10 +448,27 @@ class EgressPolicy:
         """May the gateway use address `ip` (after resolving `name`, if given)?
 
         CIDR rules, `*`, and name rules for `name` apply; a special address needs a CIDR
-        allow inside its special range. `ip`: text, 4/16 raw bytes or an address.
+        allow inside its special range. An IPv6 address embedding an IPv4 must pass as
+        itself and its IPv4 must not be refused alone (module docstring). `ip`: text,
+        4/16 raw bytes or an address.
         """
         addr = to_address(ip)
         norm = None if name is None or _literal(name) is not None else normalize_name(name)
+        proto = normalize_proto(proto)
+        embedded = _embedded(addr)
+        decision = self._check(addr, embedded, port, proto, norm)
+        if not decision.allowed:
+            return decision
+        for v4 in embedded:  # an IPv6 rule must not open a way to an IPv4 the rules refuse
+            alone = self._check(v4, (), port, proto, norm, lenient=True)
+            if not alone.allowed:
+                return Decision(False, f"{alone.reason} (embedded in {addr})")
+        return decision
+
+    def _check(self, addr: IPAddress, embedded: tuple[ipaddress.IPv4Address, ...],
+               port: int | None, proto: str | None, norm: str | None,
+               lenient: bool = False) -> Decision:
+        """`check_address` of one parsed address, without judging its embedded IPv4s alone."""
         special = _special(addr)
 
         def host_match(rule: Rule) -> bool:
@@ -399,21 +476,23 @@ class EgressPolicy:
                 net = rule.network
                 return (net is not None and net.version == addr.version and addr in net
                         and net.subnet_of(special[0]))  # type: ignore[arg-type]
-            return rule._host_matches(addr, norm)
+            return rule._host_matches(addr, norm, embedded)
 
-        proto = normalize_proto(proto)
         dest = _dest(addr, port, proto) + (f" ({norm})" if norm else "")
         reason = None if special is None else f"{addr} is {special[1]}"
-        return self._evaluate(host_match, port, proto, dest, reason)
+        return self._evaluate(host_match, port, proto, dest, reason, lenient)
 
     def filter_dns(self, name: str, addresses: Iterable[Addr]) -> list[Addr]:
         """The DnsResult answers for `name` the rules allow, as given; empty → Refused."""
         if not self.rules:  # nothing to match: check_address would refuse the special only
-            return [a for a in addresses if _special(to_address(a)) is None]
+            return [a for a in addresses if not _is_special(to_address(a))]
         return [a for a in addresses if self.check_address(a, None, None, name).allowed]
 
     def _evaluate(self, host_match: Callable[[Rule], bool], port: int | None,
-                  proto: str | None, dest: str, special: str | None) -> Decision:
+                  proto: str | None, dest: str, special: str | None,
+                  lenient: bool = False) -> Decision:
+        """First match over the rules. `lenient`: no matching rule counts as allowed, as
+        without allow rules, so only a refusal (special, or a deny first) denies."""
         if not self.rules:  # the default policy: what the loop below comes to without rules
             return (Decision(True, f"{dest} allowed by default (no allow rules)")
                     if special is None else Decision(False, special))
@@ -434,7 +513,7 @@ class EgressPolicy:
                 first_deny = first_deny or rule
             elif any(_uncovered(r_lo, r_hi, denied[p]) for p in hit):
                 return Decision(True, f"{dest} allowed by rule '{rule}'")
-        if (self.default_allow and special is None
+        if ((self.default_allow or lenient) and special is None
                 and any(_uncovered(lo, hi, denied[p]) for p in protos)):
             return Decision(True, f"{dest} allowed by default (no allow rules)")
         if first_deny is not None:

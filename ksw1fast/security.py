@@ -39,6 +39,8 @@ class Security:
         """Check an upgrade request: the connection's grant (None when tokens are to come
         per frame) and the subprotocol to echo; HandshakeRefused otherwise."""
         origins = header_values(headers, "origin")  # type: ignore[arg-type]
+        if len(origins) > 1:  # no browser sends two; which one would count is anyone's guess
+            raise HandshakeRefused(403, "origin", "more than one Origin header")
         if not self.origins.allowed(origins[0] if origins else None):
             raise HandshakeRefused(403, "origin", "origin not allowed")
         offer = find_token(path, headers)  # type: ignore[arg-type]

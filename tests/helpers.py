@@ -1,6 +1,6 @@
 """Helpers the tests share (imported as `helpers`; tests/ is on sys.path): a gateway
-subprocess, loopback TCP servers, and a raw KSW1 client on an independent WebSocket
-library."""
+subprocess, loopback TCP servers, a raw KSW1 client on an independent WebSocket
+library, and IPv6 addresses that embed an IPv4 one."""
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +14,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
@@ -308,3 +309,27 @@ class ControlEcho:
         await self.client.close()
         assert not self.stalls, f"the control connection stalled: {self.stalls}"
         assert self.round_trips > 0
+def _inverted(data: bytes) -> bytes:
+    return bytes(b ^ 0xFF for b in data)
+
+
+# Every IPv6 form that carries an IPv4 for a translator or tunnel, built from the RFCs'
+# byte layouts (not from ksw1fast): form -> f(ipv4, 10 bytes for the form's free bits).
+EMBEDDINGS: dict[str, Callable[[IPv4Address, bytes], IPv6Address]] = {
+    "nat64 64:ff9b::/96": lambda v4, fill: IPv6Address(
+        bytes.fromhex("0064ff9b") + bytes(8) + v4.packed),
+    # RFC 6052 layout for a /48 prefix: 16 bits, the 'u' octet, 16 bits, a suffix
+    "nat64 local 64:ff9b:1::/48": lambda v4, fill: IPv6Address(
+        bytes.fromhex("0064ff9b0001") + v4.packed[:2] + fill[9:] + v4.packed[2:] + fill[:5]),
+    "6to4 2002::/16": lambda v4, fill: IPv6Address(b"\x20\x02" + v4.packed + fill),
+    "ipv4-compatible ::/96": lambda v4, fill: IPv6Address(bytes(12) + v4.packed),
+    "siit ::ffff:0:0:0/96": lambda v4, fill: IPv6Address(
+        bytes(8) + b"\xff\xff\0\0" + v4.packed),
+    "teredo client": lambda v4, fill: IPv6Address(
+        bytes.fromhex("20010000") + fill[:8] + _inverted(v4.packed)),
+    "teredo server": lambda v4, fill: IPv6Address(
+        bytes.fromhex("20010000") + v4.packed + fill[:8]),
+}
+# free bits that embed nothing special: a Teredo server 65.54.227.120 (or flags and
+# port), a Teredo client 8.8.4.4 (or flags and port), a zero 'u' octet last
+FILL = bytes([65, 54, 227, 120]) + _inverted(bytes([8, 8, 4, 4])) + bytes(2)

@@ -8,8 +8,9 @@ import ipaddress
 import re
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
+from helpers import EMBEDDINGS, FILL
 from ksw1fast.constants import Proto
 from ksw1fast.policy import (ANY_PORT, EgressPolicy, IPAddress, Rule, is_loopback_host,
                              parse_destination, parse_rule)
@@ -253,6 +254,138 @@ def test_deny_rule_before_explicit_allow_still_wins() -> None:
     assert allowed(policy, "169.254.169.254", name="metadata.internal")
 
 
+# --- IPv4 inside IPv6 -----------------------------------------------------------------
+
+PREFIX = {"nat64 64:ff9b::/96": "64:ff9b::/96", "nat64 local 64:ff9b:1::/48": "64:ff9b:1::/48",
+          "6to4 2002::/16": "2002::/16", "ipv4-compatible ::/96": "::/96",
+          "siit ::ffff:0:0:0/96": "::ffff:0:0:0/96", "teredo client": "2001::/32",
+          "teredo server": "2001::/32"}
+assert PREFIX.keys() == EMBEDDINGS.keys()
+
+
+def embed(form: str, v4: str) -> ipaddress.IPv6Address:
+    return EMBEDDINGS[form](ipaddress.IPv4Address(v4), FILL)
+
+
+def _refused_everywhere(policy: EgressPolicy, ip: ipaddress.IPv6Address) -> bool:
+    """Denied as an address in each form, as an Open's literal, and as a DNS answer."""
+    return not any((allowed(policy, ip), allowed(policy, str(ip)), allowed(policy, ip.packed),
+                    allowed(policy, ip, None, None, name="x.example"),
+                    policy.check_name(str(ip), 80, "tcp").allowed,
+                    policy.check_name(f"[{ip}]", None, None).allowed,
+                    policy.filter_dns("x.example", [ip.packed, str(ip)])))
+
+
+@pytest.mark.parametrize("form", EMBEDDINGS)
+@pytest.mark.parametrize("v4", ["169.254.169.254", "224.0.0.1", "0.0.0.0", "100.100.100.200",
+                                "255.255.255.255"])
+def test_embedded_special_ipv4_is_special(form: str, v4: str) -> None:
+    ip = embed(form, v4)
+    own = [] if ip == ipaddress.IPv6Address("::") else [f"allow [{ip}]"]  # `::` is no embedding
+    for rules in ([], ["allow *"], ["allow 0.0.0.0/0", "allow ::/0"], [f"allow {PREFIX[form]}"],
+                  own, ["deny 10.0.0.0/8"], ["allow tcp *:80"]):
+        assert _refused_everywhere(EgressPolicy(rules), ip), (rules, ip)
+
+
+@pytest.mark.parametrize("form", EMBEDDINGS)
+@pytest.mark.parametrize("v4, deny", [("127.0.0.1", "deny 127.0.0.0/8"),
+                                      ("10.0.0.1", "deny 10.0.0.0/8"),
+                                      ("10.0.0.1", "deny [::ffff:10.0.0.1]")])
+def test_embedded_ipv4_denied_by_rule_is_denied(form: str, v4: str, deny: str) -> None:
+    ip = embed(form, v4)
+    assert allowed(EgressPolicy(), ip)  # as the IPv4 alone is
+    for rules in ([deny], [deny, "allow *"], [f"allow {PREFIX[form]}", deny],
+                  ["allow ::/0", deny, "allow *"], ["allow *.internal", f"allow [{ip}]", deny]):
+        assert _refused_everywhere(EgressPolicy(rules), ip), (rules, ip)
+
+
+@pytest.mark.parametrize("form", EMBEDDINGS)
+def test_embedded_ipv4_denied_on_some_ports(form: str) -> None:
+    ip = embed(form, "10.0.0.1")
+    policy = EgressPolicy([f"allow {PREFIX[form]}", "deny tcp 10.0.0.0/8:1-1024"])
+    assert not allowed(policy, ip, 80) and not allowed(policy, ip, 1024)
+    assert allowed(policy, ip, 1025) and allowed(policy, ip, 80, "udp")
+    assert policy.filter_dns("x.example", [ip.packed]) == [ip.packed]  # some port is open
+
+
+@pytest.mark.parametrize("form", EMBEDDINGS)
+def test_embedded_harmless_ipv4_stays_allowed(form: str) -> None:
+    ip = embed(form, "8.8.8.8")
+    for rules in ([], ["deny 10.0.0.0/8"], ["allow *"], [f"allow {PREFIX[form]}"],
+                  ["deny 169.254.0.0/16", f"allow [{ip}]:80"], ["allow ::/0", "deny 10.0.0.0/8"]):
+        policy = EgressPolicy(rules)
+        assert allowed(policy, ip) and allowed(policy, str(ip)) and allowed(policy, ip.packed)
+        assert policy.check_name(str(ip), 80, "tcp").allowed, rules
+        assert policy.filter_dns("x.example", [ip.packed]) == [ip.packed], rules
+    assert not allowed(EgressPolicy(["allow 1.1.1.1"]), ip)
+    assert not allowed(EgressPolicy(["deny 8.8.8.8"]), ip)
+
+
+@pytest.mark.parametrize("form", sorted(set(EMBEDDINGS) - {"teredo client", "teredo server"}))
+def test_embedded_ipv4_meets_ipv4_rules_as_that_ipv4(form: str) -> None:
+    ip = embed(form, "10.1.2.3")
+    policy = EgressPolicy(["allow tcp 10.0.0.0/8:443", "deny *"])
+    assert allowed(policy, ip, 443) and allowed(policy, str(ip), 443)
+    assert not allowed(policy, ip, 80)
+    assert not allowed(policy, embed(form, "11.1.2.3"), 443)
+    assert allowed(EgressPolicy(["allow 169.254.169.254:80"]), embed(form, "169.254.169.254"))
+    assert parse_destination("10.0.0.0/8:443").matches(str(ip), 443)  # token scopes too
+    assert not parse_destination("11.0.0.0/8").matches(str(ip))
+
+
+def test_teredo_needs_both_its_ipv4s_in_an_ipv4_rule() -> None:
+    server_and_client = ipaddress.IPv6Address("2001:0:a00:5::f5ff:fff9")  # client inverted
+    assert server_and_client.teredo == (ipaddress.IPv4Address("10.0.0.5"),
+                                        ipaddress.IPv4Address("10.0.0.6"))
+    assert allowed(EgressPolicy(["allow 10.0.0.0/8"]), server_and_client)
+    assert not allowed(EgressPolicy(["allow 10.0.0.5"]), server_and_client)
+    assert not allowed(EgressPolicy(["allow 10.0.0.6"]), server_and_client)
+    assert not allowed(EgressPolicy(["deny 10.0.0.6"]), server_and_client)
+    assert not allowed(EgressPolicy(["allow 10.0.0.5", "deny 10.0.0.0/8"]), server_and_client)
+
+
+def test_embedded_refusal_reasons_name_the_ipv4() -> None:
+    decision = EgressPolicy(["allow *"]).check_address("64:ff9b::a9fe:a9fe", 80, "tcp")
+    assert decision.reason == ("169.254.169.254 is link-local (cloud metadata) "
+                               "(embedded in 64:ff9b::a9fe:a9fe)")
+    decision = EgressPolicy(["allow [64:ff9b::/96]", "deny 10.0.0.0/8"]).check_address(
+        "64:ff9b::a00:1", 80, "tcp")
+    assert decision.reason == ("tcp 10.0.0.1:80 denied by rule 'deny any 10.0.0.0/8' "
+                               "(embedded in 64:ff9b::a00:1)")
+
+
+def test_ipv6_rules_still_judge_the_ipv6_form() -> None:
+    nat64 = EgressPolicy(["allow tcp [64:ff9b::/96]:443"])
+    assert allowed(nat64, "64:ff9b::808:808", 443)
+    assert not allowed(nat64, "64:ff9b::808:808", 80)
+    assert not allowed(nat64, "8.8.8.8", 443)  # the prefix admits the IPv6 form only
+    assert not allowed(EgressPolicy(["deny [64:ff9b::/96]"]), "64:ff9b::808:808")
+    assert allowed(EgressPolicy(["deny [64:ff9b::/96]"]), "8.8.8.8")
+    first = EgressPolicy(["allow *", "deny [64:ff9b::/96]"])  # first match wins, as ever
+    assert allowed(first, "64:ff9b::808:808")
+
+
+def test_not_embeddings() -> None:
+    """Look-alikes outside the prefixes, and :: / ::1, are judged as plain IPv6."""
+    policy = EgressPolicy(["deny 0.0.0.0/0"])
+    for text in ("::1", "64:ff9b:0:1::a9fe:a9fe", "64:ff9b:2::a9fe:a9fe", "2003::a9fe:a9fe",
+                 "2001:1::a9fe:a9fe", "::1:0:a9fe:a9fe", "::fffe:0:a9fe:a9fe", "2001:db8::1"):
+        assert allowed(policy, text), text
+    assert allowed(EgressPolicy(), "::1") and not allowed(EgressPolicy(), "::")
+
+
+def test_filter_dns_drops_embedded_answers_of_refused_ipv4s() -> None:
+    answers = [embed(form, v4).packed for form in EMBEDDINGS
+               for v4 in ("169.254.169.254", "10.0.0.1", "8.8.8.8")]
+    harmless = [a for a in answers if ipaddress.IPv6Address(a) in
+                {embed(form, "8.8.8.8") for form in EMBEDDINGS}]
+    assert len(harmless) == len(EMBEDDINGS)
+    assert EgressPolicy(["deny 10.0.0.0/8"]).filter_dns("x.example", answers) == harmless
+    assert EgressPolicy().filter_dns("x.example", answers) == [
+        a for a in answers if ipaddress.IPv6Address(a) not in
+        {embed(form, "169.254.169.254") for form in EMBEDDINGS}]
+
+
 # --- names, then addresses: DNS rebinding ---------------------------------------------
 
 def test_rebinding_name_allowed_by_pattern_resolving_to_metadata() -> None:
@@ -340,6 +473,45 @@ def test_wildcard_allow_never_admits_special_and_admits_the_rest(ip: ipaddress.I
     assert policy.check_address(ip, port, proto).allowed is not special
     mapped = ipaddress.IPv6Address("::ffff:" + str(ip))
     assert policy.check_address(mapped, port, proto).allowed is not special
+
+
+embeddings = st.builds(lambda form, v4, fill: (form, EMBEDDINGS[form](v4, fill), v4),
+                       st.sampled_from(list(EMBEDDINGS)), st.one_of(ipv4, st.sampled_from([
+                           ipaddress.IPv4Address(a) for a in ("169.254.169.254", "10.1.2.3",
+                                                              "127.0.0.1", "224.0.0.1")])),
+                       st.binary(min_size=10, max_size=10))
+# ::0.0.0.0 and ::0.0.0.1 are the unspecified and the loopback address, no IPv4s
+NO_EMBEDDING = {ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1")}
+IPV4_RULES = [[], ["deny 10.0.0.0/8"], ["allow *"], ["allow 10.0.0.0/8", "deny *"],
+              ["deny tcp 127.0.0.0/8:1-1024", "allow tcp *:1-2000"],
+              ["allow 169.254.169.254:80", "deny 224.0.0.0/4", "allow *.internal"]]
+
+
+@given(embeddings, st.one_of(st.none(), ports), st.sampled_from([None, "tcp", "udp"]))
+def test_an_ipv6_allow_never_opens_a_refused_ipv4(embedding: tuple, port: int | None,
+                                                 proto: str | None) -> None:
+    form, ip, v4 = embedding
+    assume(ip not in NO_EMBEDDING)
+    v4s = ip.teredo or (v4,)
+    for denies in (["deny 10.0.0.0/8"], ["deny tcp 127.0.0.0/8:1-1024", "deny udp *:53"], []):
+        alone = EgressPolicy(denies)  # no allow rules: only a refusal denies
+        if all(alone.check_address(v4, port, proto).allowed for v4 in v4s):
+            continue
+        for extra in (["allow ::/0"], [f"allow {PREFIX[form]}"], [f"allow [{ip}]"]):
+            for rules in (extra + denies, denies + extra):
+                assert not EgressPolicy(rules).check_address(ip, port, proto).allowed, rules
+
+
+@given(embeddings, st.one_of(st.none(), ports), st.sampled_from([None, "tcp", "udp"]),
+       st.sampled_from(IPV4_RULES))
+def test_without_ipv6_rules_an_embedded_ipv4_is_judged_as_itself(
+        embedding: tuple, port: int | None, proto: str | None, rules: list[str]) -> None:
+    form, ip, v4 = embedding
+    assume(not form.startswith("teredo") and ip not in NO_EMBEDDING)
+    policy = EgressPolicy(rules)
+    for name in (None, "db.internal"):
+        assert (policy.check_address(ip, port, proto, name=name).allowed
+                is policy.check_address(v4, port, proto, name=name).allowed)
 
 
 @given(st.lists(st.tuples(st.sampled_from(["allow", "deny"]),

@@ -1,9 +1,10 @@
 """The egress policy's shortcuts decide exactly as the full evaluation does.
 
 Without rules the policy skips its rule loop, and for DNS answers the name too; a name is
-told from an IP literal by its characters before parsing; special ranges are compared as
-integers.  Each is checked against the slow way on many addresses, IPv4-mapped IPv6,
-0.0.0.0, ::, metadata and private ranges included.
+told from an IP literal by its characters before parsing; special ranges, and the IPv4
+inside NAT64, 6to4, Teredo and the like, are read as integers.  Each is checked against
+the slow way on many addresses, IPv4-mapped IPv6, every IPv4-embedding IPv6 form, 0.0.0.0,
+::, metadata and private ranges included.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Callable, Optional
 
 from hypothesis import assume, given, settings, strategies as st
 
+from helpers import EMBEDDINGS
 from ksw1fast import policy as P
 from ksw1fast.policy import EgressPolicy, IPAddress
 
@@ -27,6 +29,9 @@ RULED = [
     EgressPolicy(["allow 0.0.0.0/0", "allow ::/0"]),
     EgressPolicy(["deny tcp 192.168.0.0/16:22", "allow [fe80::/10]", "allow udp *:53"]),
     EgressPolicy(["deny [::ffff:172.16.0.0/108]", "allow tcp *:1-1024", "deny *.example"]),
+    EgressPolicy(["allow [64:ff9b::/96]", "deny 10.0.0.0/8", "allow tcp [2001::/32]:443",
+                  "allow 169.254.169.254:80", "allow udp 2002::/16"]),
+    EgressPolicy(["deny [64:ff9b::a00:0/104]", "allow 10.0.0.0/8", "deny [::/96]"]),
 ]
 
 RANGES = [net for net, _ in P._SPECIAL] + [ipaddress.ip_network(n) for n in (
@@ -46,17 +51,22 @@ NOTABLE = sorted({ip for net in RANGES for ip in _edges(net)}, key=lambda ip: (i
 NOTABLE += [ipaddress.ip_address(a) for a in (
     "0.0.0.0", "::", "169.254.169.254", "::ffff:169.254.169.254", "::ffff:0.0.0.0",
     "fd00:ec2::254", "100.100.100.200", "::ffff:100.100.100.200", "255.255.255.255",
-    "::ffff:10.1.2.3", "::169.254.169.254", "64:ff9b::a9fe:a9fe")]
+    "::ffff:10.1.2.3", "::169.254.169.254", "64:ff9b::a9fe:a9fe", "::1", "::2",
+    "::0.0.0.1", "64:ff9b:1:a9fe:a9:fe00::")]
 
 
 def _mapped(ip: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
 
 
-addresses = st.one_of(
-    st.ip_addresses(v=4), st.ip_addresses(v=6), st.ip_addresses(v=4).map(_mapped),
-    st.sampled_from(NOTABLE),
+plain = st.one_of(
+    st.ip_addresses(v=4), st.ip_addresses(v=6), st.sampled_from(NOTABLE),
     st.sampled_from(RANGES).flatmap(lambda net: st.ip_addresses(network=net)))
+ipv4s = plain.filter(lambda ip: ip.version == 4)
+addresses = st.one_of(
+    plain, ipv4s.map(_mapped),
+    st.builds(lambda form, v4, fill: form(v4, fill), st.sampled_from(list(EMBEDDINGS.values())),
+              ipv4s, st.binary(min_size=10, max_size=10)))
 # the forms callers pass: text, raw DnsResult bytes, address objects
 forms: st.SearchStrategy[Callable[[IPAddress], object]] = st.sampled_from(
     [str, lambda ip: ip.packed, lambda ip: ip, lambda ip: ip.exploded])
@@ -86,10 +96,41 @@ def special_by_membership(ip: IPAddress) -> object:
     return None
 
 
+_EMBEDDING_NETS = [ipaddress.IPv6Network(n) for n in (
+    "64:ff9b::/96", "::ffff:0:0:0/96", "::/96")]
+_NOT_COMPATIBLE = {ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1")}
+
+
+def embedded_by_stdlib(ip: IPAddress) -> tuple[ipaddress.IPv4Address, ...]:
+    """`_embedded` the slow way: ipaddress' Teredo and 6to4 readers, network membership,
+    and the RFC 6052 /48 layout as bytes 6-7 and 9-10."""
+    if ip.version == 4:
+        return ()
+    assert isinstance(ip, ipaddress.IPv6Address)
+    if ip.teredo is not None:
+        return ip.teredo
+    if ip.sixtofour is not None:
+        return (ip.sixtofour,)
+    if ip in ipaddress.IPv6Network("64:ff9b:1::/48"):
+        return (ipaddress.IPv4Address(ip.packed[6:8] + ip.packed[9:11]),)
+    if any(ip in net for net in _EMBEDDING_NETS) and ip not in _NOT_COMPATIBLE:
+        return (ipaddress.IPv4Address(ip.packed[12:]),)
+    return ()
+
+
 @given(addresses)
 def test_special_bounds_match_network_membership(ip: IPAddress) -> None:
     assert P._special(ip) == special_by_membership(ip)
     assert P._special(P.to_address(ip)) == special_by_membership(P.to_address(ip))
+
+
+@given(addresses)
+def test_embedded_ipv4_read_as_integers_matches_the_stdlib(ip: IPAddress) -> None:
+    addr = P.to_address(ip)
+    assert P._embedded(addr) == embedded_by_stdlib(addr)
+    expected = special_by_membership(addr) is not None or any(
+        special_by_membership(v4) is not None for v4 in embedded_by_stdlib(addr))
+    assert P._is_special(addr) is expected
 
 
 def _host_texts() -> st.SearchStrategy[str]:

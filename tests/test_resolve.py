@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+from helpers import EMBEDDINGS, FILL
 from ksw1fast import resolve
 from ksw1fast.constants import DnsErrCode, OpenErrCode
 from ksw1fast.policy import EgressPolicy, to_address
@@ -95,3 +96,50 @@ async def test_open_socket_judges_what_the_lookup_returns(monkeypatch, host, rul
     monkeypatch.setattr(resolve, "lookup", lookup)
     with pytest.raises(Blocked):
         await open_socket(host, 9, policy=EgressPolicy(rules))
+
+
+@pytest.fixture
+def no_traffic(monkeypatch) -> list[str]:
+    """Nothing resolves or connects: a literal judged wrongly fails here, not on a network.
+    The list holds what was asked for."""
+    asked: list[str] = []
+
+    async def lookup(name: str, port: int = 0, family: int = 0) -> list[resolve.Endpoint]:
+        asked.append(name)
+        raise ResolveError(DnsErrCode.SERVER_FAILURE, "no lookups in this test")
+
+    async def connect(endpoints: list[resolve.Endpoint], kind: int = socket.SOCK_STREAM):
+        asked.extend(str(e.sockaddr[0]) for e in endpoints)
+        raise OSError(errno.EACCES, "no connects in this test")
+
+    monkeypatch.setattr(resolve, "lookup", lookup)
+    monkeypatch.setattr(resolve, "connect", connect)
+    return asked
+
+
+@pytest.mark.parametrize("form", EMBEDDINGS)
+@pytest.mark.parametrize("v4, rules", [("169.254.169.254", []), ("224.0.0.1", ["allow *"]),
+                                       ("0.0.0.0", []), ("10.0.0.1", ["deny 10.0.0.0/8"]),
+                                       ("127.0.0.1", ["allow ::/0", "deny 127.0.0.0/8"])])
+async def test_open_socket_blocks_embedded_ipv4_literals(no_traffic, form, v4, rules) -> None:
+    text = str(EMBEDDINGS[form](ipaddress.IPv4Address(v4), FILL))
+    for host in (text, text.upper(), ipaddress.IPv6Address(text).exploded, text + "%lo"):
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with pytest.raises(Blocked):
+                await open_socket(host, 80, kind, policy=EgressPolicy(rules))
+    assert no_traffic == []  # refused before any lookup or connect
+
+
+async def test_open_socket_blocks_a_name_resolving_to_an_embedded_special(monkeypatch) -> None:
+    """DNS rebinding through NAT64: the name passes, its 64:ff9b:: answer does not."""
+    async def lookup(name: str, port: int = 0, family: int = 0) -> list[resolve.Endpoint]:
+        return [resolve.Endpoint(socket.AF_INET6, ("64:ff9b::a9fe:a9fe", port, 0, 0)),
+                resolve.Endpoint(socket.AF_INET6, ("2002:a9fe:a9fe::1", port, 0, 0))]
+
+    async def connect(endpoints: list[resolve.Endpoint], kind: int = socket.SOCK_STREAM):
+        raise AssertionError(f"connected to {endpoints}")
+
+    monkeypatch.setattr(resolve, "lookup", lookup)
+    monkeypatch.setattr(resolve, "connect", connect)
+    with pytest.raises(Blocked, match="169.254.169.254 is link-local"):
+        await open_socket("rebind.example", 80, policy=EgressPolicy(["allow *"]))

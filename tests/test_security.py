@@ -6,7 +6,9 @@ ranges (169.254.0.0/16 ...) are tested as pure decisions in test_policy.py.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import websockets
 
 import ksw1fast
 from ksw1fast import client as kclient
-from ksw1fast import codec
+from ksw1fast import codec, connection, resolve
 from ksw1fast.auth import issue_token
 from ksw1fast.config import GatewayConfig
 from ksw1fast.constants import (AddrKind, DnsErrCode, Feature, OpenErrCode, Pkcs11Status, Proto)
@@ -134,7 +136,29 @@ async def test_allow_origin_patterns() -> None:
             port=0, allow_origins=("https://*.example.com",)) as gw:
         async with websockets.connect(gw.address, origin="https://app.example.com"):
             pass
-        assert await _status_of_refusal(gw.address, origin="http://localhost:3000") == 403
+        for origin in ("http://localhost:3000", "https://app.example.com:8443",
+                       "https://app.example.com.evil.net", "https://app.example.com/",
+                       "https://evil.net?.example.com"):
+            assert await _status_of_refusal(gw.address, origin=origin) == 403, origin
+
+
+@pytest.mark.parametrize("allow_origins", [(), ("*",), ("https://app.example.com", "null")])
+async def test_two_origin_headers_are_refused(allow_origins: tuple[str, ...]) -> None:
+    """Whatever their values: which of them would count is anyone's guess."""
+    async with await ksw1fast.start_gateway(port=0, allow_origins=allow_origins) as gw:
+        for first, second in (("http://localhost:3000", "http://localhost:3000"),
+                              ("https://app.example.com", "https://evil.example")):
+            assert await _status_of_refusal(gw.address, origin=first,
+                                            additional_headers=[("Origin", second)]) == 403
+
+
+def test_a_bad_origin_pattern_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="origin pattern 'https://app.example.com/login'"):
+        Security(GatewayConfig(allow_origins=("https://app.example.com/login",)))
+    result = subprocess.run([sys.executable, "-m", "ksw1fast", "serve", "--port", "0",
+                             "--allow-origin", "http://localhost:8O"],
+                            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "port '8O'" in result.stderr, result.stderr
 
 
 async def test_egress_rules(echo_port) -> None:
@@ -172,6 +196,36 @@ async def test_dns_for_a_denied_name_is_refused() -> None:
         with pytest.raises(DnsError) as dns:
             await client.resolve("anything.invalid")
         assert dns.value.code == DnsErrCode.REFUSED
+        await client.close()
+
+
+async def test_embedded_ipv4_through_the_gateway(monkeypatch) -> None:
+    """An Open of a raw NAT64 address and the DnsResult of a name whose answers embed
+    refused IPv4s meet the same checks as IPv4. Lookups and connects are stubbed: nothing
+    here may leave the machine, even if a check failed."""
+    answers = ["64:ff9b::a9fe:a9fe", "2002:a00:1::1", "64:ff9b::808:808"]
+
+    async def lookup(name: str, port: int = 0, family: int = 0) -> list[resolve.Endpoint]:
+        return [resolve.Endpoint(socket.AF_INET6, (a, port, 0, 0)) for a in answers]
+
+    async def connect(endpoints: list, kind: int = socket.SOCK_STREAM) -> None:
+        raise ConnectionRefusedError(f"this test connects nowhere: {endpoints}")
+
+    monkeypatch.setattr(connection, "lookup", lookup)
+    monkeypatch.setattr(resolve, "lookup", lookup)
+    monkeypatch.setattr(resolve, "connect", connect)
+    async with await ksw1fast.start_gateway(port=0, egress=("deny 10.0.0.0/8",)) as gw:
+        client = await kclient.connect(gw.address)
+        for address in answers[:2]:
+            raw = codec.encode_open(Proto.TCP, AddrKind.IPV6, 80,
+                                    ipaddress.IPv6Address(address).packed)
+            with pytest.raises(OpenError) as info:
+                await client.open_stream(raw)
+            assert info.value.code == OpenErrCode.BLOCKED, address
+        with pytest.raises(OpenError) as info:
+            await client.open_connection("nat64.example", 80)  # its answers: only the last
+        assert info.value.code == OpenErrCode.CONN_REFUSED          # one passes, to the stub
+        assert await client.resolve("nat64.example") == answers[2:]
         await client.close()
 
 
