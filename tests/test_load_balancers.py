@@ -22,9 +22,10 @@ import ssl
 import subprocess
 import sys
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import pytest
 import trustme
@@ -52,6 +53,7 @@ DEPLOY = REPO / "deploy"
 TOKEN = "lb-test-token-0123456789"
 CONNECTIONS = 10  # per balancer: enough that both instances must get some
 WAIT = 20.0       # seconds: the bound of every wait for a process or a state
+IDLE_TIMEOUT = 2.0  # seconds: the balancers' idle timeout in the keepalive tests
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -142,10 +144,15 @@ def _binary(name: str) -> str:
 
 # --- rendering deploy/ for this machine ---------------------------------------------------
 
-def render_nginx(tmp: Path, upstreams: list[int], port: int, chain: Path, key: Path) -> list[str]:
+def render_nginx(tmp: Path, upstreams: list[int], port: int, chain: Path, key: Path,
+                 idle_timeout: str | None = None) -> list[str]:
     """deploy/nginx.conf (an http-context file) with loopback addresses, wrapped in a main
-    config whose pid, logs and temp files are in `tmp`; the nginx command line."""
+    config whose pid, logs and temp files are in `tmp`; the nginx command line.
+    `idle_timeout` replaces the 1 h after which nginx cuts a silent tunnel."""
     site = (DEPLOY / "nginx.conf").read_text()
+    if idle_timeout is not None:
+        site = _sub(site, r"^(\s*proxy_(?:read|send)_timeout\s+)1h;",
+                    rf"\g<1>{idle_timeout};", 2)
     ports = iter(upstreams)
     site = _sub(site, r"^(\s*server\s+)ksw1fast-\d+\.internal:8088\b",
                 lambda m: f"{m.group(1)}127.0.0.1:{next(ports)}", len(upstreams))
@@ -167,11 +174,17 @@ def render_nginx(tmp: Path, upstreams: list[int], port: int, chain: Path, key: P
             "-c", f"{tmp}/nginx.conf", "-g", "daemon off;"]
 
 
-def render_haproxy(tmp: Path, servers: list[Instance], port: int, pem: Path) -> list[str]:
+def render_haproxy(tmp: Path, servers: list[Instance], port: int, pem: Path,
+                   idle_timeout: str | None = None) -> list[str]:
     """deploy/haproxy.cfg with loopback addresses, each server's health check on its own
     metrics port, and the process-level lines (syslog, chroot, user) made local; the
-    haproxy command line (-db: foreground, logs on stderr)."""
+    haproxy command line (-db: foreground, logs on stderr). `idle_timeout` replaces the
+    1 h after which HAProxy cuts a silent tunnel."""
     cfg = (DEPLOY / "haproxy.cfg").read_text()
+    if idle_timeout is not None:
+        # after the 101 only `timeout tunnel` counts: `timeout client` and `timeout server`
+        # (30 s) no longer apply, `client-fin` only to a half-closed tunnel
+        cfg = _sub(cfg, r"^(\s*timeout tunnel )1h$", rf"\g<1>{idle_timeout}", 1)
     cfg = _sub(cfg, r"^\s*log /dev/log .*$", "    log stderr format raw local0 info", 1)
     cfg = _sub(cfg, r"^\s*(chroot|user|group|daemon)\b.*\n", "", 4)
     cfg = _sub(cfg, r"^(\s*stats socket )\S+", rf"\g<1>{tmp}/admin.sock", 1)
@@ -410,6 +423,72 @@ async def test_haproxy_checks_readyz_and_routes_around_a_draining_instance(
         if proxy is not None:
             proxy.stop()
         await asyncio.to_thread(stop_instances, pair)
+
+
+# --- keepalive: the gateway's pings against the balancers' idle timeouts ------------------
+
+@asynccontextmanager
+async def idle_timeout_balancer(balancer: str, idle_ping: str, tmp: Path,
+                                tls: Tls) -> AsyncIterator[str]:
+    """`balancer` running deploy/'s config with its idle timeout cut to IDLE_TIMEOUT, in
+    front of two instances with `--idle-ping idle_ping`; its URL."""
+    pair = await asyncio.to_thread(start_instances, "--idle-ping", idle_ping)
+    proxy = None
+    try:
+        port = free_port()
+        timeout = f"{IDLE_TIMEOUT:g}s"
+        if balancer == "nginx":
+            argv = render_nginx(tmp, [i.port for i in pair], port, tls.chain, tls.key, timeout)
+        else:
+            argv = render_haproxy(tmp, pair, port, tls.bundle, timeout)
+        proxy = await asyncio.to_thread(Proxy, argv, tmp / "stdout.log", port)
+        yield f"wss://127.0.0.1:{port}/ws"
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        await asyncio.to_thread(stop_instances, pair)
+
+
+async def _echo(stream: kclient.Stream, data: bytes) -> None:
+    stream.write(data)
+    assert await asyncio.wait_for(stream.readexactly(len(data)), 10) == data
+
+
+@needs_debian
+@pytest.mark.parametrize("balancer", ["nginx", "haproxy"])
+async def test_pings_keep_an_idle_tunnel_through_the_balancer(
+        balancers_installed, balancer, tls, tmp_path, echo_port) -> None:
+    """A tunnel silent for three times the balancer's idle timeout still echoes on the
+    same stream: the gateway's pings every second (answered by the client's WebSocket
+    library, as a browser does) are traffic the balancer sees."""
+    async with idle_timeout_balancer(balancer, "1", tmp_path, tls) as url:
+        c = await kclient.connect(url, ssl_context=tls.client)
+        try:
+            stream = await c.open_connection("127.0.0.1", echo_port)
+            await _echo(stream, b"before")
+            await asyncio.sleep(3 * IDLE_TIMEOUT)
+            await _echo(stream, b"after")
+        finally:
+            await c.close()
+
+
+@needs_debian
+@pytest.mark.parametrize("balancer", ["nginx", "haproxy"])
+async def test_without_pings_the_balancer_cuts_an_idle_tunnel(
+        balancers_installed, balancer, tls, tmp_path, echo_port) -> None:
+    """The control of the test above: with `--idle-ping 0` the same balancer drops the
+    silent tunnel once its idle timeout has passed, so that test does cross it."""
+    async with idle_timeout_balancer(balancer, "0", tmp_path, tls) as url:
+        c = await kclient.connect(url, ssl_context=tls.client)
+        try:
+            stream = await c.open_connection("127.0.0.1", echo_port)
+            await _echo(stream, b"before")
+            silent_since = time.monotonic()
+            await asyncio.wait_for(asyncio.shield(c.disconnected), 3 * IDLE_TIMEOUT)
+            # cut by the idle timer (nginx may have armed it up to 0.3 s before the echo)
+            assert time.monotonic() - silent_since >= IDLE_TIMEOUT - 0.5
+        finally:
+            await c.close()
 
 
 # --- the deploy files themselves -----------------------------------------------------------

@@ -13,10 +13,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 from playwright.async_api import async_playwright
+
+from helpers import GatewayProcess
 
 from .headless import Chromium
 from .page_server import Pages, serve_pages
@@ -73,6 +75,16 @@ async def chromium(chromium_installed: None, request: pytest.FixtureRequest,
 def pages() -> Iterator[Pages]:
     with serve_pages() as served:
         yield served
+
+
+@pytest.fixture(params=["compiled", "pure-python"])
+def serve(request: pytest.FixtureRequest,
+          spawn_gateway: Callable[..., Awaitable[GatewayProcess]]
+          ) -> Callable[..., Awaitable[GatewayProcess]]:
+    """Starts `ksw1fast serve ARGS...` with the compiled relay or its pure-Python twin. A
+    subprocess, so that a test can stop it as production does: SIGTERM and drain."""
+    env = {"KSW1FAST_NO_EXTENSIONS": "1"} if request.param == "pure-python" else None
+    return lambda *args: spawn_gateway(*args, env=env)
 
 
 @pytest.fixture

@@ -73,7 +73,10 @@ class Chromium:
 
     async def run(self, url: str, browser: Optional[Browser] = None) -> PageRun:
         """Load the test page at `url` and wait until it has run all its steps."""
-        page = await self.open(url, browser)
+        return await self.results(await self.open(url, browser))
+
+    async def results(self, page: Page) -> PageRun:
+        """Wait until the test page open in `page` has run all its steps."""
         await page.wait_for_function("window.results?.done === true",
                                      timeout=RESULTS_TIMEOUT_MS)
         return PageRun(await page.evaluate("window.results"), self.console(page))

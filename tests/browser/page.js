@@ -1,14 +1,36 @@
 // Runs the steps the test asks for in the query string against a gateway through the
 // shipped client, and leaves the outcome in window.results (shown on the page too, so a
 // failure screenshot says what happened). Query: gateway, token, steps (comma-separated:
-// echo, dns, pkcs11, big), echo and sink (target ports on 127.0.0.1).
+// echo, dns, pkcs11, big, idle), echo and sink (target ports on 127.0.0.1), idle (ms),
+// close (how the connection ends, see `closes`).
 import { Client, Reader, Writer, text, withTimeout } from './ksw1.js';
 
 const query = new URLSearchParams(location.search);
 const STEP_MS = 30_000;
-const results = {};
+const results = { events: [] };
 window.results = results;
 let client;
+let socket;
+
+// The shipped client's WebSocket, made through this subclass: its error and close events
+// (all a page learns of how a connection ended) go to results.events.
+window.WebSocket = class RecordingWebSocket extends WebSocket {
+  constructor(...args) {
+    super(...args);
+    socket = this;
+    this.addEventListener('error', () => results.events.push({ type: 'error' }));
+    this.addEventListener('close', ({ code, reason, wasClean }) => {
+      results.events.push({ type: 'close', code, reason, wasClean });
+    });
+  }
+};
+
+// How the connection ends (query `close`, default `client`).
+const closes = {
+  client: () => client.close(), // the shipped client: close(1000)
+  empty: () => socket.close(), // no code, as the polyfill's disconnect()
+  gateway: () => {}, // the test makes the gateway close it
+};
 
 const P11_GET_SLOT_LIST = 0x0000;
 const P11_OPEN_SESSION = 0x0004;
@@ -79,6 +101,15 @@ const steps = {
     }
     return { bytes: sent.byteLength, sha256: digest };
   },
+
+  // Nothing sent for `idle` ms: only the gateway's pings, which the browser answers
+  // itself, cross the WebSocket.
+  async idle() {
+    await new Promise((resolve) => { setTimeout(resolve, Number(query.get('idle'))); });
+    if (socket.readyState !== WebSocket.OPEN) {
+      throw new Error(`the WebSocket is no longer open (readyState ${socket.readyState})`);
+    }
+  },
 };
 
 async function step(name, run) {
@@ -99,7 +130,10 @@ if (connected) {
   for (const name of (query.get('steps') ?? '').split(',').filter(Boolean)) {
     await step(name, steps[name]);
   }
-  client.close();
+  await step('close', async () => {
+    closes[query.get('close') ?? 'client']();
+    await client.closed;
+  });
 }
 results.done = true;
 console.log('results', JSON.stringify(results));
