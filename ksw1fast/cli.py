@@ -28,6 +28,7 @@ _FIELDS = {
     "max_payload": "max_payload", "handshake_timeout": "handshake_timeout",
     "connect_timeout": "connect_timeout", "dns_timeout": "dns_timeout",
     "send_buffer_limit": "send_buffer_limit", "send_timeout": "send_timeout",
+    "max_dns_queries": "max_dns_queries", "max_lookups": "max_lookups",
     "idle_ping": "idle_ping", "tls_cert": "tls_cert", "tls_key": "tls_key",
     "workers": "workers", "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
     "metrics_host": "metrics_host", "log_format": "log_format",
@@ -68,6 +69,12 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                         help=f"seconds to resolve and connect an Open (default {_D.connect_timeout})")
     limits.add_argument("--dns-timeout", type=float,
                         help=f"seconds for a DnsQuery (default {_D.dns_timeout})")
+    limits.add_argument("--max-dns-queries", type=int,
+                        help="DnsQuery lookups one connection may have in flight; more are "
+                             f"answered ServerFailure (default {_D.max_dns_queries})")
+    limits.add_argument("--max-lookups", type=int,
+                        help="name lookups (DnsQuery and Opens by name) in flight per worker; "
+                             f"more fail at once (default {_D.max_lookups})")
     limits.add_argument("--send-buffer-limit", type=int, metavar="BYTES",
                         help="bytes of replies queued for a client that does not read them "
                              "before the gateway stops reading its requests "

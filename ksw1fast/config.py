@@ -18,6 +18,8 @@ class GatewayConfig:
     handshake_timeout: float = 5.0   # seconds for the HTTP upgrade request to arrive
     connect_timeout: float = 10.0    # resolve + TCP connect of one Open
     dns_timeout: float = 5.0         # one DnsQuery
+    max_dns_queries: int = 64        # DnsQuery lookups in flight per connection
+    max_lookups: int = 1024          # name lookups in flight per worker (DNS and Opens)
     send_buffer_limit: int = 4 << 20  # bytes queued for a client before it is no longer read
     send_timeout: float = 30.0       # seconds a client may stay over that before 1008
     idle_ping: float = 20.0          # keepalive: a client silent up to this long is pinged,
@@ -49,8 +51,9 @@ class GatewayConfig:
             raise ValueError("max_payload must fit a u32 and be positive")
         if self.max_streams < 1:
             raise ValueError("max_streams must be at least 1")
-        if self.send_buffer_limit < 1:
-            raise ValueError("send_buffer_limit must be at least 1")
+        for name in ("send_buffer_limit", "max_dns_queries", "max_lookups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         for name in ("handshake_timeout", "connect_timeout", "dns_timeout", "send_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

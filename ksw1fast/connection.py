@@ -28,7 +28,7 @@ from ksw1fast.logs import Throttled
 from ksw1fast.messages import OpenOkInfo, OpenRequest, SockAddr
 from ksw1fast.pkcs11 import wire
 from ksw1fast.pkcs11.supervisor import Pkcs11Backend
-from ksw1fast.resolve import (Endpoint, ResolveError, address_bytes, lookup, open_error,
+from ksw1fast.resolve import (Endpoint, ResolveError, Resolver, address_bytes, open_error,
                                open_socket)
 from ksw1fast.security import Security
 from ksw1fast.wsclose import closed_code
@@ -67,16 +67,18 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     """State of one client WebSocket of the gateway."""
 
     # an idle connection should cost little memory: no per-instance __dict__
-    __slots__ = ("config", "pkcs11", "security", "grant", "_grant_error", "peer", "hello_done",
+    __slots__ = ("config", "pkcs11", "security", "resolver", "grant", "_grant_error", "peer", "hello_done",
                  "features", "max_streams", "_on_closed", "_tasks", "_lookups", "_calls", "_counted",
                  "_streams_at_end", "_frames_seen", "_pinged")
 
     def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
-                 pkcs11: Pkcs11Backend, security: Security, grant: Optional[Grant]) -> None:
+                 pkcs11: Pkcs11Backend, security: Security, resolver: Resolver,
+                 grant: Optional[Grant]) -> None:
         super().__init__(config.max_payload, config.send_buffer_limit, config.send_timeout)
         self.config = config
         self.pkcs11 = pkcs11
         self.security = security
+        self.resolver = resolver
         self.grant = grant              # from the handshake token (or the Hello extension)
         self._grant_error: Optional[AuthError] = None  # why a presented token was refused
         self.peer = "?"
@@ -270,7 +272,8 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         timer = loop.call_later(self.config.connect_timeout, self._connect_timed_out, stream,
                                 task, dest)
         try:
-            sock = await open_socket(host, port, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
+            sock = await open_socket(self.resolver, host, port,
+                                     socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
                                      self.security.egress)
         except asyncio.CancelledError:
             raise
@@ -378,8 +381,13 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             self._dns_err(query_id, DnsErrCode.REFUSED,
                           decision.reason if allowed else "the token does not allow DNS here")
             return
+        if len(self._lookups) >= self.config.max_dns_queries:
+            metrics.child(metrics.LIMITS, "dns_queries").inc()
+            self._dns_err(query_id, DnsErrCode.SERVER_FAILURE,
+                          f"more than {self.config.max_dns_queries} queries in flight")
+            return
         loop = asyncio.get_running_loop()
-        task = loop.create_task(lookup(query.name, 0, query.family))
+        task = loop.create_task(self.resolver.lookup(query.name, 0, query.family))
         # one timer, not wait_for: that would run the lookup in a second task
         timer = loop.call_later(self.config.dns_timeout, self._dns_timed_out, query_id, task)
         self._lookups[task] = None

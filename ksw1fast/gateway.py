@@ -19,6 +19,7 @@ from ksw1fast.config import GatewayConfig
 from ksw1fast.connection import Connection, refusals
 from ksw1fast.constants import HEADER_SIZE
 from ksw1fast.pkcs11.supervisor import NoModule, make_provider
+from ksw1fast.resolve import Resolver
 from ksw1fast.security import HandshakeRefused, Security
 
 log = logging.getLogger("ksw1fast")
@@ -34,6 +35,7 @@ class Gateway:
         `config.pkcs11`, or a backend answering "no PKCS#11 module configured"."""
         self.config = config
         self.security = Security(config)  # ValueError for settings that do not fit
+        self.resolver = Resolver(config.max_lookups, config.dns_timeout)
         self._pkcs11 = pkcs11_backend or make_provider(config.pkcs11) or NoModule()
         # weak: a connection whose upgrade fails never reports its end
         self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
@@ -139,7 +141,8 @@ class Gateway:
                 WSUpgradeResponse.create_error_response(exc.status, str(exc).encode()), None)
         for_connection = getattr(self._pkcs11, "for_connection", None)
         backend = for_connection() if for_connection is not None else self._pkcs11
-        conn = Connection(self.config, self.connections.discard, backend, self.security, grant)
+        conn = Connection(self.config, self.connections.discard, backend, self.security,
+                          self.resolver, grant)
         self.connections.add(conn)
         # a browser that offered subprotocols drops the connection unless one is echoed
         headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
@@ -157,6 +160,7 @@ class Gateway:
             conn.go_away()
         await self._server.wait_closed()
         self._server = None
+        self.resolver.close()
         close = getattr(self._pkcs11, "close", None)
         if close is not None:
             await close()

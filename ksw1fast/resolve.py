@@ -4,8 +4,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
-from typing import NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional
+
+import aiodns
 
 from ksw1fast.constants import DnsErrCode, OpenErrCode
 from ksw1fast.policy import EgressPolicy, IPAddress
@@ -38,29 +41,94 @@ def _strip_scope(host: str) -> str:
     return host.split("%", 1)[0]
 
 
-async def lookup(name: str, port: int = 0, family: int = 0) -> list[Endpoint]:
-    """Resolve `name` (or parse a literal) to TCP endpoints, in resolver order, deduplicated.
+# c-ares' errors, as DnsErr codes (anything else is a server failure)
+_ARES_CODES = {
+    aiodns.error.ARES_ENOTFOUND: DnsErrCode.NX_DOMAIN,
+    aiodns.error.ARES_ENODATA: DnsErrCode.NX_DOMAIN,
+    aiodns.error.ARES_EBADNAME: DnsErrCode.FORMAT_ERROR,
+    aiodns.error.ARES_EBADQUERY: DnsErrCode.FORMAT_ERROR,
+    aiodns.error.ARES_EFORMERR: DnsErrCode.FORMAT_ERROR,
+    aiodns.error.ARES_ENOTIMP: DnsErrCode.NOT_IMPLEMENTED,
+    aiodns.error.ARES_ETIMEOUT: DnsErrCode.TIMEOUT,
+}
 
-    `family` is the KSW1 DnsQuery family: 0 any, 4 or 6.
+
+class Resolver:
+    """Name lookups of one worker: c-ares (aiodns), at most `max_lookups` in flight.
+
+    Not the event loop's getaddrinfo: that runs on libuv's pool of 4 threads, where a
+    name whose DNS server never answers holds a thread for 30-40 s whatever its caller
+    does, so a few such names stalled every other lookup of the worker.  c-ares keeps
+    no thread per query and, with the system resolver's files (/etc/resolv.conf,
+    /etc/hosts), ends each query by itself within `timeout` per try.  IP literals never
+    reach it.  A lookup's slot is freed when c-ares is done with it, not when its
+    caller stops waiting (a DnsQuery answered Timeout still holds its slot meanwhile).
     """
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(name, port, family=_FAMILIES[family],
+
+    TRIES = 2
+
+    def __init__(self, max_lookups: int = 1024, timeout: float = 5.0) -> None:
+        self.max_lookups = max_lookups
+        self.timeout = timeout
+        self.in_flight = 0
+        self._ares: Optional[aiodns.DNSResolver] = None  # made in the running loop
+
+    async def lookup(self, name: str, port: int = 0, family: int = 0) -> list[Endpoint]:
+        """`name` (a host name or an IP literal) as TCP endpoints, in resolver order,
+        deduplicated; `family` is the DnsQuery family: 0 any, 4 or 6. ResolveError."""
+        literal = _numeric(name, port, family)
+        if literal is not None:
+            return literal
+        if self.in_flight >= self.max_lookups:
+            raise ResolveError(DnsErrCode.SERVER_FAILURE,
+                               f"more than {self.max_lookups} lookups in flight")
+        try:
+            ascii_name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ResolveError(DnsErrCode.FORMAT_ERROR, f"invalid host name {name!r}") from None
+        if self._ares is None:
+            self._ares = aiodns.DNSResolver(timeout=self.timeout / self.TRIES, tries=self.TRIES)
+        query = self._ares.getaddrinfo(ascii_name, family=_FAMILIES[family], port=port,
                                        type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        self.in_flight += 1
+        query.add_done_callback(self._done)
+        try:
+            answer = await asyncio.shield(query)  # a cancelled caller leaves c-ares be
+        except aiodns.error.DNSError as exc:
+            code = _ARES_CODES.get(exc.args[0], DnsErrCode.SERVER_FAILURE)
+            raise ResolveError(code, f"cannot resolve {name!r}: {exc.args[1]}") from None
+        endpoints = _unique(Endpoint(node.family, (node.addr[0].decode(), *node.addr[1:]))
+                            for node in answer.nodes)
+        if not endpoints:
+            raise ResolveError(DnsErrCode.NX_DOMAIN, f"{name!r} has no addresses")
+        return endpoints
+
+    def _done(self, query: "asyncio.Future[Any]") -> None:
+        self.in_flight -= 1
+        if not query.cancelled():
+            query.exception()  # retrieved: its caller may have stopped waiting
+
+    def close(self) -> None:
+        if self._ares is not None:
+            self._ares.cancel()
+
+
+def _unique(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
+    return list(dict.fromkeys(endpoints))
+
+
+def _numeric(host: str, port: int, family: int) -> Optional[list[Endpoint]]:
+    """The endpoint of an IP literal (zone id allowed), parsed without any resolver; None
+    for a name.  ResolveError when the literal is not of `family`."""
+    if _parse_literal(_strip_scope(host)) is None:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, _FAMILIES[family], socket.SOCK_STREAM,
+                                   socket.IPPROTO_TCP, socket.AI_NUMERICHOST)
     except socket.gaierror as exc:
-        code = DnsErrCode.NX_DOMAIN if exc.errno in _NO_NAME else DnsErrCode.SERVER_FAILURE
-        raise ResolveError(code, f"cannot resolve {name!r}: {exc.strerror}") from None
-    except UnicodeError:  # not encodable as an IDNA name
-        raise ResolveError(DnsErrCode.FORMAT_ERROR, f"invalid host name {name!r}") from None
-    seen: set[tuple] = set()
-    endpoints = []
-    for fam, _type, _proto, _canon, sockaddr in infos:
-        if sockaddr not in seen:
-            seen.add(sockaddr)
-            endpoints.append(Endpoint(fam, sockaddr))
-    if not endpoints:
-        raise ResolveError(DnsErrCode.NX_DOMAIN, f"{name!r} has no addresses")
-    return endpoints
+        code = DnsErrCode.NX_DOMAIN if exc.errno in _NO_NAME else DnsErrCode.FORMAT_ERROR
+        raise ResolveError(code, f"cannot resolve {host!r}: {exc.strerror}") from None
+    return _unique(Endpoint(fam, sockaddr) for fam, _type, _proto, _canon, sockaddr in infos)
 
 
 def address_bytes(endpoint: Endpoint) -> bytes:
@@ -68,12 +136,32 @@ def address_bytes(endpoint: Endpoint) -> bytes:
     return socket.inet_pton(endpoint.family, _strip_scope(endpoint.sockaddr[0]))
 
 
+async def _sock_connect(sock: socket.socket, address: tuple) -> None:
+    """A non-blocking connect to a resolved address, completed on the loop's own poller:
+    the loop's sock_connect may send even a literal address through getaddrinfo."""
+    try:
+        sock.connect(address)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    loop = asyncio.get_running_loop()
+    writable = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+
+
 async def connect(endpoints: list[Endpoint], kind: int = socket.SOCK_STREAM) -> socket.socket:
     """Connect a socket of `kind` to the first endpoint that accepts, trying them in order.
 
     For UDP, connecting only fixes the peer: it succeeds unless the address is unusable.
     """
-    loop = asyncio.get_running_loop()
     last: OSError = OSError("no endpoint")
     for endpoint in endpoints:
         sock = socket.socket(endpoint.family, kind)
@@ -81,7 +169,7 @@ async def connect(endpoints: list[Endpoint], kind: int = socket.SOCK_STREAM) -> 
             sock.setblocking(False)
             if kind == socket.SOCK_STREAM:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.sock_connect(sock, endpoint.sockaddr)
+            await _sock_connect(sock, endpoint.sockaddr)
             return sock
         except OSError as exc:
             sock.close()
@@ -92,15 +180,15 @@ async def connect(endpoints: list[Endpoint], kind: int = socket.SOCK_STREAM) -> 
     raise last
 
 
-async def open_socket(host: str, port: int, kind: int = socket.SOCK_STREAM,
+async def open_socket(resolver: Resolver, host: str, port: int, kind: int = socket.SOCK_STREAM,
                       policy: Optional[EgressPolicy] = None) -> socket.socket:
     """Resolve `host` and connect a socket of `kind` to it: the socket of one Open.
 
     With a policy, the name is checked first, then every resolved address, and the
     socket connects to a checked address itself: nothing resolves the name again
     between the check and the connect (DNS rebinding).  An IP literal without zone id
-    is checked once: its name check judges that very address, and getaddrinfo parses it
-    without asking any resolver.
+    is checked once: its name check judges that very address, and it is parsed, never
+    resolved.
     """
     proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
     address = _parse_literal(_strip_scope(host))  # None for a name
@@ -111,7 +199,7 @@ async def open_socket(host: str, port: int, kind: int = socket.SOCK_STREAM,
                     if address is not None and not zoned else policy.check_name(host, port, proto))
         if not decision.allowed:
             raise Blocked(decision.reason)
-    endpoints = await lookup(host, port)  # uvloop answers a literal without its thread pool
+    endpoints = await resolver.lookup(host, port)
     if policy is not None and (address is None or zoned):
         name = None if address is not None else host
         decisions = [policy.check_address(e.sockaddr[0], port, proto, name=name)

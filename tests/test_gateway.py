@@ -341,18 +341,18 @@ async def test_a_reused_stream_id_keeps_its_connect_timeout(unanswered_port: int
 async def test_dns_timeout_is_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     """A lookup that hangs is answered DnsErr Timeout after dns_timeout, and abandoned."""
     import ksw1fast
-    from ksw1fast import client as kclient, connection
+    from ksw1fast import client as kclient, resolve
 
-    real_lookup = connection.lookup
+    real_lookup = resolve.Resolver.lookup
     hung: list[asyncio.Future] = []
 
-    async def lookup(name: str, port: int = 0, family: int = 0) -> list:
+    async def lookup(self: resolve.Resolver, name: str, port: int = 0, family: int = 0) -> list:
         if name != "slow.example":
-            return await real_lookup(name, port, family)
+            return await real_lookup(self, name, port, family)
         hung.append(asyncio.get_running_loop().create_future())
         return await hung[-1]
 
-    monkeypatch.setattr(connection, "lookup", lookup)
+    monkeypatch.setattr(resolve.Resolver, "lookup", lookup)
     async with await ksw1fast.start_gateway(port=0, dns_timeout=0.3) as gw:
         client = await kclient.connect(gw.address)
         started = asyncio.get_running_loop().time()

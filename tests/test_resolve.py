@@ -13,7 +13,7 @@ from helpers import EMBEDDINGS, FILL
 from ksw1fast import resolve
 from ksw1fast.constants import DnsErrCode, OpenErrCode
 from ksw1fast.policy import EgressPolicy, to_address
-from ksw1fast.resolve import Blocked, ResolveError, lookup, open_error, open_socket
+from ksw1fast.resolve import Blocked, ResolveError, Resolver, open_error, open_socket
 
 
 @pytest.mark.parametrize("exc,code", [
@@ -29,13 +29,18 @@ def test_open_error_codes(exc, code) -> None:
 
 
 async def test_lookup_literals_and_errors() -> None:
+    lookup = Resolver().lookup
     assert [e.sockaddr[0] for e in await lookup("127.0.0.1", 80)] == ["127.0.0.1"]
+    assert {e.sockaddr[0] for e in await lookup("localhost", 80)} <= {"127.0.0.1", "::1"}
     with pytest.raises(ResolveError) as info:
         await lookup("no-such-host.invalid", 80)
     assert info.value.dns_code == DnsErrCode.NX_DOMAIN
     with pytest.raises(ResolveError) as info:
         await lookup("127.0.0.1", 80, family=6)  # an IPv4 literal has no IPv6 address
-    assert info.value.dns_code in (DnsErrCode.NX_DOMAIN, DnsErrCode.SERVER_FAILURE)
+    assert info.value.dns_code == DnsErrCode.NX_DOMAIN
+    with pytest.raises(ResolveError) as info:
+        await lookup("bad\udcffname", 80)
+    assert info.value.dns_code == DnsErrCode.FORMAT_ERROR
 
 
 def _sample_literals() -> list[str]:
@@ -54,7 +59,7 @@ def _sample_literals() -> list[str]:
 async def test_a_literal_resolves_to_itself_alone() -> None:
     """Why open_socket checks a literal once: getaddrinfo returns that very address."""
     for text in _sample_literals():
-        endpoints = await lookup(text, 443)
+        endpoints = await Resolver().lookup(text, 443)
         assert [to_address(e.sockaddr[0]) for e in endpoints] == [to_address(text)], text
 
 
@@ -73,14 +78,14 @@ def test_parse_literal(host: str, literal: bool) -> None:
                                   "100.100.100.200", "fd00:ec2::254"])
 async def test_open_socket_blocks_special_literals_by_default(host: str) -> None:
     with pytest.raises(Blocked, match=" is "):
-        await open_socket(host, 80, policy=EgressPolicy())
+        await open_socket(Resolver(), host, 80, policy=EgressPolicy())
 
 
 async def test_open_socket_blocks_a_literal_denied_by_rule() -> None:
     policy = EgressPolicy(["deny 127.0.0.0/8", "deny [::1]"])
     for host in ("127.0.0.1", "::ffff:127.0.0.1", "::1"):
         with pytest.raises(Blocked, match="denied by rule"):
-            await open_socket(host, 9, policy=policy)
+            await open_socket(Resolver(), host, 9, policy=policy)
 
 
 @pytest.mark.parametrize("host, rules, answer", [
@@ -93,15 +98,22 @@ async def test_open_socket_judges_what_the_lookup_returns(monkeypatch, host, rul
     async def lookup(name: str, port: int = 0, family: int = 0) -> list[resolve.Endpoint]:
         return [resolve.Endpoint(socket.AF_INET, (answer, port))]
 
-    monkeypatch.setattr(resolve, "lookup", lookup)
     with pytest.raises(Blocked):
-        await open_socket(host, 9, policy=EgressPolicy(rules))
+        await open_socket(_Answers(lookup), host, 9, policy=EgressPolicy(rules))
+
+
+class _Answers(resolve.Resolver):
+    """A resolver answering from a function: no lookup leaves the process."""
+
+    def __init__(self, lookup) -> None:
+        super().__init__()
+        self.lookup = lookup  # type: ignore[method-assign]
 
 
 @pytest.fixture
-def no_traffic(monkeypatch) -> list[str]:
+def no_traffic(monkeypatch) -> _Answers:
     """Nothing resolves or connects: a literal judged wrongly fails here, not on a network.
-    The list holds what was asked for."""
+    The resolver to use; its `asked` holds what was asked for."""
     asked: list[str] = []
 
     async def lookup(name: str, port: int = 0, family: int = 0) -> list[resolve.Endpoint]:
@@ -112,9 +124,10 @@ def no_traffic(monkeypatch) -> list[str]:
         asked.extend(str(e.sockaddr[0]) for e in endpoints)
         raise OSError(errno.EACCES, "no connects in this test")
 
-    monkeypatch.setattr(resolve, "lookup", lookup)
     monkeypatch.setattr(resolve, "connect", connect)
-    return asked
+    resolver = _Answers(lookup)
+    resolver.asked = asked  # type: ignore[attr-defined]
+    return resolver
 
 
 @pytest.mark.parametrize("form", EMBEDDINGS)
@@ -126,8 +139,8 @@ async def test_open_socket_blocks_embedded_ipv4_literals(no_traffic, form, v4, r
     for host in (text, text.upper(), ipaddress.IPv6Address(text).exploded, text + "%lo"):
         for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
             with pytest.raises(Blocked):
-                await open_socket(host, 80, kind, policy=EgressPolicy(rules))
-    assert no_traffic == []  # refused before any lookup or connect
+                await open_socket(no_traffic, host, 80, kind, policy=EgressPolicy(rules))
+    assert no_traffic.asked == []  # refused before any lookup or connect
 
 
 async def test_open_socket_blocks_a_name_resolving_to_an_embedded_special(monkeypatch) -> None:
@@ -139,7 +152,7 @@ async def test_open_socket_blocks_a_name_resolving_to_an_embedded_special(monkey
     async def connect(endpoints: list[resolve.Endpoint], kind: int = socket.SOCK_STREAM):
         raise AssertionError(f"connected to {endpoints}")
 
-    monkeypatch.setattr(resolve, "lookup", lookup)
     monkeypatch.setattr(resolve, "connect", connect)
     with pytest.raises(Blocked, match="169.254.169.254 is link-local"):
-        await open_socket("rebind.example", 80, policy=EgressPolicy(["allow *"]))
+        await open_socket(_Answers(lookup), "rebind.example", 80,
+                          policy=EgressPolicy(["allow *"]))

@@ -18,7 +18,7 @@ import websockets
 
 import ksw1fast
 from ksw1fast import client as kclient
-from ksw1fast import codec, connection, resolve
+from ksw1fast import codec, resolve
 from ksw1fast.auth import issue_token
 from ksw1fast.config import GatewayConfig
 from ksw1fast.constants import (AddrKind, DnsErrCode, Feature, OpenErrCode, Pkcs11Status, Proto)
@@ -178,7 +178,7 @@ async def test_egress_rules(echo_port) -> None:
 
 async def test_name_allowed_but_address_denied_is_blocked(echo_port) -> None:
     """DNS rebinding: the name passes, the address it resolves to does not."""
-    rules = ("deny 127.0.0.0/8", "allow any localhost:*")
+    rules = ("deny 127.0.0.0/8", "deny [::1]", "allow any localhost:*")
     async with await ksw1fast.start_gateway(port=0, egress=rules) as gw:
         client = await kclient.connect(gw.address)
         with pytest.raises(OpenError) as info:
@@ -205,14 +205,14 @@ async def test_embedded_ipv4_through_the_gateway(monkeypatch) -> None:
     here may leave the machine, even if a check failed."""
     answers = ["64:ff9b::a9fe:a9fe", "2002:a00:1::1", "64:ff9b::808:808"]
 
-    async def lookup(name: str, port: int = 0, family: int = 0) -> list[resolve.Endpoint]:
+    async def lookup(self: resolve.Resolver, name: str, port: int = 0,
+                     family: int = 0) -> list[resolve.Endpoint]:
         return [resolve.Endpoint(socket.AF_INET6, (a, port, 0, 0)) for a in answers]
 
     async def connect(endpoints: list, kind: int = socket.SOCK_STREAM) -> None:
         raise ConnectionRefusedError(f"this test connects nowhere: {endpoints}")
 
-    monkeypatch.setattr(connection, "lookup", lookup)
-    monkeypatch.setattr(resolve, "lookup", lookup)
+    monkeypatch.setattr(resolve.Resolver, "lookup", lookup)
     monkeypatch.setattr(resolve, "connect", connect)
     async with await ksw1fast.start_gateway(port=0, egress=("deny 10.0.0.0/8",)) as gw:
         client = await kclient.connect(gw.address)
