@@ -27,6 +27,7 @@ rm -rf .venv-test
 scripts/softhsm.sh >/dev/null
 scripts/lb.sh
 scripts/chromium.sh
+scripts/node.sh
 
 cd "$(mktemp -d)"  # where the source tree's ksw1fast/ is not importable
 "$root/.venv-test/bin/python" -c 'import ksw1fast, sys; f = ksw1fast.__file__; \
