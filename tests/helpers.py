@@ -15,6 +15,7 @@ import threading
 import urllib.error
 import urllib.request
 from ipaddress import IPv4Address, IPv6Address
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
@@ -333,3 +334,41 @@ EMBEDDINGS: dict[str, Callable[[IPv4Address, bytes], IPv6Address]] = {
 # free bits that embed nothing special: a Teredo server 65.54.227.120 (or flags and
 # port), a Teredo client 8.8.4.4 (or flags and port), a zero 'u' octet last
 FILL = bytes([65, 54, 227, 120]) + _inverted(bytes([8, 8, 4, 4])) + bytes(2)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class SoftHSM:
+    """A throwaway SoftHSM2 token store with one initialised token."""
+
+    module: str     # path of libsofthsm2.so
+    conf: Path      # the softhsm2.conf of this store (SOFTHSM2_CONF)
+    label: str      # the token's label
+    user_pin: bytes = b"1234"
+    so_pin: bytes = b"5678"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a gateway's agents need in their environment to see this store."""
+        return {"SOFTHSM2_CONF": str(self.conf)}
+
+
+def make_softhsm(root: Path, label: str) -> SoftHSM:
+    """SoftHSM2 installed (scripts/softhsm.sh) and a token store in `root` holding one
+    token `label`. Each group of tests makes its own, so that no test's token changes
+    (InitToken, object creation) leak into another group's slots."""
+    module = subprocess.run(["bash", str(REPO / "scripts" / "softhsm.sh")], check=True,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            timeout=900).stdout.strip()
+    (root / "tokens").mkdir()
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {root / 'tokens'}\n"
+                    "objectstore.backend = file\nlog.level = ERROR\n")
+    store = SoftHSM(module, conf, label)
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label,
+                    "--pin", store.user_pin.decode(), "--so-pin", store.so_pin.decode()],
+                   env={**os.environ, **store.env}, check=True, capture_output=True,
+                   stdin=subprocess.DEVNULL, timeout=60)
+    return store

@@ -36,7 +36,7 @@ from ksw1fast import client as kclient
 from ksw1fast.constants import Pkcs11Status
 from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Reader, Writer, error_of
 
-from helpers import GatewayProcess, RawClient, free_port, http_get
+from helpers import GatewayProcess, RawClient, SoftHSM, free_port, http_get, make_softhsm
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -229,22 +229,9 @@ def balancers_installed() -> None:
 
 
 @pytest.fixture(scope="module")
-def softhsm(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """SoftHSM2 (scripts/softhsm.sh), a private token directory and one initialised token:
-    (module path, SOFTHSM2_CONF) for the instances' environment."""
-    module = subprocess.run(["bash", str(REPO / "scripts" / "softhsm.sh")], check=True,
-                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                            timeout=600).stdout.strip()
-    root = tmp_path_factory.mktemp("lb-softhsm")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\n"
-                    "objectstore.backend = file\nlog.level = ERROR\n")
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "lb-test",
-                    "--pin", "1234", "--so-pin", "5678"], check=True, capture_output=True,
-                   stdin=subprocess.DEVNULL, env={**os.environ, "SOFTHSM2_CONF": str(conf)},
-                   timeout=60)
-    return module, conf
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHSM:
+    """A token store for the instances behind the balancers."""
+    return make_softhsm(tmp_path_factory.mktemp("lb-softhsm"), "lb-test")
 
 
 @dataclass
@@ -270,13 +257,12 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
 
 
 @pytest.fixture(scope="module")
-def instances(softhsm, tmp_path_factory) -> Iterator[list[Instance]]:
+def instances(softhsm: SoftHSM, tmp_path_factory) -> Iterator[list[Instance]]:
     """Two instances with tokens and PKCS#11 (SoftHSM), as behind a production balancer."""
-    module, conf = softhsm
     token_file = tmp_path_factory.mktemp("lb-auth") / "tokens"
     token_file.write_text(TOKEN + "\n")
-    pair = start_instances("--token-file", str(token_file), "--pkcs11-lib", module,
-                           env={"SOFTHSM2_CONF": str(conf)})
+    pair = start_instances("--token-file", str(token_file), "--pkcs11-lib", softhsm.module,
+                           env=softhsm.env)
     yield pair
     stop_instances(pair)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import shutil
 import subprocess
 import time
@@ -17,14 +16,14 @@ from typing import AsyncIterator, Iterator
 import pytest
 import trustme
 
-from helpers import GatewayProcess, echo_handler, port_of, serve_tcp
+from helpers import GatewayProcess, SoftHSM, echo_handler, make_softhsm, port_of, serve_tcp
 
 pytestmark = [pytest.mark.node, pytest.mark.softhsm, pytest.mark.timeout(180)]
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_DIR = Path(__file__).resolve().parent / "node"
 TOKEN = "node-client-token"
-LABEL, PIN = "ksw1fast-node", "1234"
+LABEL = "ksw1fast-node"
 GREETING = b"hello from the target\n"          # what ksw1_client.mjs expects of --greeting
 AFTER_EOF = 100 * 1024                         # what it writes after the target's EOF
 
@@ -36,24 +35,13 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def softhsm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A throwaway SoftHSM2 token; the environment the gateway's agents need to see it."""
-    module = subprocess.run(["bash", str(REPO / "scripts" / "softhsm.sh")], check=True,
-                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                            timeout=900).stdout.strip()
-    root = tmp_path_factory.mktemp("node-softhsm")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n")
-    env = {"SOFTHSM2_CONF": str(conf)}
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", LABEL, "--pin", PIN,
-                    "--so-pin", "5678"], env={**os.environ, **env}, check=True,
-                   capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
-    return {"PKCS11_LIB": module, **env}
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHSM:
+    """A token store of these tests' own."""
+    return make_softhsm(tmp_path_factory.mktemp("node-softhsm"), LABEL)
 
 
 @pytest.fixture(scope="module", params=["default", "workers", "tls"])
-def gateway(request: pytest.FixtureRequest, softhsm: dict[str, str],
+def gateway(request: pytest.FixtureRequest, softhsm: SoftHSM,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     folder = tmp_path_factory.mktemp(f"node-{request.param}")
     (folder / "tokens").write_text(f"{TOKEN}\n")
@@ -69,7 +57,7 @@ def gateway(request: pytest.FixtureRequest, softhsm: dict[str, str],
         ca.cert_pem.write_to_path(str(folder / "ca.pem"))
         args += ["--tls-cert", str(folder / "chain.pem"), "--tls-key", str(folder / "key.pem")]
         ca_file = str(folder / "ca.pem")
-    proc = GatewayProcess(*args, env=softhsm)
+    proc = GatewayProcess(*args, env={"PKCS11_LIB": softhsm.module, **softhsm.env})
     try:
         if request.param == "workers":  # the address comes from the first; wait for both
             deadline = time.monotonic() + 30
@@ -142,7 +130,7 @@ def node_client() -> list[str]:
 async def test_node_ws_client(gateway: Gateway, targets: Targets, features: int) -> None:
     args = [f"--url={gateway.url}", f"--token={TOKEN}", f"--features={features:#x}",
             "--dns-name=localhost", "--dns-address=127.0.0.1",
-            f"--pkcs11-label={LABEL}", f"--pkcs11-pin={PIN}",
+            f"--pkcs11-label={LABEL}", f"--pkcs11-pin={SoftHSM.user_pin.decode()}",
             *(f"--{name}={port}" for name, port in targets.ports.items())]
     if gateway.ca:
         args.append(f"--ca={gateway.ca}")

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterator
 import pytest
 from playwright.async_api import async_playwright
 
-from helpers import GatewayProcess
+from helpers import GatewayProcess, SoftHSM, make_softhsm
 
 from .headless import Chromium
 from .page_server import Pages, serve_pages
@@ -126,25 +126,7 @@ async def sink() -> AsyncIterator[Sink]:
         yield target
 
 
-@dataclass(frozen=True)
-class SoftHSM:
-    module: str  # path of libsofthsm2.so
-    conf: Path   # its SOFTHSM2_CONF
-
-
 @pytest.fixture(scope="session")
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHSM:
-    """SoftHSM2 installed and a throwaway token in a token directory of our own.
-
-    tests/pkcs11/conftest.py has a fixture like it, but pytest does not share fixtures
-    across sibling folders, and importing another conftest module runs it twice."""
-    module = _script("softhsm.sh").strip()
-    root = tmp_path_factory.mktemp("softhsm")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n")
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "browser",
-                    "--pin", "1234", "--so-pin", "5678"],
-                   env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True,
-                   capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
-    return SoftHSM(module, conf)
+    """A token store of the browser tests' own."""
+    return make_softhsm(tmp_path_factory.mktemp("softhsm"), "browser")

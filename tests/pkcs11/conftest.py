@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator, Protocol
 
@@ -27,40 +25,23 @@ import pytest
 from ksw1fast import client as kclient
 from ksw1fast.pkcs11 import Dispatcher
 
-from helpers import GatewayProcess
+from helpers import GatewayProcess, SoftHSM, make_softhsm
 
-REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ["dispatcher", "gateway"]
 
 TOKEN_LABEL = "ksw1fast-test"
-USER_PIN = b"1234"
-SO_PIN = b"5678"
-
-
-@dataclass(frozen=True)
-class SoftHSM:
-    module: str     # path of libsofthsm2.so
-    conf: Path      # the softhsm2.conf every process of the run uses (SOFTHSM2_CONF)
+USER_PIN = SoftHSM.user_pin
+SO_PIN = SoftHSM.so_pin
 
 
 @pytest.fixture(scope="session")
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHSM]:
-    """SoftHSM2 installed, a private token directory, and the test token initialised."""
-    module = subprocess.run(["bash", str(REPO / "scripts" / "softhsm.sh")], check=True,
-                            capture_output=True, text=True, stdin=subprocess.DEVNULL
-                            ).stdout.strip()
-    root = tmp_path_factory.mktemp("softhsm")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\n"
-                    "objectstore.backend = file\nlog.level = ERROR\n")
+    """The test token, seen by every process of the run (SOFTHSM2_CONF)."""
+    store = make_softhsm(tmp_path_factory.mktemp("softhsm"), TOKEN_LABEL)
     previous = os.environ.get("SOFTHSM2_CONF")
-    os.environ["SOFTHSM2_CONF"] = str(conf)
+    os.environ.update(store.env)
     try:
-        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
-                        "--pin", USER_PIN.decode(), "--so-pin", SO_PIN.decode()],
-                       check=True, capture_output=True, stdin=subprocess.DEVNULL)
-        yield SoftHSM(module, conf)
+        yield store
     finally:
         if previous is None:
             os.environ.pop("SOFTHSM2_CONF", None)
