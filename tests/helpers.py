@@ -218,6 +218,19 @@ class RawPeer:
                 return sent
         return count
 
+    async def recv_message(self, timeout: float = 10) -> bytes:
+        """The next data message's payload (control frames other than Close skipped)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            for event in self.protocol.events_received():
+                if isinstance(event, Frame) and event.opcode in (Opcode.BINARY, Opcode.TEXT):
+                    return event.data
+            await self._flush()  # pongs the protocol owes
+            data = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 20), timeout)
+            if not data:
+                raise EOFError("closed")
+            self.protocol.receive_data(data)
+
     async def close_code(self, timeout: float = 30) -> int | None:
         """Read (and drop) everything until the server's Close; answer it; its code."""
         loop = asyncio.get_running_loop()

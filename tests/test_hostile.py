@@ -6,6 +6,9 @@ Loopback only; every loop is bounded in count and time.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import psutil
@@ -14,8 +17,10 @@ from websockets.frames import Opcode
 
 from ksw1fast import codec
 from ksw1fast.constants import FrameType, Proto
+from ksw1fast.pkcs11.wire import FUNCTION_IDS, Reader, Writer
 
-from helpers import ControlEcho, GatewayProcess, RawPeer, echo_handler, port_of, serve_tcp
+from helpers import (ControlEcho, GatewayProcess, RawPeer, echo_handler, make_softhsm, port_of,
+                     serve_tcp)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,3 +83,71 @@ async def test_replies_a_client_does_not_read_are_bounded(
         await asyncio.sleep(SEND_TIMEOUT + 0.5)
         assert await attacker.close_code() == 1008
         attacker.close()
+
+
+def test_a_hung_resolver_degrades_only_lookups(tmp_path) -> None:
+    """Names whose DNS server never answers hang only their own lookups: Opens of
+    literals, round trips and /etc/hosts lookups of other clients go on, and every
+    lookup slot is free again once c-ares gives up. Runs tests/netns_hung_resolver.py
+    in a network namespace with only loopback and a resolv.conf of its own (as root:
+    unshare and a bind mount), so no query can leave the machine."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\n")
+    scenario = Path(__file__).with_name("netns_hung_resolver.py")
+    done = subprocess.run(
+        ["unshare", "--net", "--mount", "sh", "-c",
+         f'mount --bind "{resolv}" /etc/resolv.conf && exec "{sys.executable}" "{scenario}"'],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.softhsm
+async def test_pipelined_pkcs11_answers_a_client_does_not_read_are_bounded(
+        tmp_path: Path, echo_port: int) -> None:
+    """1000 pipelined GenerateRandom(1 MiB) without reading: at most --pkcs11-max-calls
+    are in flight (the rest are answered Internal at once), the gateway stops reading
+    once the answers pass the send buffer limit, and its memory stays bounded."""
+    store = make_softhsm(tmp_path, "hostile")
+    proc = await asyncio.to_thread(GatewayProcess, "--pkcs11-lib", store.module,
+                                   "--send-timeout", str(SEND_TIMEOUT), env=store.env)
+    try:
+        gateway = psutil.Process(proc.pid)
+        async with ControlEcho(proc.address, echo_port):
+            attacker = RawPeer(proc.address)
+            await attacker.upgrade()
+            await attacker.send_frame(Opcode.BINARY, _hello())
+            session = await _open_session(attacker)
+            before = gateway.memory_info().rss
+            random = Writer().u32(session).u32(MiB).getvalue()
+            burst = _many(50, lambda qid: codec.encode_frame(
+                FrameType.PKCS11_REQUEST, qid, codec.encode_pkcs11_request(
+                    FUNCTION_IDS["GenerateRandom"], random)))
+            sent = await attacker.flood(burst, count=20)  # 1000 requests
+            await asyncio.sleep(3)  # the agent answers what it took
+            grown = gateway.memory_info().rss - before
+            assert grown < 64 * MiB, f"gateway grew by {grown / MiB:.0f} MiB ({sent} bursts)"
+            await asyncio.sleep(SEND_TIMEOUT + 0.5)
+            assert await attacker.close_code() == 1008
+            attacker.close()
+    finally:
+        await asyncio.to_thread(proc.stop)
+
+
+async def _open_session(peer: RawPeer) -> int:
+    """A session on the token's slot, through the raw client (it reads the answers)."""
+    parser = codec.FrameParser()
+    answers: list = []
+
+    async def call(qid: int, fn: str, args: bytes) -> Reader:
+        await peer.send_frame(Opcode.BINARY, codec.encode_frame(
+            FrameType.PKCS11_REQUEST, qid, codec.encode_pkcs11_request(FUNCTION_IDS[fn], args)))
+        while not answers:
+            answers.extend(f for f in parser.feed(await peer.recv_message())
+                           if f.type == FrameType.PKCS11_RESPONSE)
+        response = codec.decode_pkcs11_response(bytes(answers.pop(0).payload))
+        assert response.status == 0, response
+        return Reader(response.body)
+
+    await peer.recv_message()  # HelloAck
+    slot = (await call(1, "GetSlotList", Writer().bool(True).getvalue())).list(Reader.u64)[0]
+    return (await call(2, "OpenSession", Writer().u32(slot).u32(0x3).getvalue())).u32()
