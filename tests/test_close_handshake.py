@@ -7,9 +7,11 @@ socket), so every Close frame below, valid or not, really crosses the wire.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 
 import pytest
+import trustme
 import websockets
 from hypothesis import given, strategies as st
 from websockets.frames import Opcode
@@ -216,3 +218,28 @@ async def test_python_client_answers_a_servers_close(name: str) -> None:
         assert await asyncio.wait_for(answered, 10) == answer
         await asyncio.wait_for(asyncio.shield(c.disconnected), 10)
 
+
+
+@pytest.mark.parametrize("setup", ["default", "workers", "tls"])
+async def test_websockets_library_close_through_workers_and_tls(spawn_gateway, tmp_path,
+                                                                setup: str) -> None:
+    """The `websockets` client (which fails a connection on any invalid close code)
+    closes cleanly with 1000 against each way of serving."""
+    args: list[str] = []
+    ssl_context = None
+    if setup == "workers":
+        args = ["--workers", "2"]
+    elif setup == "tls":
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "chain.pem"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+        args = ["--tls-cert", str(tmp_path / "chain.pem"), "--tls-key", str(tmp_path / "key.pem")]
+        ssl_context = ssl.create_default_context()
+        ca.configure_trust(ssl_context)
+    gw = await spawn_gateway(*args)
+    for _ in range(4):  # with two workers, the kernel spreads these over both
+        async with websockets.connect(gw.address, ssl=ssl_context) as ws:
+            await ws.send(codec.encode_frame(0xF0, 0, b"ping"))
+            assert codec.FrameParser().feed(await ws.recv())[0].type == 0xF1
+        assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000

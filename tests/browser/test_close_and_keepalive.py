@@ -7,6 +7,7 @@ import asyncio
 from urllib.parse import urlsplit
 
 import pytest
+import trustme
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -83,3 +84,26 @@ async def test_idle_page_answers_pings_and_stays_open(chromium, pages, serve,
     assert run.results["echo"] == ECHOED
     assert run.results["events"] == clean_close(1005)
     assert not errors(run.console)
+
+
+@pytest.mark.parametrize("setup", ["workers", "tls"])
+async def test_close_without_code_through_workers_and_tls(chromium, pages, spawn_gateway,
+                                                          echo_port, tmp_path, setup) -> None:
+    """The same close as above, against `--workers 2` and against the gateway's own TLS."""
+    args, ca_pem = ["--workers", "2"], None
+    if setup == "tls":
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        chain, key, ca_pem = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+        cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+        cert.private_key_pem.write_to_path(str(key))
+        ca.cert_pem.write_to_path(str(ca_pem))
+        args = ["--tls-cert", str(chain), "--tls-key", str(key)]
+    gw = await spawn_gateway(*args)
+    browser = await chromium.launch(ca_pem=ca_pem) if ca_pem else None
+    for _ in range(4):  # with two workers, the kernel spreads these over both
+        run = await chromium.run(pages.url("/page.html", gateway=gw.address, steps="echo",
+                                           echo=echo_port, close="empty"), browser)
+        assert run.results["echo"] == ECHOED
+        assert run.results["events"] == clean_close(1005)
+        assert not errors(run.console)
