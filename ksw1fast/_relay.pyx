@@ -327,8 +327,8 @@ cdef class UdpStream(Stream):
     """asyncio DatagramProtocol of one connected UDP socket: one Data frame = one datagram.
 
     Datagrams are dropped (and counted), never queued without bound: when the client may
-    not receive (WebSocket congested, no credit, OpenOk not out) and when a client
-    datagram is too big or the socket cannot take it.
+    not receive (WebSocket congested, OpenOk not out) and when a client datagram is too
+    big or the socket cannot take it.
     """
 
     def connection_made(self, transport):
@@ -339,11 +339,13 @@ cdef class UdpStream(Stream):
         cdef Py_ssize_t n = len(data)
         if self.forgotten:
             return
-        if self.paused or (self.flow_control and n > self.send_credit):
+        if self.paused:
             self.dropped += 1
             return
         self.conn.send_frame(FRAME_DATA, self.stream_id, data)
-        self._sent(n)
+        # No send credit: the polyfill acknowledges no UDP data, so a window would stop
+        # the flow after 1 MiB; datagrams are dropped under pressure instead.
+        self.bytes_out += n
 
     def error_received(self, exc):
         pass  # ICMP errors (port unreachable...) are normal for UDP; the flow stays open

@@ -169,3 +169,23 @@ async def test_a_stream_without_acks_stalls_alone() -> None:
         assert peak - baseline < 64 * 1024 * 1024
     finally:
         await asyncio.to_thread(proc.stop)
+
+
+async def test_udp_to_the_client_needs_no_credit(gateway, udp_echo_port) -> None:
+    """With FlowControl the polyfill still acknowledges no UDP data: more than the 1 MiB
+    window must come back to a client that never sends DataAck."""
+    async with RawClient(gateway) as raw:
+        await raw.hello(features=0x2F)
+        await raw.send(_open_udp(1, udp_echo_port))
+        (ok,) = await raw.frames(1)
+        assert ok.type == FrameType.OPEN_OK
+        received, datagram = 0, bytes(60000)
+        for _ in range(24):  # 1.4 MB, one datagram in flight at a time (none dropped)
+            await raw.send(codec.encode_frame(FrameType.DATA, 1, datagram))
+            while True:
+                (frame,) = await raw.frames(1)
+                if frame.type == FrameType.DATA:
+                    break
+                assert frame.type == FrameType.DATA_ACK  # credit for what we sent
+            received += len(frame.payload)
+        assert received == 24 * len(datagram) > 1024 * 1024
