@@ -5,6 +5,8 @@ import json
 import logging
 import time
 
+from ksw1fast.limits import Rate
+
 
 class JsonFormatter(logging.Formatter):
     """{"ts", "level", "logger", "pid", "message"}: the message never holds payload bytes,
@@ -43,22 +45,15 @@ class Throttled:
 
     def __init__(self, logger: logging.Logger, rate: float = 50.0, burst: float = 200.0) -> None:
         self._logger = logger
-        self._rate = rate
-        self._burst = burst
-        self._tokens = burst
-        self._last = time.monotonic()
+        self._rate = Rate(rate, burst)
         self._dropped = 0
 
     def info(self, message: str, *args: object) -> None:
         if not self._logger.isEnabledFor(logging.INFO):
             return
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens < 1:
+        if not self._rate.allow():
             self._dropped += 1
             return
-        self._tokens -= 1
         if self._dropped:
             message += " (%d similar lines dropped)"
             args += (self._dropped,)

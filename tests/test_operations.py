@@ -169,7 +169,9 @@ def test_throttled_log_lines_are_bounded_and_say_what_was_dropped(caplog, monkey
     from ksw1fast import logs
 
     now = [1000.0]
-    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    from ksw1fast import limits
+
+    monkeypatch.setattr(limits.time, "monotonic", lambda: now[0])
     throttled = logs.Throttled(logging.getLogger("ksw1fast.test"), rate=10, burst=5)
     with caplog.at_level(logging.INFO, "ksw1fast.test"):
         for i in range(100):  # a flood within one instant: the burst only
