@@ -44,8 +44,9 @@ class GatewayProcess(Service):
                                                           env.get("PYTHONPATH")]))
         if workers > 1:
             flags = ("--workers", str(workers), *flags)
+        # capacity is measured without the per-connection request rate an operator sets
         argv = [sys.executable, "-m", "ksw1fast", "serve", "--host", "127.0.0.1", "--port", "0",
-                "--log-level", "info", *flags]
+                "--log-level", "info", "--max-open-rate", "0", *flags]
         label = f"gateway {impl}" + (f" x{workers}" if workers > 1 else "")
         super().__init__(label, argv, env=env, ready=lambda line: bool(_SERVING.search(line)),
                          ready_lines=workers, quiet=_QUIET)

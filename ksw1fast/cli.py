@@ -29,6 +29,7 @@ _FIELDS = {
     "connect_timeout": "connect_timeout", "dns_timeout": "dns_timeout",
     "send_buffer_limit": "send_buffer_limit", "send_timeout": "send_timeout",
     "max_dns_queries": "max_dns_queries", "max_lookups": "max_lookups",
+    "max_open_rate": "max_open_rate",
     "idle_ping": "idle_ping", "tls_cert": "tls_cert", "tls_key": "tls_key",
     "workers": "workers", "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
     "metrics_host": "metrics_host", "log_format": "log_format",
@@ -69,6 +70,10 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                         help=f"seconds to resolve and connect an Open (default {_D.connect_timeout})")
     limits.add_argument("--dns-timeout", type=float,
                         help=f"seconds for a DnsQuery (default {_D.dns_timeout})")
+    limits.add_argument("--max-open-rate", type=float, metavar="PER_SECOND",
+                        help="Opens and DnsQueries a connection may make a second (bursts "
+                             "of as many); beyond it OpenErr TooManyStreams / DnsErr Refused; "
+                             f"0 disables (default {_D.max_open_rate:g})")
     limits.add_argument("--max-dns-queries", type=int,
                         help="DnsQuery lookups one connection may have in flight; more are "
                              f"answered ServerFailure (default {_D.max_dns_queries})")

@@ -19,6 +19,7 @@ class GatewayConfig:
     connect_timeout: float = 10.0    # resolve + TCP connect of one Open
     dns_timeout: float = 5.0         # one DnsQuery
     max_dns_queries: int = 64        # DnsQuery lookups in flight per connection
+    max_open_rate: float = 200.0     # Opens and DnsQueries a second per connection; 0 = off
     max_lookups: int = 1024          # name lookups in flight per worker (DNS and Opens)
     send_buffer_limit: int = 4 << 20  # bytes queued for a client before it is no longer read
     send_timeout: float = 30.0       # seconds a client may stay over that before 1008
@@ -57,8 +58,9 @@ class GatewayConfig:
         for name in ("handshake_timeout", "connect_timeout", "dns_timeout", "send_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.idle_ping < 0:
-            raise ValueError("idle_ping must be >= 0")
+        for name in ("idle_ping", "max_open_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
         if self.workers < 1 or self.drain_timeout < 0:
             raise ValueError("workers must be >= 1 and drain_timeout >= 0")
         if self.log_format not in ("text", "json"):

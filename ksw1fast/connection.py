@@ -24,6 +24,7 @@ from ksw1fast.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CRED
                                 CloseReason, DnsErrCode, Feature, FrameType, OpenErrCode,
                                 Pkcs11Status, Proto, WSClose)
 from ksw1fast.errors import MalformedPayload
+from ksw1fast.limits import Rate
 from ksw1fast.logs import Throttled
 from ksw1fast.messages import OpenOkInfo, OpenRequest, SockAddr
 from ksw1fast.pkcs11 import wire
@@ -69,7 +70,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     # an idle connection should cost little memory: no per-instance __dict__
     __slots__ = ("config", "pkcs11", "security", "resolver", "grant", "_grant_error", "peer", "hello_done",
                  "features", "max_streams", "_on_closed", "_tasks", "_lookups", "_calls", "_counted",
-                 "_streams_at_end", "_frames_seen", "_pinged")
+                 "_streams_at_end", "_frames_seen", "_pinged", "_requests")
 
     def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
                  pkcs11: Pkcs11Backend, security: Security, resolver: Resolver,
@@ -94,6 +95,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         self._streams_at_end = 0  # streams open when the session ended (for the log)
         self._frames_seen = 0     # frames_in at the last keepalive sweep
         self._pinged = False      # a keepalive ping is unanswered
+        self._requests = Rate(config.max_open_rate)  # Opens and DnsQueries a second
 
     # -- WebSocket lifecycle ------------------------------------------------------
 
@@ -220,6 +222,12 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     def _on_open(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id in self.streams:
             self._open_err(stream_id, OpenErrCode.INTERNAL, "stream id already in use")
+            return
+        if not self._requests.allow():
+            metrics.child(metrics.LIMITS, "open_rate").inc()
+            self._open_err(stream_id, OpenErrCode.TOO_MANY_STREAMS,
+                           f"more than {self.config.max_open_rate:g} Opens and DNS queries "
+                           "a second")
             return
         try:
             req = codec.decode_open(payload)
@@ -361,6 +369,12 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     # -- DNS ---------------------------------------------------------------------------
 
     def _on_dns_query(self, flags: int, query_id: int, payload: bytes) -> None:
+        if not self._requests.allow():
+            metrics.child(metrics.LIMITS, "open_rate").inc()
+            self._dns_err(query_id, DnsErrCode.REFUSED,
+                          f"more than {self.config.max_open_rate:g} Opens and DNS queries "
+                          "a second")
+            return
         try:
             query = codec.decode_dns_query(payload)
             if query.family not in (0, 4, 6):

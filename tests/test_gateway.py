@@ -9,6 +9,7 @@ from typing import Iterator
 import pytest
 
 import ksw1fast
+from ksw1fast import client as kclient
 from ksw1fast import codec
 from ksw1fast.constants import (AddrKind, DnsErrCode, Feature, FrameType, OpenErrCode,
                                 Pkcs11Status, Proto)
@@ -492,3 +493,21 @@ async def test_small_frames_ready_together_share_messages(gw, size: int) -> None
         assert messages < count
         for writer in writers:
             writer.close()
+
+
+async def test_open_and_dns_rate_per_connection() -> None:
+    """--max-open-rate: Opens and DnsQueries share one bucket per connection; beyond it
+    OpenErr TooManyStreams and DnsErr Refused, while other connections are unaffected."""
+    async with await ksw1fast.start_gateway(port=0, max_open_rate=4) as gw:
+        greedy = await kclient.connect(gw.address)
+        answers = await asyncio.gather(
+            *(greedy.resolve("127.0.0.1", 4) for _ in range(3)),
+            *(greedy.open_connection("127.0.0.1", 9) for _ in range(3)),
+            return_exceptions=True)
+        refused = [a for a in answers if isinstance(a, (OpenError, DnsError))
+                   and a.code in (OpenErrCode.TOO_MANY_STREAMS, DnsErrCode.REFUSED)]
+        assert len(refused) == 2, answers  # 4 a second, 6 asked at once
+        other = await kclient.connect(gw.address)
+        assert await other.resolve("127.0.0.1", 4) == ["127.0.0.1"]
+        await greedy.close()
+        await other.close()
