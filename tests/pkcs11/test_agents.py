@@ -1,5 +1,5 @@
 """PKCS#11 agents seen from the gateway: out of the relay's loop, one per connection,
-ended with it, and a crash that hurts nobody else."""
+ended with it, a crash that hurts nobody else, and bounded whatever clients ask for."""
 from __future__ import annotations
 
 import asyncio
@@ -9,13 +9,16 @@ import signal
 from pathlib import Path
 
 import psutil
+import PyKCS11 as ck
 import pytest
 
 import ksw1fast
 from ksw1fast import client as kclient
 from ksw1fast.constants import Pkcs11Status
+from ksw1fast.pkcs11.agent import MAX_WAITS
 from ksw1fast.pkcs11.supervisor import AgentProcess, Pkcs11Settings
-from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer
+from ksw1fast.pkcs11.wire import (FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer,
+                                  error_of)
 
 from helpers import PackageCopy
 
@@ -25,6 +28,7 @@ pytestmark = pytest.mark.timeout(120)
 
 CKM_RSA_PKCS_KEY_PAIR_GEN = 0x0
 CKA_TOKEN, CKA_MODULUS_BITS, CKA_PUBLIC_EXPONENT = 0x1, 0x121, 0x122
+BLOCKING_WAIT = Writer().u32(0).getvalue()  # WaitForSlotEvent flags: may block
 
 
 def _agents() -> set[int]:
@@ -164,3 +168,62 @@ async def test_an_agents_end_is_a_warning_only_when_nobody_asked_for_it(
     (record,) = [r for r in caplog.records if r.name == "ksw1fast.pkcs11"]
     assert record.levelno == level
     assert record.getMessage().startswith(f"PKCS#11 agent {agent.pid}: PKCS#11 agent exited")
+
+
+async def _until_answered(calls: list[asyncio.Future], count: int) -> None:
+    """Until `count` of the calls have their answer (10 s at most)."""
+    for _ in range(200):
+        if sum(call.done() for call in calls) >= count:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{sum(call.done() for call in calls)} of {len(calls)} calls answered, "
+                f"not {count}")
+
+
+def _refused(call: asyncio.Future, why: str) -> bool:
+    ckr, message = error_of(*call.result())
+    return ckr == ck.CKR_FUNCTION_FAILED and why in message
+
+
+async def test_one_blocking_call_per_connection_the_rest_are_refused_at_once(
+        softhsm: SoftHSM) -> None:
+    settings = Pkcs11Settings(lib=softhsm.module, pool_size=0, max_calls=256)
+    async with await ksw1fast.start_gateway(port=0, pkcs11=settings) as gw:
+        client = await kclient.connect(gw.address)
+        assert (await client.pkcs11(F["GetInfo"])).status == Pkcs11Status.OK
+        agent = psutil.Process(_agent_of(gw, client))
+        threads = agent.num_threads()
+        calls = [asyncio.ensure_future(client.pkcs11(F["WaitForSlotEvent"], BLOCKING_WAIT))
+                 for _ in range(200)]
+        await _until_answered(calls, 199)
+        assert agent.num_threads() <= threads + 1
+        assert all(_refused(call, "already has a blocking WaitForSlotEvent")
+                   for call in calls if call.done())
+        assert (await client.pkcs11(F["GetInfo"])).status == Pkcs11Status.OK  # not stuck
+        await client.close()
+        for call in calls:
+            call.cancel()
+
+
+async def test_an_agent_runs_a_bounded_number_of_blocking_calls_in_all(
+        softhsm: SoftHSM) -> None:
+    """Many clients of one agent (worker isolation): MAX_WAITS wait, the rest are refused
+    at once, and a wait that ends frees its place."""
+    agent = await AgentProcess.start(Pkcs11Settings(lib=softhsm.module))
+    try:
+        clients = [await agent.open_client() for _ in range(MAX_WAITS + 8)]
+        threads = psutil.Process(agent.pid).num_threads()
+        calls = [agent.call(c, F["WaitForSlotEvent"], BLOCKING_WAIT) for c in clients]
+        await _until_answered(calls, 8)
+        assert psutil.Process(agent.pid).num_threads() <= threads + MAX_WAITS
+        assert [call.done() for call in calls] == [False] * MAX_WAITS + [True] * 8
+        assert all(_refused(call, "calls already running in this PKCS#11 agent")
+                   for call in calls[MAX_WAITS:])
+        agent.close_client(clients[0])
+        ckr, _ = error_of(*await asyncio.wait_for(calls[0], 5))
+        assert ckr == ck.CKR_FUNCTION_CANCELED
+        retry = agent.call(clients[-1], F["WaitForSlotEvent"], BLOCKING_WAIT)
+        await asyncio.sleep(0.5)
+        assert not retry.done(), "a place freed by an ended wait was not given to the next"
+    finally:
+        await agent.stop()
