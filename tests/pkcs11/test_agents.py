@@ -11,10 +11,12 @@ from pathlib import Path
 import psutil
 import PyKCS11 as ck
 import pytest
+from prometheus_client import REGISTRY
 
 import ksw1fast
 from ksw1fast import client as kclient
 from ksw1fast.constants import Pkcs11Status
+from ksw1fast.messages import Pkcs11Response
 from ksw1fast.pkcs11.agent import MAX_WAITS
 from ksw1fast.pkcs11.supervisor import AgentProcess, Pkcs11Settings
 from ksw1fast.pkcs11.wire import (FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer,
@@ -227,3 +229,46 @@ async def test_an_agent_runs_a_bounded_number_of_blocking_calls_in_all(
         assert not retry.done(), "a place freed by an ended wait was not given to the next"
     finally:
         await agent.stop()
+
+
+def _agent_limit_refusals() -> float:
+    return REGISTRY.get_sample_value("ksw1fast_limit_refusals_total",
+                                     {"limit": "pkcs11_agents"}) or 0.0
+
+
+def _message(response: Pkcs11Response) -> str:
+    return error_of(response.status, response.body)[1]
+
+
+async def _until_ok(client: kclient.KSW1Client, fn_id: int, args: bytes = b"",
+                    ) -> list[Pkcs11Response]:
+    """Call until the answer is Ok (10 s at most): the answers, the last one Ok."""
+    answers = []
+    for _ in range(100):
+        answers.append(await client.pkcs11(fn_id, args))
+        if answers[-1].status == Pkcs11Status.OK:
+            return answers
+        await asyncio.sleep(0.1)
+    pytest.fail(f"no Ok within 10 s; last answer: {_message(answers[-1])}")
+
+
+async def test_agents_per_worker_are_capped_and_a_refused_connection_gets_one_later(
+        softhsm: SoftHSM) -> None:
+    settings = Pkcs11Settings(lib=softhsm.module, pool_size=1, max_agents=2)
+    refused = _agent_limit_refusals()
+    async with await ksw1fast.start_gateway(port=0, pkcs11=settings) as gw:
+        clients = [await kclient.connect(gw.address) for _ in range(4)]
+        answers = [await client.pkcs11(F["GetInfo"]) for client in clients]
+        assert [a.status for a in answers[:2]] == [Pkcs11Status.OK] * 2
+        for answer in answers[2:]:
+            assert answer.status == Pkcs11Status.INTERNAL
+            assert _message(answer) == ("PKCS#11 agent limit reached (2 per worker); "
+                                        "try again later")
+        assert _agent_limit_refusals() == refused + 2
+        assert len(_agents()) == 2  # the pool counts: none was started past the cap
+        await clients[0].close()
+        await _until_ok(clients[2], F["GetInfo"])  # the freed place, at its next call
+        assert len(_agents()) <= 2
+        assert (await clients[1].pkcs11(F["GetInfo"])).status == Pkcs11Status.OK
+        for client in clients[1:]:
+            await client.close()
