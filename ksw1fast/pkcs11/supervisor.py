@@ -9,9 +9,12 @@ gets its backend from a *provider* (`for_connection()`), and closes it with its 
   to a process, so no connection can ride on another's login.  At most `max_agents`
   agents per worker, the pool included: past that a first call answers Internal.
 - `WorkerAgent` (isolation "worker"): one agent per gateway worker, shared by all its
-  connections, each as its own client with its own handles.  Only with a gateway-held
-  PIN, because then sharing the login is the point.
+  connections, each as its own client with its own handles, and restarted when it dies.
+  Only with a gateway-held PIN, because then sharing the login is the point.
 - `NoModule`: no module configured; every call answers Internal.
+
+A provider may also have `async start()`, `drain()` (the gateway drains: start nothing
+new) and `async close()`; the gateway calls each it has.
 """
 from __future__ import annotations
 
@@ -19,17 +22,22 @@ import asyncio
 import logging
 import signal
 import struct
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from ksw1fast import children, metrics
+from ksw1fast.backoff import Backoff
 from ksw1fast.pkcs11 import ipc, wire
 from ksw1fast.pkcs11.args import check as layout_error
 
 log = logging.getLogger("ksw1fast.pkcs11")
 
 NO_MODULE = "no PKCS#11 module configured"
+# what a connection's calls answer once the shared agent that held its client has died
+RESTARTED = ("PKCS#11 agent restarted: sessions and handles of this connection are gone; "
+             "reconnect to use PKCS#11 again")
 START_TIMEOUT = 30.0  # loading a module and C_Initialize
 # an agent asked to stop by a signal, as a service manager or a terminal sends one to
 # every process of the service when it drains: a normal end, like closing its stdin
@@ -331,28 +339,88 @@ class ConnectionAgents:
 
 
 class WorkerAgent:
-    """Isolation "worker": one agent shared by this worker's connections."""
+    """Isolation "worker": one agent shared by this worker's connections, each as its own
+    client, restarted with a back-off when it dies unless the gateway drains or closes.
+
+    A connection that had a client in the dead agent answers RESTARTED from then on: its
+    sessions and handles died with it, and a client in the new agent would mint ids it
+    already holds for other objects.  Connections whose first call comes later use the
+    new agent; while there is none, that call answers Internal at once with the reason."""
 
     def __init__(self, settings: Pkcs11Settings) -> None:
         self.settings = settings
-        self._agent: Optional[asyncio.Future] = None
+        self._agent: Optional[asyncio.Future] = None  # the current agent's start
+        self._down = "PKCS#11 agent not started"      # why there is none
+        self._backoff = Backoff()
+        self._launched = 0.0
+        self._restart: Optional[asyncio.TimerHandle] = None
+        self._restarted = False  # the agent starting now replaces one that died
+        self._stopping = False   # draining or closed: an agent that ends stays ended
 
     async def start(self) -> None:
+        self._launch()
+
+    def _launch(self) -> None:
+        self._restart = None
+        self._launched = time.monotonic()
         self._agent = asyncio.ensure_future(AgentProcess.start(self.settings, shared=True))
+        self._agent.add_done_callback(self._started)
+
+    def _started(self, source: asyncio.Future) -> None:
+        if source.cancelled():
+            return
+        error = source.exception()  # retrieved even while stopping: nobody else may
+        if self._stopping:
+            return
+        if error is not None:
+            self._restart_later(str(error))
+            return
+        agent = source.result()
+        if self._restarted:
+            log.info("shared PKCS#11 agent restarted: pid %d", agent.pid)
+        agent.on_exit(partial(self._ended, agent))
+
+    def _ended(self, agent: AgentProcess) -> None:
+        if self._stopping:
+            return
+        reason = agent.dead or "PKCS#11 agent exited"
+        agent.dead = RESTARTED  # what its clients' later calls answer
+        self._restart_later(reason)
+
+    def _restart_later(self, reason: str) -> None:
+        delay = self._backoff.after_death(time.monotonic() - self._launched)
+        self._agent = None
+        self._down = f"{reason}; a new PKCS#11 agent starts in {delay:.1f} s"
+        self._restarted = True
+        log.warning("shared PKCS#11 agent down: %s", self._down)
+        self._restart = asyncio.get_running_loop().call_later(delay, self._launch)
+
+    def _current(self) -> "asyncio.Future[AgentProcess]":
+        if self._agent is None:
+            raise AgentError(self._down)
+        # shielded: a connection giving up its first call must not cancel everyone's agent
+        return asyncio.shield(self._agent)
 
     def for_connection(self) -> AgentClient:
-        assert self._agent is not None, "start() first"
-        shared = self._agent
-        # shielded: a connection giving up its first call must not cancel everyone's agent
-        return AgentClient(lambda: asyncio.shield(shared), own_agent=False)
+        return AgentClient(self._current, own_agent=False)
+
+    def drain(self) -> None:
+        self._stopping = True
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
+            self._down = "PKCS#11 agent exited, and this gateway is shutting down"
 
     async def close(self) -> None:
-        if self._agent is not None:
-            try:
-                agent = await self._agent
-            except (AgentError, OSError, asyncio.TimeoutError):
-                return
-            await agent.stop()
+        self.drain()
+        source, self._agent = self._agent, None
+        if source is None:
+            return
+        try:
+            agent = await source
+        except (AgentError, OSError, asyncio.TimeoutError):
+            return
+        await agent.stop()
 
 
 class NoModule:

@@ -18,7 +18,7 @@ from ksw1fast import client as kclient
 from ksw1fast.constants import Pkcs11Status
 from ksw1fast.messages import Pkcs11Response
 from ksw1fast.pkcs11.agent import MAX_WAITS
-from ksw1fast.pkcs11.supervisor import AgentProcess, Pkcs11Settings
+from ksw1fast.pkcs11.supervisor import RESTARTED, AgentProcess, Pkcs11Settings
 from ksw1fast.pkcs11.wire import (FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer,
                                   error_of)
 
@@ -272,3 +272,69 @@ async def test_agents_per_worker_are_capped_and_a_refused_connection_gets_one_la
         assert (await clients[1].pkcs11(F["GetInfo"])).status == Pkcs11Status.OK
         for client in clients[1:]:
             await client.close()
+
+
+@pytest.fixture
+async def shared_gateway(softhsm: SoftHSM, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("KSW1FAST_TEST_PIN", USER_PIN.decode())
+    settings = Pkcs11Settings(lib=softhsm.module, isolation="worker",
+                              pin_env="KSW1FAST_TEST_PIN")
+    async with await ksw1fast.start_gateway(port=0, pkcs11=settings) as gw:
+        yield gw
+    for _ in range(100):  # closing ends the agent, and starts no other
+        if not _agents():
+            break
+        await asyncio.sleep(0.05)
+    assert not _agents()
+
+
+async def test_a_killed_shared_agent_is_restarted_for_new_connections(
+        shared_gateway: ksw1fast.Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ksw1fast.pkcs11")
+    old = await kclient.connect(shared_gateway.address)
+    random = Writer().u32(await _session(old)).u32(16).getvalue()
+    (victim,) = _agents()
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(100):  # once its death is seen: a clear answer, for good
+        answer = await old.pkcs11(F["GenerateRandom"], random)
+        if answer.status == Pkcs11Status.INTERNAL and _message(answer) == RESTARTED:
+            break
+        await asyncio.sleep(0.05)
+    assert _message(answer) == RESTARTED
+    new = await kclient.connect(shared_gateway.address)
+    for answer in (await _until_ok(new, F["GetInfo"]))[:-1]:  # while it restarts
+        assert "a new PKCS#11 agent starts in" in _message(answer)
+    ok = await new.pkcs11(F["GenerateRandom"], Writer().u32(await _session(new)).u32(16)
+                          .getvalue())
+    assert ok.status == Pkcs11Status.OK and len(Reader(ok.body).bytes()) == 16
+    assert _message(await old.pkcs11(F["GetInfo"])) == RESTARTED
+    (replacement,) = _agents()
+    assert replacement != victim
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert (logging.WARNING, f"PKCS#11 agent {victim}: PKCS#11 agent exited (status -9)") \
+        in logged
+    assert (logging.WARNING, "shared PKCS#11 agent down: PKCS#11 agent exited (status -9); "
+            "a new PKCS#11 agent starts in 0.5 s") in logged
+    assert (logging.INFO, f"shared PKCS#11 agent restarted: pid {replacement}") in logged
+    await old.close()
+    await new.close()
+
+
+async def test_a_shared_agent_that_dies_while_the_gateway_drains_stays_dead(
+        shared_gateway: ksw1fast.Gateway) -> None:
+    client = await kclient.connect(shared_gateway.address)
+    assert (await client.pkcs11(F["GetInfo"])).status == Pkcs11Status.OK
+    drain = asyncio.ensure_future(shared_gateway.drain(30))
+    await asyncio.sleep(0.1)
+    (victim,) = _agents()
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(100):
+        if (await client.pkcs11(F["GetInfo"])).status == Pkcs11Status.INTERNAL:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.5)  # well past the first back-off (0.5 s)
+    assert not _agents()
+    answer = await client.pkcs11(F["GetInfo"])
+    assert answer.status == Pkcs11Status.INTERNAL and _message(answer) != RESTARTED
+    await client.close()
+    await asyncio.wait_for(drain, 10)
