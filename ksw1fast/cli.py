@@ -40,7 +40,7 @@ _FIELDS = {
     "pkcs11_pool_size": "pkcs11.pool_size", "pkcs11_pin_env": "pkcs11.pin_env",
     "pkcs11_allow_admin": "pkcs11.allow_admin", "pkcs11_allow": "pkcs11.allow",
     "pkcs11_deny": "pkcs11.deny", "pkcs11_max_out": "pkcs11.max_out",
-    "pkcs11_max_calls": "pkcs11.max_calls",
+    "pkcs11_max_calls": "pkcs11.max_calls", "pkcs11_max_agents": "pkcs11.max_agents",
 }
 # environment names of the reference server
 _ENV = {"GATEWAY_HOST": ("host", str), "GATEWAY_PORT": ("port", int),
@@ -137,6 +137,10 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     p11.add_argument("--pkcs11-max-calls", type=int,
                      help="calls one connection may have in flight; more are answered "
                           f"Internal at once (default {_P.max_calls})")
+    p11.add_argument("--pkcs11-max-agents", type=int,
+                     help="agent processes per worker, starting or running, the pool "
+                          "included (about 30-40 MiB each); a connection's first call past "
+                          f"it is answered Internal (default {_P.max_agents})")
     ops = serve.add_argument_group("operations (README: Operating)")
     ops.add_argument("--workers", type=worker_count,
                      help="worker processes, or 'auto' for one per CPU (default 1); each has "

@@ -98,6 +98,9 @@ class Gateway:
         self.draining = True
         if self._server is not None:
             self._server.close()  # listening sockets only: open connections carry on
+        drain = getattr(self._pkcs11, "drain", None)
+        if drain is not None:  # e.g. a shared PKCS#11 agent that dies now stays dead
+            drain()
         deadline = asyncio.get_running_loop().time() + timeout
         while self.connections and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)

@@ -23,13 +23,10 @@ import time
 from typing import Optional, Sequence
 
 from ksw1fast import children
+from ksw1fast.backoff import Backoff
 from ksw1fast.config import GatewayConfig
 
 log = logging.getLogger("ksw1fast")
-
-BACKOFF_START = 0.5
-BACKOFF_MAX = 30.0
-STABLE_AFTER = 30.0  # a worker that lived this long resets the back-off
 
 
 def worker_count(value: str) -> int:
@@ -47,7 +44,7 @@ class _Worker:
         self.index = index
         self.proc: Optional[subprocess.Popen] = None
         self.started = 0.0
-        self.backoff = BACKOFF_START
+        self.backoff = Backoff()
         self.restart_at = 0.0
 
 
@@ -130,12 +127,10 @@ class Supervisor:
                 continue
             code = worker.proc.returncode
             _mark_dead(worker.proc.pid, self._metrics_dir)
-            if now - worker.started > STABLE_AFTER:
-                worker.backoff = BACKOFF_START
-            worker.restart_at = now + worker.backoff
+            delay = worker.backoff.after_death(now - worker.started)
+            worker.restart_at = now + delay
             log.warning("worker %d pid=%d exited with %s; restarting in %.1fs",
-                        worker.index, worker.proc.pid, code, worker.backoff)
-            worker.backoff = min(worker.backoff * 2, BACKOFF_MAX)
+                        worker.index, worker.proc.pid, code, delay)
             worker.proc = None
 
     async def _drain(self) -> None:

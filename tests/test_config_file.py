@@ -21,6 +21,7 @@ connect_timeout = 3
 lib = "/usr/lib/softhsm/libsofthsm2.so"
 isolation = "connection"
 deny = ["InitToken"]
+max_agents = 4
 """
 
 
@@ -39,6 +40,7 @@ def test_a_complete_file_checks_out(example) -> None:
     assert config.egress == ("allow tcp db.internal:5432", "deny any 10.0.0.0/8")
     assert config.pkcs11.lib == "/usr/lib/softhsm/libsofthsm2.so"
     assert config.pkcs11.deny == ("InitToken",)
+    assert config.pkcs11.max_agents == 4
 
 
 @pytest.mark.parametrize("text,where,what", [
@@ -61,6 +63,9 @@ def test_settings_that_do_not_fit_together(tmp_path) -> None:
     path.write_text('host = "0.0.0.0"\n')  # non-loopback without auth
     with pytest.raises(ConfigError, match="without auth"):
         check_config_file(path)
+    path.write_text('[pkcs11]\nmax_agents = 0\n')
+    with pytest.raises(ConfigError, match="max_agents >= 1"):
+        check_config_file(path)
 
 
 def test_check_config_command(example, tmp_path) -> None:
@@ -80,7 +85,9 @@ def test_precedence_file_then_environment_then_flags(example, monkeypatch) -> No
     monkeypatch.setenv("GATEWAY_PORT", "9100")
     assert config_from_args(args).port == 9100
     args = build_parser().parse_args(["serve", "--config", str(example), "--port", "9200",
-                                      "--egress", "deny any 192.0.2.0/24"])
+                                      "--egress", "deny any 192.0.2.0/24",
+                                      "--pkcs11-max-agents", "6"])
     config = config_from_args(args)
     assert config.port == 9200
+    assert config.pkcs11.max_agents == 6
     assert config.egress == ("deny any 192.0.2.0/24",)  # a flag replaces the file's list

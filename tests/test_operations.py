@@ -13,6 +13,7 @@ import pytest
 import ksw1fast
 from ksw1fast import client as kclient
 from ksw1fast import metrics
+from ksw1fast.backoff import Backoff
 from ksw1fast.ops_http import OpsServer
 
 from helpers import GatewayProcess, RawClient, free_port, http_get, port_of, serve_tcp
@@ -91,6 +92,14 @@ async def test_a_killed_worker_is_replaced_and_others_never_notice(echo_port,
     assert (await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics_port}/readyz"))[0] == 200
     for c in [*survivors, fresh]:
         await c.close()
+
+
+def test_restart_backoff_doubles_while_a_child_dies_young_resets_after_a_long_life() -> None:
+    backoff = Backoff()
+    quick = [backoff.after_death(1.0) for _ in range(8)]
+    assert quick == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert backoff.after_death(31.0) == 0.5
+    assert backoff.after_death(1.0) == 1.0
 
 
 async def test_sigterm_drains_a_transfer_and_refuses_new_connections(spawn_gateway) -> None:

@@ -6,8 +6,8 @@ on stdin/stdout, answering each burst of pipelined requests with one write.  PyK
 holds the GIL for the whole of each C call, so a slow call (RSA-4096 generation) would
 freeze every stream of a relay process: here it freezes only this agent.  Calls run one
 at a time in arrival order; a blocking WaitForSlotEvent runs on its own thread so it
-cannot hold up the rest.  The PIN comes from an environment variable named on the
-command line, never from argv itself.
+cannot hold up the rest, one per client and MAX_WAITS in all (`_Waits`).  The PIN comes
+from an environment variable named on the command line, never from argv itself.
 """
 from __future__ import annotations
 
@@ -17,7 +17,15 @@ import sys
 import threading
 from typing import BinaryIO, Optional, Sequence
 
-from ksw1fast.pkcs11 import ipc
+from ksw1fast.pkcs11 import ipc, wire
+
+# blocking calls on side threads at once, all clients together: in worker isolation one
+# agent serves many connections, and each wait is a thread polling the module 10 times/s
+MAX_WAITS = 32
+# the answer to a blocking call over a bound: among the codes PKCS#11 lists for
+# C_WaitForSlotEvent, so a caller written to the spec handles it, and unlike
+# CKR_NO_EVENT ("nothing yet") it does not invite an immediate retry
+CKR_FUNCTION_FAILED = 0x6
 
 
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -57,6 +65,32 @@ class _Replies:
         self.flush()
 
 
+class _Waits:
+    """Which clients have a blocking call on a side thread.  One per client: PKCS#11 has
+    one event queue, so a second wait of one connection could only race the first for
+    the same events; excess calls are refused at once instead of each taking a thread."""
+
+    def __init__(self, limit: int = MAX_WAITS) -> None:
+        self._limit = limit
+        self._clients: set[int] = set()
+        self._lock = threading.Lock()  # side threads leave while the main thread enters
+
+    def enter(self, client: int) -> Optional[str]:
+        """Take a side thread for the client's blocking call; None, or why not."""
+        with self._lock:
+            if client in self._clients:
+                return "this connection already has a blocking WaitForSlotEvent running"
+            if len(self._clients) >= self._limit:
+                return (f"{self._limit} blocking WaitForSlotEvent calls already running "
+                        "in this PKCS#11 agent")
+            self._clients.add(client)
+            return None
+
+    def leave(self, client: int) -> None:
+        with self._lock:
+            self._clients.discard(client)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     options = _parse(argv)
     # stdout carries frames only: whatever the module prints goes to stderr instead
@@ -79,9 +113,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def run(client: int, query: int, fn_id: int, args: bytes) -> None:
         replies.queue(ipc.pack_result(client, query, *dispatcher.call(client, fn_id, args)))
 
+    waits = _Waits()
+
     def run_alone(client: int, query: int, fn_id: int, args: bytes) -> None:
-        run(client, query, fn_id, args)
+        try:
+            run(client, query, fn_id, args)
+        finally:
+            waits.leave(client)
         replies.flush()
+
+    def run_blocking(client: int, query: int, fn_id: int, args: bytes) -> None:
+        refusal = waits.enter(client)
+        if refusal is None:
+            threading.Thread(target=run_alone, args=(client, query, fn_id, args),
+                             daemon=True).start()
+        else:
+            replies.queue(ipc.pack_result(client, query,
+                                          *wire.ck_error(CKR_FUNCTION_FAILED, refusal)))
 
     unpacker = ipc.Unpacker()
     stdin = sys.stdin.fileno()
@@ -90,8 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if op == ipc.OP_CALL:
                 fn_id, args = ipc.split_call(body)
                 if dispatcher.is_blocking(fn_id, args):
-                    threading.Thread(target=run_alone, args=(client, query, fn_id, args),
-                                     daemon=True).start()
+                    run_blocking(client, query, fn_id, args)
                 else:
                     run(client, query, fn_id, args)
             elif op == ipc.OP_OPEN:

@@ -6,11 +6,15 @@ gets its backend from a *provider* (`for_connection()`), and closes it with its 
 - `ConnectionAgents` (isolation "connection", the default): each connection's first call
   takes an agent process of its own from a small pool of pre-started ones; closing the
   connection ends the agent, and with it every session it opened.  Login state belongs
-  to a process, so no connection can ride on another's login.
+  to a process, so no connection can ride on another's login.  At most `max_agents`
+  agents per worker, the pool included: past that a first call answers Internal.
 - `WorkerAgent` (isolation "worker"): one agent per gateway worker, shared by all its
-  connections, each as its own client with its own handles.  Only with a gateway-held
-  PIN, because then sharing the login is the point.
+  connections, each as its own client with its own handles, and restarted when it dies.
+  Only with a gateway-held PIN, because then sharing the login is the point.
 - `NoModule`: no module configured; every call answers Internal.
+
+A provider may also have `async start()`, `drain()` (the gateway drains: start nothing
+new) and `async close()`; the gateway calls each it has.
 """
 from __future__ import annotations
 
@@ -18,16 +22,22 @@ import asyncio
 import logging
 import signal
 import struct
+import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from ksw1fast import children, metrics
+from ksw1fast.backoff import Backoff
 from ksw1fast.pkcs11 import ipc, wire
 from ksw1fast.pkcs11.args import check as layout_error
 
 log = logging.getLogger("ksw1fast.pkcs11")
 
 NO_MODULE = "no PKCS#11 module configured"
+# what a connection's calls answer once the shared agent that held its client has died
+RESTARTED = ("PKCS#11 agent restarted: sessions and handles of this connection are gone; "
+             "reconnect to use PKCS#11 again")
 START_TIMEOUT = 30.0  # loading a module and C_Initialize
 # an agent asked to stop by a signal, as a service manager or a terminal sends one to
 # every process of the service when it drains: a normal end, like closing its stdin
@@ -50,6 +60,8 @@ class Pkcs11Settings:
     max_out: int = 1 << 20                 # cap on client-given output sizes
     max_calls: int = 16                    # calls in flight per connection; their answers
                                            # are at most max_calls x max_out bytes
+    max_agents: int = 8                    # agent processes per worker, starting or running,
+                                           # the pool included (README: sizing)
 
     def __post_init__(self) -> None:
         if self.isolation not in ("connection", "worker"):
@@ -57,8 +69,9 @@ class Pkcs11Settings:
         if self.isolation == "worker" and not self.pin_env:
             raise ValueError("pkcs11 isolation 'worker' shares one login between "
                              "connections: it needs a gateway-held PIN (pin_env)")
-        if self.pool_size < 0 or self.max_out < 1 or self.max_calls < 1:
-            raise ValueError("pkcs11 pool_size must be >= 0, max_out and max_calls >= 1")
+        if self.pool_size < 0 or min(self.max_out, self.max_calls, self.max_agents) < 1:
+            raise ValueError("pkcs11 pool_size must be >= 0, and max_out, max_calls and "
+                             "max_agents >= 1")
 
     def agent_args(self, shared: bool) -> list[str]:
         """Arguments of `ksw1fast.pkcs11.agent`."""
@@ -110,6 +123,10 @@ class AgentProcess:
     @property
     def pid(self) -> int:
         return self._proc.pid
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once its process has exited and its calls are answered."""
+        self._reader.add_done_callback(lambda _: callback())
 
     async def _read(self) -> None:
         unpacker = ipc.Unpacker()
@@ -203,21 +220,28 @@ def _settle(waiter: Optional[asyncio.Future], value: Any) -> None:
 
 
 class AgentClient:
-    """One connection's backend: a client on an agent, answering Internal once it is gone."""
+    """One connection's backend: a client on an agent, answering Internal once it is gone.
 
-    def __init__(self, acquire: Callable[[], Awaitable[AgentProcess]], own_agent: bool) -> None:
-        self._acquire = acquire      # called on the first PKCS#11 call only
+    The first call asks for an agent (`acquire`: a future of one, or AgentError at once)
+    and opens a client there; a call that gets neither answers Internal, and the next call
+    asks again."""
+
+    def __init__(self, acquire: Callable[[], "asyncio.Future[AgentProcess]"],
+                 own_agent: bool) -> None:
+        self._acquire = acquire
         self._own_agent = own_agent  # end the whole agent with the connection
-        self._agent: Optional[AgentProcess] = None
+        self._source: Optional[asyncio.Future] = None  # the agent asked for, maybe starting
+        self._agent: Optional[AgentProcess] = None     # once our client is open there
         self._client: Optional[int] = None
         self._lock = asyncio.Lock()
 
     async def _attach(self) -> tuple[AgentProcess, int]:
         async with self._lock:
-            if self._agent is None:
-                self._agent = await self._acquire()
-            if self._client is None:
-                self._client = await self._agent.open_client()
+            if self._agent is None or self._client is None:
+                self._source = self._acquire()
+                agent = await self._source
+                self._client = await agent.open_client()
+                self._agent = agent
         return self._agent, self._client
 
     def handle(self, fn_id: int, args: bytes) -> Awaitable[tuple[int, bytes]]:
@@ -233,31 +257,69 @@ class AgentClient:
         return await agent.call(client, fn_id, args)
 
     async def close(self) -> None:
-        if self._agent is None:
+        source = self._source
+        if source is None:
+            return
+        # an agent still starting: cancelling its start stops it (a shared one is shielded);
+        # one that started while its first call was being cancelled is stopped below
+        source.cancel()
+        await asyncio.wait([source])
+        if source.cancelled() or source.exception() is not None:
             return
         if self._own_agent:
-            await self._agent.stop()
+            await source.result().stop()
         elif self._client is not None:
-            self._agent.close_client(self._client)
+            source.result().close_client(self._client)
 
 
 class ConnectionAgents:
-    """Isolation "connection": an agent process per connection, from a pre-started pool."""
+    """Isolation "connection": an agent process per connection, from a pre-started pool,
+    and at most `max_agents` of them in this worker, starting or running, the pool
+    included: a first call past that answers Internal, and the connection's next call
+    tries again."""
 
     def __init__(self, settings: Pkcs11Settings) -> None:
         self.settings = settings
         self._pool: list[asyncio.Future] = []
+        self._live = 0  # agents started and not yet exited, the pool included
+        self._closed = False
 
     async def start(self) -> None:
         self._refill()
 
+    def _spawn(self) -> "asyncio.Future[AgentProcess]":
+        self._live += 1
+        source = asyncio.ensure_future(AgentProcess.start(self.settings))
+        source.add_done_callback(self._started)
+        return source
+
+    def _started(self, source: asyncio.Future) -> None:
+        if source.cancelled() or source.exception() is not None:
+            self._live -= 1  # a start that fails stops what it started
+        else:
+            source.result().on_exit(partial(self._exited, source))
+
+    def _exited(self, source: asyncio.Future) -> None:
+        self._live -= 1
+        if source in self._pool:
+            self._pool.remove(source)  # died unused: replaced by the next take, not in a loop
+        else:
+            self._refill()  # a connection's agent ended: its place goes back to the pool
+
     def _refill(self) -> None:
-        while len(self._pool) < self.settings.pool_size:
-            self._pool.append(asyncio.ensure_future(AgentProcess.start(self.settings)))
+        while (not self._closed and len(self._pool) < self.settings.pool_size
+               and self._live < self.settings.max_agents):
+            self._pool.append(self._spawn())
 
     def _take(self) -> "asyncio.Future[AgentProcess]":
-        source = (self._pool.pop(0) if self._pool
-                  else asyncio.ensure_future(AgentProcess.start(self.settings)))
+        if self._pool:
+            source = self._pool.pop(0)
+        elif self._live < self.settings.max_agents:
+            source = self._spawn()
+        else:
+            metrics.child(metrics.LIMITS, "pkcs11_agents").inc()
+            raise AgentError(f"PKCS#11 agent limit reached ({self.settings.max_agents} "
+                             "per worker); try again later")
         self._refill()
         return source
 
@@ -266,6 +328,7 @@ class ConnectionAgents:
         return AgentClient(self._take, own_agent=True)
 
     async def close(self) -> None:
+        self._closed = True
         pool, self._pool = self._pool, []
         for source in pool:
             try:
@@ -276,28 +339,88 @@ class ConnectionAgents:
 
 
 class WorkerAgent:
-    """Isolation "worker": one agent shared by this worker's connections."""
+    """Isolation "worker": one agent shared by this worker's connections, each as its own
+    client, restarted with a back-off when it dies unless the gateway drains or closes.
+
+    A connection that had a client in the dead agent answers RESTARTED from then on: its
+    sessions and handles died with it, and a client in the new agent would mint ids it
+    already holds for other objects.  Connections whose first call comes later use the
+    new agent; while there is none, that call answers Internal at once with the reason."""
 
     def __init__(self, settings: Pkcs11Settings) -> None:
         self.settings = settings
-        self._agent: Optional[asyncio.Future] = None
+        self._agent: Optional[asyncio.Future] = None  # the current agent's start
+        self._down = "PKCS#11 agent not started"      # why there is none
+        self._backoff = Backoff()
+        self._launched = 0.0
+        self._restart: Optional[asyncio.TimerHandle] = None
+        self._restarted = False  # the agent starting now replaces one that died
+        self._stopping = False   # draining or closed: an agent that ends stays ended
 
     async def start(self) -> None:
+        self._launch()
+
+    def _launch(self) -> None:
+        self._restart = None
+        self._launched = time.monotonic()
         self._agent = asyncio.ensure_future(AgentProcess.start(self.settings, shared=True))
+        self._agent.add_done_callback(self._started)
+
+    def _started(self, source: asyncio.Future) -> None:
+        if source.cancelled():
+            return
+        error = source.exception()  # retrieved even while stopping: nobody else may
+        if self._stopping:
+            return
+        if error is not None:
+            self._restart_later(str(error))
+            return
+        agent = source.result()
+        if self._restarted:
+            log.info("shared PKCS#11 agent restarted: pid %d", agent.pid)
+        agent.on_exit(partial(self._ended, agent))
+
+    def _ended(self, agent: AgentProcess) -> None:
+        if self._stopping:
+            return
+        reason = agent.dead or "PKCS#11 agent exited"
+        agent.dead = RESTARTED  # what its clients' later calls answer
+        self._restart_later(reason)
+
+    def _restart_later(self, reason: str) -> None:
+        delay = self._backoff.after_death(time.monotonic() - self._launched)
+        self._agent = None
+        self._down = f"{reason}; a new PKCS#11 agent starts in {delay:.1f} s"
+        self._restarted = True
+        log.warning("shared PKCS#11 agent down: %s", self._down)
+        self._restart = asyncio.get_running_loop().call_later(delay, self._launch)
+
+    def _current(self) -> "asyncio.Future[AgentProcess]":
+        if self._agent is None:
+            raise AgentError(self._down)
+        # shielded: a connection giving up its first call must not cancel everyone's agent
+        return asyncio.shield(self._agent)
 
     def for_connection(self) -> AgentClient:
-        assert self._agent is not None, "start() first"
-        shared = self._agent
-        # shielded: a connection giving up its first call must not cancel everyone's agent
-        return AgentClient(lambda: asyncio.shield(shared), own_agent=False)
+        return AgentClient(self._current, own_agent=False)
+
+    def drain(self) -> None:
+        self._stopping = True
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
+            self._down = "PKCS#11 agent exited, and this gateway is shutting down"
 
     async def close(self) -> None:
-        if self._agent is not None:
-            try:
-                agent = await self._agent
-            except (AgentError, OSError, asyncio.TimeoutError):
-                return
-            await agent.stop()
+        self.drain()
+        source, self._agent = self._agent, None
+        if source is None:
+            return
+        try:
+            agent = await source
+        except (AgentError, OSError, asyncio.TimeoutError):
+            return
+        await agent.stop()
 
 
 class NoModule:

@@ -1,5 +1,5 @@
 """PKCS#11 agents seen from the gateway: out of the relay's loop, one per connection,
-ended with it, and a crash that hurts nobody else."""
+ended with it, a crash that hurts nobody else, and bounded whatever clients ask for."""
 from __future__ import annotations
 
 import asyncio
@@ -9,13 +9,18 @@ import signal
 from pathlib import Path
 
 import psutil
+import PyKCS11 as ck
 import pytest
+from prometheus_client import REGISTRY
 
 import ksw1fast
 from ksw1fast import client as kclient
 from ksw1fast.constants import Pkcs11Status
-from ksw1fast.pkcs11.supervisor import AgentProcess, Pkcs11Settings
-from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer
+from ksw1fast.messages import Pkcs11Response
+from ksw1fast.pkcs11.agent import MAX_WAITS
+from ksw1fast.pkcs11.supervisor import RESTARTED, AgentProcess, Pkcs11Settings
+from ksw1fast.pkcs11.wire import (FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer,
+                                  error_of)
 
 from helpers import PackageCopy
 
@@ -25,6 +30,7 @@ pytestmark = pytest.mark.timeout(120)
 
 CKM_RSA_PKCS_KEY_PAIR_GEN = 0x0
 CKA_TOKEN, CKA_MODULUS_BITS, CKA_PUBLIC_EXPONENT = 0x1, 0x121, 0x122
+BLOCKING_WAIT = Writer().u32(0).getvalue()  # WaitForSlotEvent flags: may block
 
 
 def _agents() -> set[int]:
@@ -164,3 +170,171 @@ async def test_an_agents_end_is_a_warning_only_when_nobody_asked_for_it(
     (record,) = [r for r in caplog.records if r.name == "ksw1fast.pkcs11"]
     assert record.levelno == level
     assert record.getMessage().startswith(f"PKCS#11 agent {agent.pid}: PKCS#11 agent exited")
+
+
+async def _until_answered(calls: list[asyncio.Future], count: int) -> None:
+    """Until `count` of the calls have their answer (10 s at most)."""
+    for _ in range(200):
+        if sum(call.done() for call in calls) >= count:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{sum(call.done() for call in calls)} of {len(calls)} calls answered, "
+                f"not {count}")
+
+
+def _refused(call: asyncio.Future, why: str) -> bool:
+    ckr, message = error_of(*call.result())
+    return ckr == ck.CKR_FUNCTION_FAILED and why in message
+
+
+async def test_one_blocking_call_per_connection_the_rest_are_refused_at_once(
+        softhsm: SoftHSM) -> None:
+    settings = Pkcs11Settings(lib=softhsm.module, pool_size=0, max_calls=256)
+    async with await ksw1fast.start_gateway(port=0, pkcs11=settings) as gw:
+        client = await kclient.connect(gw.address)
+        assert (await client.pkcs11(F["GetInfo"])).status == Pkcs11Status.OK
+        agent = psutil.Process(_agent_of(gw, client))
+        threads = agent.num_threads()
+        calls = [asyncio.ensure_future(client.pkcs11(F["WaitForSlotEvent"], BLOCKING_WAIT))
+                 for _ in range(200)]
+        await _until_answered(calls, 199)
+        assert agent.num_threads() <= threads + 1
+        assert all(_refused(call, "already has a blocking WaitForSlotEvent")
+                   for call in calls if call.done())
+        assert (await client.pkcs11(F["GetInfo"])).status == Pkcs11Status.OK  # not stuck
+        await client.close()
+        for call in calls:
+            call.cancel()
+
+
+async def test_an_agent_runs_a_bounded_number_of_blocking_calls_in_all(
+        softhsm: SoftHSM) -> None:
+    """Many clients of one agent (worker isolation): MAX_WAITS wait, the rest are refused
+    at once, and a wait that ends frees its place."""
+    agent = await AgentProcess.start(Pkcs11Settings(lib=softhsm.module))
+    try:
+        clients = [await agent.open_client() for _ in range(MAX_WAITS + 8)]
+        threads = psutil.Process(agent.pid).num_threads()
+        calls = [agent.call(c, F["WaitForSlotEvent"], BLOCKING_WAIT) for c in clients]
+        await _until_answered(calls, 8)
+        assert psutil.Process(agent.pid).num_threads() <= threads + MAX_WAITS
+        assert [call.done() for call in calls] == [False] * MAX_WAITS + [True] * 8
+        assert all(_refused(call, "calls already running in this PKCS#11 agent")
+                   for call in calls[MAX_WAITS:])
+        agent.close_client(clients[0])
+        ckr, _ = error_of(*await asyncio.wait_for(calls[0], 5))
+        assert ckr == ck.CKR_FUNCTION_CANCELED
+        retry = agent.call(clients[-1], F["WaitForSlotEvent"], BLOCKING_WAIT)
+        await asyncio.sleep(0.5)
+        assert not retry.done(), "a place freed by an ended wait was not given to the next"
+    finally:
+        await agent.stop()
+
+
+def _agent_limit_refusals() -> float:
+    return REGISTRY.get_sample_value("ksw1fast_limit_refusals_total",
+                                     {"limit": "pkcs11_agents"}) or 0.0
+
+
+def _message(response: Pkcs11Response) -> str:
+    return error_of(response.status, response.body)[1]
+
+
+async def _until_ok(client: kclient.KSW1Client, fn_id: int, args: bytes = b"",
+                    ) -> list[Pkcs11Response]:
+    """Call until the answer is Ok (10 s at most): the answers, the last one Ok."""
+    answers = []
+    for _ in range(100):
+        answers.append(await client.pkcs11(fn_id, args))
+        if answers[-1].status == Pkcs11Status.OK:
+            return answers
+        await asyncio.sleep(0.1)
+    pytest.fail(f"no Ok within 10 s; last answer: {_message(answers[-1])}")
+
+
+async def test_agents_per_worker_are_capped_and_a_refused_connection_gets_one_later(
+        softhsm: SoftHSM) -> None:
+    settings = Pkcs11Settings(lib=softhsm.module, pool_size=1, max_agents=2)
+    refused = _agent_limit_refusals()
+    async with await ksw1fast.start_gateway(port=0, pkcs11=settings) as gw:
+        clients = [await kclient.connect(gw.address) for _ in range(4)]
+        answers = [await client.pkcs11(F["GetInfo"]) for client in clients]
+        assert [a.status for a in answers[:2]] == [Pkcs11Status.OK] * 2
+        for answer in answers[2:]:
+            assert answer.status == Pkcs11Status.INTERNAL
+            assert _message(answer) == ("PKCS#11 agent limit reached (2 per worker); "
+                                        "try again later")
+        assert _agent_limit_refusals() == refused + 2
+        assert len(_agents()) == 2  # the pool counts: none was started past the cap
+        await clients[0].close()
+        await _until_ok(clients[2], F["GetInfo"])  # the freed place, at its next call
+        assert len(_agents()) <= 2
+        assert (await clients[1].pkcs11(F["GetInfo"])).status == Pkcs11Status.OK
+        for client in clients[1:]:
+            await client.close()
+
+
+@pytest.fixture
+async def shared_gateway(softhsm: SoftHSM, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("KSW1FAST_TEST_PIN", USER_PIN.decode())
+    settings = Pkcs11Settings(lib=softhsm.module, isolation="worker",
+                              pin_env="KSW1FAST_TEST_PIN")
+    async with await ksw1fast.start_gateway(port=0, pkcs11=settings) as gw:
+        yield gw
+    for _ in range(100):  # closing ends the agent, and starts no other
+        if not _agents():
+            break
+        await asyncio.sleep(0.05)
+    assert not _agents()
+
+
+async def test_a_killed_shared_agent_is_restarted_for_new_connections(
+        shared_gateway: ksw1fast.Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ksw1fast.pkcs11")
+    old = await kclient.connect(shared_gateway.address)
+    random = Writer().u32(await _session(old)).u32(16).getvalue()
+    (victim,) = _agents()
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(100):  # once its death is seen: a clear answer, for good
+        answer = await old.pkcs11(F["GenerateRandom"], random)
+        if answer.status == Pkcs11Status.INTERNAL and _message(answer) == RESTARTED:
+            break
+        await asyncio.sleep(0.05)
+    assert _message(answer) == RESTARTED
+    new = await kclient.connect(shared_gateway.address)
+    for answer in (await _until_ok(new, F["GetInfo"]))[:-1]:  # while it restarts
+        assert "a new PKCS#11 agent starts in" in _message(answer)
+    ok = await new.pkcs11(F["GenerateRandom"], Writer().u32(await _session(new)).u32(16)
+                          .getvalue())
+    assert ok.status == Pkcs11Status.OK and len(Reader(ok.body).bytes()) == 16
+    assert _message(await old.pkcs11(F["GetInfo"])) == RESTARTED
+    (replacement,) = _agents()
+    assert replacement != victim
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert (logging.WARNING, f"PKCS#11 agent {victim}: PKCS#11 agent exited (status -9)") \
+        in logged
+    assert (logging.WARNING, "shared PKCS#11 agent down: PKCS#11 agent exited (status -9); "
+            "a new PKCS#11 agent starts in 0.5 s") in logged
+    assert (logging.INFO, f"shared PKCS#11 agent restarted: pid {replacement}") in logged
+    await old.close()
+    await new.close()
+
+
+async def test_a_shared_agent_that_dies_while_the_gateway_drains_stays_dead(
+        shared_gateway: ksw1fast.Gateway) -> None:
+    client = await kclient.connect(shared_gateway.address)
+    assert (await client.pkcs11(F["GetInfo"])).status == Pkcs11Status.OK
+    drain = asyncio.ensure_future(shared_gateway.drain(30))
+    await asyncio.sleep(0.1)
+    (victim,) = _agents()
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(100):
+        if (await client.pkcs11(F["GetInfo"])).status == Pkcs11Status.INTERNAL:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.5)  # well past the first back-off (0.5 s)
+    assert not _agents()
+    answer = await client.pkcs11(F["GetInfo"])
+    assert answer.status == Pkcs11Status.INTERNAL and _message(answer) != RESTARTED
+    await client.close()
+    await asyncio.wait_for(drain, 10)
