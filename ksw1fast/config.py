@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ksw1fast.constants import DEFAULT_MAX_PAYLOAD
+from ksw1fast.errors import (AT_LEAST_1, NOT_NEGATIVE, POSITIVE, SettingCheck,
+                             check_settings)
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 
 
@@ -43,22 +45,20 @@ class GatewayConfig:
     insecure: bool = False                 # listen beyond loopback without auth
 
     def __post_init__(self) -> None:
-        if not self.path.startswith("/"):
-            raise ValueError("path must start with '/'")
-        if not 0 < self.max_payload <= 0xFFFFFFFF:
-            raise ValueError("max_payload must fit a u32 and be positive")
-        if self.max_streams < 1:
-            raise ValueError("max_streams must be at least 1")
-        if self.send_buffer_limit < 1:
-            raise ValueError("send_buffer_limit must be at least 1")
-        for name in ("handshake_timeout", "connect_timeout", "dns_timeout", "send_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        if self.idle_ping < 0:
-            raise ValueError("idle_ping must be >= 0")
-        if self.workers < 1 or self.drain_timeout < 0:
-            raise ValueError("workers must be >= 1 and drain_timeout >= 0")
-        if self.log_format not in ("text", "json"):
-            raise ValueError("log_format must be 'text' or 'json'")
+        check_settings(self, _CHECKS)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+
+
+_PORT: SettingCheck = (lambda v: 0 <= v <= 65535, "must be 0-65535")
+_CHECKS: dict[str, SettingCheck] = {
+    "port": _PORT, "metrics_port": _PORT,
+    "path": (lambda v: v.startswith("/"), "must start with '/'"),
+    "max_streams": AT_LEAST_1,
+    "max_payload": (lambda v: 0 < v <= 0xFFFFFFFF, "must be 1-4294967295 (a u32)"),
+    "send_buffer_limit": AT_LEAST_1,
+    "handshake_timeout": POSITIVE, "connect_timeout": POSITIVE, "dns_timeout": POSITIVE,
+    "send_timeout": POSITIVE, "idle_ping": NOT_NEGATIVE,
+    "workers": AT_LEAST_1, "drain_timeout": NOT_NEGATIVE,
+    "log_format": (lambda v: v in ("text", "json"), "must be 'text' or 'json'"),
+}

@@ -1,5 +1,7 @@
-"""Exceptions shared by the codecs, the server and the client."""
+"""Exceptions shared by the codecs, the server, the client and the command line."""
 from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Tuple
 
 
 class KSW1Error(Exception):
@@ -47,3 +49,31 @@ class DnsError(RefusedError):
     """The gateway answered a DnsQuery with DnsErr."""
 
     frame_name = "DnsErr"
+
+
+class SettingError(KSW1Error, ValueError):
+    """One setting has a value it cannot take.  `setting` names it as the config file does
+    (`port`, `pkcs11.pool_size`) and `reason` says what is wrong without naming it, so the
+    command line can name the flag, environment variable or file line it came from."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(f"{setting} {reason}")
+        self.setting = setting
+        self.reason = reason
+
+
+# a check of one setting: (whether a value passes, what the value must be)
+SettingCheck = Tuple[Callable[[Any], bool], str]
+POSITIVE: SettingCheck = (lambda v: v > 0, "must be > 0")
+NOT_NEGATIVE: SettingCheck = (lambda v: v >= 0, "must be >= 0")
+AT_LEAST_1: SettingCheck = (lambda v: v >= 1, "must be >= 1")
+
+
+def check_settings(settings: object, checks: Mapping[str, SettingCheck],
+                   prefix: str = "") -> None:
+    """SettingError for the first attribute of `settings` that fails its check (None, an
+    unset optional setting, passes)."""
+    for name, (passes, must) in checks.items():
+        value = getattr(settings, name)
+        if value is not None and not passes(value):
+            raise SettingError(prefix + name, f"{must}, got {value!r}")

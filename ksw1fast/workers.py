@@ -33,13 +33,8 @@ STABLE_AFTER = 30.0  # a worker that lived this long resets the back-off
 
 
 def worker_count(value: str) -> int:
-    """`auto` (the CPU count) or a positive integer."""
-    if value == "auto":
-        return os.cpu_count() or 1
-    count = int(value)
-    if count < 1:
-        raise ValueError("workers must be 'auto' or at least 1")
-    return count
+    """`auto` (the CPU count) or an integer (GatewayConfig checks that it is >= 1)."""
+    return (os.cpu_count() or 1) if value == "auto" else int(value)
 
 
 class _Worker:

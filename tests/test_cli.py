@@ -19,6 +19,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m ksw1fast ARGS`; a `serve` that wrongly starts times out instead."""
     return subprocess.run([sys.executable, "-m", "ksw1fast", *args], capture_output=True,
                           text=True, timeout=30, env={**os.environ, **(env or {})},
                           stdin=subprocess.DEVNULL)
@@ -100,3 +101,23 @@ async def test_serve_on_defaults_runs_the_browser_sequence() -> None:
     assert "connection open" in log and "connection closed" in log
     assert "open refused" in log and "no-such-host.invalid" in log
     assert secret.decode() not in log
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--port", "70000"], {}, "argument --port: must be 0-65535, got 70000"),
+    (["--port", "-1"], {}, "argument --port: must be 0-65535, got -1"),
+    (["--port", "abc"], {}, "argument --port: invalid int value: 'abc'"),
+    (["--metrics-port", "65536"], {}, "argument --metrics-port: must be 0-65535, got 65536"),
+    ([], {"GATEWAY_PORT": "abc"}, "environment variable GATEWAY_PORT: invalid int value: 'abc'"),
+    ([], {"GATEWAY_PORT": "70000"},
+     "environment variable GATEWAY_PORT: must be 0-65535, got 70000"),
+    (["--drain-timeout", "-5"], {}, "argument --drain-timeout: must be >= 0, got -5.0"),
+    (["--workers", "0"], {}, "argument --workers: must be >= 1, got 0"),
+    (["--pkcs11-pool-size", "-1"], {}, "argument --pkcs11-pool-size: must be >= 0, got -1"),
+])
+def test_a_bad_setting_is_named_by_its_flag_or_variable_under_serves_usage(
+        args: list[str], env: dict[str, str], message: str) -> None:
+    result = _run("serve", *args, env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: ksw1fast serve "), result.stderr
+    assert result.stderr.splitlines()[-1] == f"ksw1fast serve: error: {message}"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from ksw1fast import children, metrics
+from ksw1fast.errors import AT_LEAST_1, NOT_NEGATIVE, SettingCheck, check_settings
 from ksw1fast.pkcs11 import ipc, wire
 from ksw1fast.pkcs11.args import check as layout_error
 
@@ -52,13 +53,10 @@ class Pkcs11Settings:
                                            # are at most max_calls x max_out bytes
 
     def __post_init__(self) -> None:
-        if self.isolation not in ("connection", "worker"):
-            raise ValueError("pkcs11 isolation must be 'connection' or 'worker'")
+        check_settings(self, _CHECKS, prefix="pkcs11.")
         if self.isolation == "worker" and not self.pin_env:
             raise ValueError("pkcs11 isolation 'worker' shares one login between "
                              "connections: it needs a gateway-held PIN (pin_env)")
-        if self.pool_size < 0 or self.max_out < 1 or self.max_calls < 1:
-            raise ValueError("pkcs11 pool_size must be >= 0, max_out and max_calls >= 1")
 
     def agent_args(self, shared: bool) -> list[str]:
         """Arguments of `ksw1fast.pkcs11.agent`."""
@@ -74,6 +72,12 @@ class Pkcs11Settings:
         if shared:
             args.append("--shared")
         return args
+
+
+_CHECKS: dict[str, SettingCheck] = {
+    "isolation": (lambda v: v in ("connection", "worker"), "must be 'connection' or 'worker'"),
+    "pool_size": NOT_NEGATIVE, "max_out": AT_LEAST_1, "max_calls": AT_LEAST_1,
+}
 
 
 class AgentError(Exception):
