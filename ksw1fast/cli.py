@@ -13,7 +13,7 @@ from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
 from ksw1fast.config_file import (ConfigError, check_config_file, located, make_config,
                                   read_config_file)
-from ksw1fast.errors import SettingError
+from ksw1fast.errors import MissingExtra, SettingError
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 from ksw1fast.logs import configure as configure_logging
 from ksw1fast.token_cli import add_token_commands
@@ -228,8 +228,8 @@ def _check_config(path: str) -> int:
 
 
 def _serve_config(args: argparse.Namespace) -> GatewayConfig:
-    """The settings to serve; exit 2, under serve's usage, before anything listens when
-    they cannot serve."""
+    """The settings to serve, refused (exit 2) before anything listens when they cannot
+    serve: a bad value or combination with serve's usage, a missing package in one line."""
     from ksw1fast.security import Security
 
     parser: argparse.ArgumentParser = args.parser
@@ -238,6 +238,10 @@ def _serve_config(args: argparse.Namespace) -> GatewayConfig:
         Security(config)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
+    try:
+        config.require_extras()
+    except MissingExtra as exc:  # nothing was mistyped: no usage
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     return config
 
 

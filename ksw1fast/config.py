@@ -1,11 +1,12 @@
 """Gateway settings: one frozen dataclass shared by the library API and the CLI."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ksw1fast.constants import DEFAULT_MAX_PAYLOAD
-from ksw1fast.errors import (AT_LEAST_1, NOT_NEGATIVE, POSITIVE, SettingCheck,
+from ksw1fast.errors import (AT_LEAST_1, NOT_NEGATIVE, POSITIVE, MissingExtra, SettingCheck,
                              check_settings)
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 
@@ -49,6 +50,14 @@ class GatewayConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
 
+    def require_extras(self) -> None:
+        """MissingExtra when a setting needs an optional package that does not import:
+        found before serving, rather than as a traceback or a warning per agent later."""
+        if self.pkcs11.lib:
+            _require_extra("PyKCS11", "pkcs11", "--pkcs11-lib")
+        if self.metrics_port is not None:
+            _require_extra("prometheus_client", "metrics", "--metrics-port")
+
 
 _PORT: SettingCheck = (lambda v: 0 <= v <= 65535, "must be 0-65535")
 _CHECKS: dict[str, SettingCheck] = {
@@ -62,3 +71,13 @@ _CHECKS: dict[str, SettingCheck] = {
     "workers": AT_LEAST_1, "drain_timeout": NOT_NEGATIVE,
     "log_format": (lambda v: v in ("text", "json"), "must be 'text' or 'json'"),
 }
+
+
+def _require_extra(module: str, extra: str, needed_by: str) -> None:
+    """MissingExtra unless `module` imports (an import, not a look-up: a package whose
+    compiled part does not load is as missing)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{needed_by} needs {module}, which is not installed: "
+                           f"pip install 'ksw1fast[{extra}]'") from None

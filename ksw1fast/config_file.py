@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
 from ksw1fast.config import GatewayConfig
-from ksw1fast.errors import SettingError
+from ksw1fast.errors import MissingExtra, SettingError
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 from ksw1fast.policy import Rule, parse_rule
 
@@ -204,8 +204,9 @@ def check_config_file(path: Union[str, Path]) -> GatewayConfig:
     try:
         config = make_config(values)
         Security(config)
+        config.require_extras()
     except SettingError as exc:
         raise located(path, exc) from None
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, MissingExtra) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return config

@@ -77,3 +77,8 @@ def check_settings(settings: object, checks: Mapping[str, SettingCheck],
         value = getattr(settings, name)
         if value is not None and not passes(value):
             raise SettingError(prefix + name, f"{must}, got {value!r}")
+
+
+class MissingExtra(KSW1Error):
+    """A setting needs an optional package that is not installed; the message is one line
+    with the pip command that installs it."""

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,64 @@ def test_a_bad_setting_is_named_by_its_flag_or_variable_under_serves_usage(
     assert result.returncode == 2
     assert result.stderr.startswith("usage: ksw1fast serve "), result.stderr
     assert result.stderr.splitlines()[-1] == f"ksw1fast serve: error: {message}"
+
+
+def test_an_unset_pin_variable_is_refused_like_an_unset_token_secret() -> None:
+    env = {name: value for name, value in os.environ.items() if name != "KSW1FAST_NO_PIN"}
+    for flags, what in ((["--token-secret-env", "KSW1FAST_NO_PIN"], "the token secret"),
+                        (["--pkcs11-lib", "/usr/lib/softhsm/libsofthsm2.so",
+                          "--pkcs11-pin-env", "KSW1FAST_NO_PIN"], "the PKCS#11 PIN")):
+        result = subprocess.run([sys.executable, "-m", "ksw1fast", "serve", "--port", "0",
+                                 *flags], capture_output=True, text=True, timeout=30, env=env,
+                                stdin=subprocess.DEVNULL)
+        assert result.returncode == 2
+        assert result.stderr.splitlines()[-1] == (
+            f"ksw1fast serve: error: environment variable KSW1FAST_NO_PIN ({what}) is not "
+            "set or empty")
+
+
+# A missing optional package, simulated honestly: this sitecustomize.py (found first on
+# PYTHONPATH, so Python imports it at start-up) puts a finder in front of every other that
+# answers ModuleNotFoundError for the packages named in KSW1FAST_TEST_MISSING, exactly what
+# an import of a package that is not installed raises.
+_MISSING_SHIM = """\
+import os, sys
+
+_MISSING = set(os.environ["KSW1FAST_TEST_MISSING"].split(","))
+
+
+class _Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in _MISSING:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Missing())
+"""
+
+
+def _without(package: str, tmp_path: Path) -> dict[str, str]:
+    """Environment in which `package` is not importable (see _MISSING_SHIM)."""
+    (tmp_path / "sitecustomize.py").write_text(_MISSING_SHIM)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, "KSW1FAST_TEST_MISSING": package}
+
+
+@pytest.mark.parametrize("package, flags, message", [
+    ("PyKCS11", ["--pkcs11-lib", "/usr/lib/softhsm/libsofthsm2.so"],
+     "--pkcs11-lib needs PyKCS11, which is not installed: pip install 'ksw1fast[pkcs11]'"),
+    ("prometheus_client", ["--metrics-port", "0"],
+     "--metrics-port needs prometheus_client, which is not installed: "
+     "pip install 'ksw1fast[metrics]'"),
+])
+def test_a_missing_optional_package_is_one_line_with_the_install_hint(
+        tmp_path: Path, package: str, flags: list[str], message: str) -> None:
+    env = _without(package, tmp_path)
+    probe = [sys.executable, "-c", f"import {package}"]
+    assert subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    missing = subprocess.run(probe, capture_output=True, text=True, timeout=30,
+                             env={**os.environ, **env})
+    assert f"ModuleNotFoundError: No module named '{package}'" in missing.stderr
+    result = _run("serve", "--port", "0", *flags, env=env)
+    assert (result.returncode, result.stderr) == (2, f"ksw1fast serve: error: {message}\n")

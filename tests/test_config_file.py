@@ -132,3 +132,15 @@ def test_a_port_out_of_range_in_the_file_is_refused_at_its_line(tmp_path: Path) 
     assert serve.returncode == 2
     assert serve.stderr.startswith("usage: ksw1fast serve ")
     assert serve.stderr.splitlines()[-1] == f"ksw1fast serve: error: {error}"
+
+
+def test_an_unset_pin_variable_fails_check_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[pkcs11]\nlib = "/usr/lib/softhsm/libsofthsm2.so"\n'
+                    'pin_env = "KSW1FAST_NO_PIN"\n')
+    env = {name: value for name, value in os.environ.items() if name != "KSW1FAST_NO_PIN"}
+    result = _run("check-config", str(path), env=env)
+    assert (result.returncode, result.stderr) == (
+        2, f"ksw1fast: {path}: environment variable KSW1FAST_NO_PIN (the PKCS#11 PIN) is not "
+           "set or empty\n")
+    assert _run("check-config", str(path), env={**env, "KSW1FAST_NO_PIN": "1234"}).returncode == 0
