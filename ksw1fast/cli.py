@@ -13,11 +13,11 @@ from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
 from ksw1fast.config_file import (ConfigError, check_config_file, located, make_config,
                                   read_config_file)
-from ksw1fast.errors import MissingExtra, SettingError
+from ksw1fast.errors import MissingExtra, SettingError, StartError
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 from ksw1fast.logs import configure as configure_logging
 from ksw1fast.token_cli import add_token_commands
-from ksw1fast.workers import Supervisor, worker_count
+from ksw1fast.workers import SERVING, Supervisor, report, worker_count
 
 log = logging.getLogger("ksw1fast")
 
@@ -142,7 +142,8 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     ops.add_argument("--log-format", choices=["text", "json"], help="default text")
     ops.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="log verbosity; payloads, tokens and PINs are never logged")
-    ops.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
+    # one of a supervisor's workers, saying on this pipe when it serves (workers.py)
+    ops.add_argument("--worker-process", type=int, metavar="FD", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +185,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         if value is not None:
             values[key] = tuple(value) if isinstance(value, list) else value
             origins[key] = f"argument --{flag.replace('_', '-')}"
-    if args.worker_process:  # one of a supervisor's workers: it serves the metrics itself
+    if args.worker_process is not None:  # a supervisor's worker: it serves the metrics
         values.update(workers=1, reuse_port=True, metrics_port=None)
     try:
         return make_config(values)
@@ -196,8 +197,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         raise
 
 
-async def serve(config: GatewayConfig) -> None:
-    """Run one gateway process until SIGINT or SIGTERM, then drain it."""
+async def serve(config: GatewayConfig, status_fd: Optional[int] = None) -> None:
+    """Run one gateway process until SIGINT or SIGTERM, then drain it; StartError when it
+    cannot listen.  A supervisor's worker says on `status_fd` once it serves."""
     from ksw1fast.gateway import Gateway
     from ksw1fast.ops_http import OpsServer
 
@@ -205,16 +207,22 @@ async def serve(config: GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    gateway = await Gateway(config).start()
+    gateway = Gateway(config)
     ops = None
-    if config.metrics_port is not None:
-        ops = await OpsServer(lambda: gateway.ready).start(config.metrics_host,
-                                                           config.metrics_port)
-    await stop.wait()
-    log.info("draining for up to %gs", config.drain_timeout)
-    await gateway.drain(config.drain_timeout)
-    if ops is not None:
-        await ops.close()
+    try:
+        if config.metrics_port is not None:  # /readyz answers 503 until the gateway listens
+            ops = await OpsServer(lambda: gateway.ready).start(config.metrics_host,
+                                                               config.metrics_port)
+        await gateway.start()
+        if status_fd is not None:
+            report(status_fd, SERVING)
+        await stop.wait()
+        log.info("draining for up to %gs", config.drain_timeout)
+        await gateway.drain(config.drain_timeout)
+    finally:
+        await gateway.close()  # a no-op once drained
+        if ops is not None:
+            await ops.close()
 
 
 def _check_config(path: str) -> int:
@@ -253,9 +261,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(_check_config(args.file))
     config = _serve_config(args)
     configure_logging(args.log_level, config.log_format)
-    if config.workers > 1:
-        serve_argv = list(argv if argv is not None else sys.argv[1:])
-        sys.exit(Supervisor(config, serve_argv[serve_argv.index("serve") + 1:]).run())
-    import uvloop
+    try:
+        if config.workers > 1:
+            serve_argv = list(argv if argv is not None else sys.argv[1:])
+            sys.exit(Supervisor(config, serve_argv[serve_argv.index("serve") + 1:]).run())
+        import uvloop
 
-    uvloop.run(serve(config))
+        uvloop.run(serve(config, args.worker_process))
+    except StartError as exc:
+        if args.worker_process is None:
+            sys.exit(f"ksw1fast: {exc}")  # one line, exit 1
+        report(args.worker_process, str(exc))  # its supervisor says it, once for all
+        sys.exit(1)

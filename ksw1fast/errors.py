@@ -1,6 +1,7 @@
 """Exceptions shared by the codecs, the server, the client and the command line."""
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping, Tuple
 
 
@@ -82,3 +83,24 @@ def check_settings(settings: object, checks: Mapping[str, SettingCheck],
 class MissingExtra(KSW1Error):
     """A setting needs an optional package that is not installed; the message is one line
     with the pip command that installs it."""
+
+
+class StartError(KSW1Error):
+    """Serving could not start (a port in use, a worker that died starting); the message
+    is one line saying why."""
+
+
+class ListenError(StartError, OSError):
+    """A listener could not be created.  An OSError still, for callers that catch those."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        super().__init__(f"cannot listen on {address}: {_strerror(cause)}")
+
+
+def _strerror(exc: OSError) -> str:
+    """'address already in use', rather than uvloop's '[Errno 98] error while attempting
+    to bind on address ('127.0.0.1', 8088): address already in use'."""
+    if exc.errno is not None and exc.errno > 0:  # getaddrinfo's errors are negative
+        return os.strerror(exc.errno).lower()
+    return str(exc.strerror or exc).lower()
