@@ -136,7 +136,10 @@ class Gateway:
 
     def _route(self, request: WSUpgradeRequest) -> Optional[WSUpgradeResponseWithListener]:
         path = request.path.decode("latin-1")
-        if urlsplit(path).path != self.config.path:
+        url_path = urlsplit(path).path
+        if url_path != self.config.path:
+            # the path only, never the query (it may carry ?token=); repr: no log injection
+            refusals.info("handshake refused status=404 reason=unknown path %r", url_path[:100])
             return None  # picows answers 404
         try:
             grant, subprotocol = self.security.admit(path, request.headers)

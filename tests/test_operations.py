@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pytest
+import websockets
 
 import ksw1fast
 from ksw1fast import client as kclient
@@ -218,3 +219,15 @@ def test_a_worker_that_never_serves_stops_the_supervisor_with_its_exit(tmp_path)
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] in (
         f"ksw1fast: worker {i} exited with 3 before it was serving" for i in (0, 1))
+
+
+async def test_a_wrong_path_is_logged_once_without_its_query(spawn_gateway) -> None:
+    proc = await spawn_gateway()
+    wrong = proc.address.rsplit("/", 1)[0] + "/elsewhere?token=not-for-the-log"
+    with pytest.raises(websockets.InvalidStatus) as info:
+        async with RawClient(wrong):
+            pass
+    assert info.value.response.status_code == 404
+    log = await asyncio.to_thread(proc.stop)
+    assert log.count("handshake refused status=404 reason=unknown path '/elsewhere'") == 1, log
+    assert "not-for-the-log" not in log
