@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +185,46 @@ def test_a_missing_optional_package_is_one_line_with_the_install_hint(
     assert f"ModuleNotFoundError: No module named '{package}'" in missing.stderr
     result = _run("serve", "--port", "0", *flags, env=env)
     assert (result.returncode, result.stderr) == (2, f"ksw1fast serve: error: {message}\n")
+
+
+def test_serve_sh_installs_only_when_the_sources_changed(tmp_path: Path) -> None:
+    """The real scripts/serve.sh and _venv.sh in a tree whose .venv is a fake: its python
+    and ksw1fast only write down how they were called, so what runs is the script's own
+    decision whether to install."""
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    tree = tmp_path / "tree"
+    (tree / "scripts").mkdir(parents=True)
+    for name in ("serve.sh", "_venv.sh"):
+        shutil.copy2(scripts / name, tree / "scripts" / name)
+    calls = tmp_path / "calls"
+    (tree / ".venv" / "bin").mkdir(parents=True)
+    for name in ("python", "ksw1fast"):
+        fake = tree / ".venv" / "bin" / name
+        fake.write_text(f'#!/bin/sh\necho "{name} $*" >>"{calls}"\n')
+        fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    sources = {"pyproject.toml": "[project]\n", "setup.py": "setup()\n",
+               "ksw1fast/__init__.py": "", "ksw1fast/_codec.pyx": "cdef int x\n",
+               "ksw1fast/pkcs11/agent.py": ""}
+    for name, text in sources.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+
+    def serve() -> list[str]:
+        calls.write_text("")
+        subprocess.run(["bash", str(tree / "scripts" / "serve.sh"), "--port", "1"],
+                       check=True, timeout=60, env={**os.environ, "PYTHON": sys.executable},
+                       stdin=subprocess.DEVNULL)
+        return calls.read_text().splitlines()
+
+    install, run = "python -m pip install -q .", "ksw1fast serve --port 1"
+    assert serve() == [install, run]  # never installed
+    assert serve() == [run]
+    (tree / "ksw1fast" / "_codec.c").write_text("/* generated */")  # build outputs
+    (tree / "ksw1fast" / "__pycache__").mkdir()
+    (tree / "ksw1fast" / "__pycache__" / "agent.cpython-311.pyc").write_bytes(b"\0")
+    assert serve() == [run]
+    (tree / "ksw1fast" / "pkcs11" / "agent.py").write_text("# changed\n")
+    assert serve() == [install, run]
+    assert serve() == [run]
+    (tree / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    assert serve() == [install, run]
