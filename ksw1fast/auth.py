@@ -141,11 +141,13 @@ def _sum_parts(text: str) -> float:
     return sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
 
 
-def secret_from_env(var: str, environ: Mapping[str, str] | None = None) -> bytes:
-    """The signing secret: the UTF-8 bytes of environment variable `var`, which must be set."""
+def secret_from_env(var: str, environ: Mapping[str, str] | None = None,
+                    what: str = "the token secret") -> bytes:
+    """A secret (by default the signing secret): the UTF-8 bytes of environment variable
+    `var`, which must be set."""
     value = (os.environ if environ is None else environ).get(var)
     if not value:
-        raise ValueError(f"environment variable {var} (the token secret) is not set or empty")
+        raise ValueError(f"environment variable {var} ({what}) is not set or empty")
     return value.encode("utf-8")
 
 

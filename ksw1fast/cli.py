@@ -7,15 +7,17 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
-from ksw1fast.config_file import ConfigError, check_config_file, make_config, read_config_file
+from ksw1fast.config_file import (ConfigError, check_config_file, located, make_config,
+                                  read_config_file)
+from ksw1fast.errors import MissingExtra, SettingError, StartError
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 from ksw1fast.logs import configure as configure_logging
 from ksw1fast.token_cli import add_token_commands
-from ksw1fast.workers import Supervisor, worker_count
+from ksw1fast.workers import SERVING, Supervisor, report, worker_count
 
 log = logging.getLogger("ksw1fast")
 
@@ -156,45 +158,64 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     ops.add_argument("--log-format", choices=["text", "json"], help="default text")
     ops.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="log verbosity; payloads, tokens and PINs are never logged")
-    ops.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
+    # one of a supervisor's workers, saying on this pipe when it serves (workers.py)
+    ops.add_argument("--worker-process", type=int, metavar="FD", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ksw1fast", description="KSW1 WebSocket gateway")
     parser.add_argument("--version", action="version", version=f"ksw1fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_serve_flags(sub.add_parser(
+    serve_parser = sub.add_parser(
         "serve", help="run the gateway",
         description="Serve KSW1 on ws://HOST:PORT/PATH (default ws://127.0.0.1:8088/ws). "
-                    "Settings: defaults < --config file < environment < flags."))
+                    "Settings: defaults < --config file < environment < flags.")
+    _add_serve_flags(serve_parser)
+    serve_parser.set_defaults(parser=serve_parser)  # its errors show its own usage
     check = sub.add_parser("check-config", help="validate a TOML configuration file")
     check.add_argument("file")
     add_token_commands(sub)
     return parser
 
 
-def _put(values: dict[str, Any], key: str, value: Any) -> None:
-    table, _, name = key.rpartition(".")
-    (values.setdefault(table, {}) if table else values)[name] = value
+def _from_env(env: str, kind: Callable[[str], Any]) -> Any:
+    """The value of environment variable `env`, worded like argparse when it is no `kind`."""
+    try:
+        return kind(os.environ[env])
+    except ValueError:
+        raise ValueError(f"environment variable {env}: invalid {kind.__name__} value: "
+                         f"{os.environ[env]!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    """Merge file, environment and flags; ValueError (ConfigError) when they do not fit."""
+    """Merge file, environment and flags; ValueError (ConfigError) when they do not fit,
+    naming the flag, variable or file line a bad value came from."""
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    origins: dict[str, str] = {}  # setting -> the flag or variable that set it
     for env, (key, kind) in _ENV.items():
         if os.environ.get(env):
-            _put(values, key, kind(os.environ[env]))
+            values[key] = _from_env(env, kind)
+            origins[key] = f"environment variable {env}"
     for flag, key in _FIELDS.items():
         value = getattr(args, flag)
         if value is not None:
-            _put(values, key, tuple(value) if isinstance(value, list) else value)
-    if args.worker_process:  # one of a supervisor's workers: it serves the metrics itself
+            values[key] = tuple(value) if isinstance(value, list) else value
+            origins[key] = f"argument --{flag.replace('_', '-')}"
+    if args.worker_process is not None:  # a supervisor's worker: it serves the metrics
         values.update(workers=1, reuse_port=True, metrics_port=None)
-    return make_config(values)
+    try:
+        return make_config(values)
+    except SettingError as exc:
+        if exc.setting in origins:
+            raise ValueError(f"{origins[exc.setting]}: {exc.reason}") from None
+        if args.config:
+            raise located(args.config, exc) from None
+        raise
 
 
-async def serve(config: GatewayConfig) -> None:
-    """Run one gateway process until SIGINT or SIGTERM, then drain it."""
+async def serve(config: GatewayConfig, status_fd: Optional[int] = None) -> None:
+    """Run one gateway process until SIGINT or SIGTERM, then drain it; StartError when it
+    cannot listen.  A supervisor's worker says on `status_fd` once it serves."""
     from ksw1fast.gateway import Gateway
     from ksw1fast.ops_http import OpsServer
 
@@ -202,42 +223,69 @@ async def serve(config: GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    gateway = await Gateway(config).start()
+    gateway = Gateway(config)
     ops = None
-    if config.metrics_port is not None:
-        ops = await OpsServer(lambda: gateway.ready).start(config.metrics_host,
-                                                           config.metrics_port)
-    await stop.wait()
-    log.info("draining for up to %gs", config.drain_timeout)
-    await gateway.drain(config.drain_timeout)
-    if ops is not None:
-        await ops.close()
+    try:
+        if config.metrics_port is not None:  # /readyz answers 503 until the gateway listens
+            ops = await OpsServer(lambda: gateway.ready).start(config.metrics_host,
+                                                               config.metrics_port)
+        await gateway.start()
+        if status_fd is not None:
+            report(status_fd, SERVING)
+        await stop.wait()
+        log.info("draining for up to %gs", config.drain_timeout)
+        await gateway.drain(config.drain_timeout)
+    finally:
+        await gateway.close()  # a no-op once drained
+        if ops is not None:
+            await ops.close()
+
+
+def _check_config(path: str) -> int:
+    try:
+        check_config_file(path)
+    except (ConfigError, OSError) as exc:  # ConfigError names the file itself
+        print(f"ksw1fast: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: ok")
+    return 0
+
+
+def _serve_config(args: argparse.Namespace) -> GatewayConfig:
+    """The settings to serve, refused (exit 2) before anything listens when they cannot
+    serve: a bad value or combination with serve's usage, a missing package in one line."""
+    from ksw1fast.security import Security
+
+    parser: argparse.ArgumentParser = args.parser
+    try:
+        config = config_from_args(args)
+        Security(config)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    try:
+        config.require_extras()
+    except MissingExtra as exc:  # nothing was mistyped: no usage
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "token":
         sys.exit(args.run(args))
     if args.command == "check-config":
-        try:
-            check_config_file(args.file)
-        except (ConfigError, OSError) as exc:
-            print(f"ksw1fast: {exc}", file=sys.stderr)
-            sys.exit(2)
-        print(f"{args.file}: ok")
-        return
-    try:
-        config = config_from_args(args)
-        from ksw1fast.security import Security
-
-        Security(config)  # refuse unsafe settings before anything listens
-    except (ValueError, OSError) as exc:
-        parser.error(str(exc))
+        sys.exit(_check_config(args.file))
+    config = _serve_config(args)
     configure_logging(args.log_level, config.log_format)
-    if config.workers > 1:
-        serve_argv = list(argv if argv is not None else sys.argv[1:])
-        sys.exit(Supervisor(config, serve_argv[serve_argv.index("serve") + 1:]).run())
-    import uvloop
+    try:
+        if config.workers > 1:
+            serve_argv = list(argv if argv is not None else sys.argv[1:])
+            sys.exit(Supervisor(config, serve_argv[serve_argv.index("serve") + 1:]).run())
+        import uvloop
 
-    uvloop.run(serve(config))
+        uvloop.run(serve(config, args.worker_process))
+    except StartError as exc:
+        if args.worker_process is None:
+            sys.exit(f"ksw1fast: {exc}")  # one line, exit 1
+        report(args.worker_process, str(exc))  # its supervisor says it, once for all
+        sys.exit(1)

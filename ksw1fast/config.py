@@ -1,10 +1,13 @@
 """Gateway settings: one frozen dataclass shared by the library API and the CLI."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ksw1fast.constants import DEFAULT_MAX_PAYLOAD
+from ksw1fast.errors import (AT_LEAST_1, NOT_NEGATIVE, POSITIVE, MissingExtra, SettingCheck,
+                             check_settings)
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 
 
@@ -46,24 +49,39 @@ class GatewayConfig:
     insecure: bool = False                 # listen beyond loopback without auth
 
     def __post_init__(self) -> None:
-        if not self.path.startswith("/"):
-            raise ValueError("path must start with '/'")
-        if not 0 < self.max_payload <= 0xFFFFFFFF:
-            raise ValueError("max_payload must fit a u32 and be positive")
-        if self.max_streams < 1:
-            raise ValueError("max_streams must be at least 1")
-        for name in ("send_buffer_limit", "max_dns_queries", "max_lookups"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        for name in ("handshake_timeout", "connect_timeout", "dns_timeout", "send_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        for name in ("idle_ping", "max_open_rate"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        if self.workers < 1 or self.drain_timeout < 0:
-            raise ValueError("workers must be >= 1 and drain_timeout >= 0")
-        if self.log_format not in ("text", "json"):
-            raise ValueError("log_format must be 'text' or 'json'")
+        check_settings(self, _CHECKS)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+
+    def require_extras(self) -> None:
+        """MissingExtra when a setting needs an optional package that does not import:
+        found before serving, rather than as a traceback or a warning per agent later."""
+        if self.pkcs11.lib:
+            _require_extra("PyKCS11", "pkcs11", "--pkcs11-lib")
+        if self.metrics_port is not None:
+            _require_extra("prometheus_client", "metrics", "--metrics-port")
+
+
+_PORT: SettingCheck = (lambda v: 0 <= v <= 65535, "must be 0-65535")
+_CHECKS: dict[str, SettingCheck] = {
+    "port": _PORT, "metrics_port": _PORT,
+    "path": (lambda v: v.startswith("/"), "must start with '/'"),
+    "max_streams": AT_LEAST_1,
+    "max_payload": (lambda v: 0 < v <= 0xFFFFFFFF, "must be 1-4294967295 (a u32)"),
+    "send_buffer_limit": AT_LEAST_1, "max_dns_queries": AT_LEAST_1, "max_lookups": AT_LEAST_1,
+    "max_open_rate": NOT_NEGATIVE,
+    "handshake_timeout": POSITIVE, "connect_timeout": POSITIVE, "dns_timeout": POSITIVE,
+    "send_timeout": POSITIVE, "idle_ping": NOT_NEGATIVE,
+    "workers": AT_LEAST_1, "drain_timeout": NOT_NEGATIVE,
+    "log_format": (lambda v: v in ("text", "json"), "must be 'text' or 'json'"),
+}
+
+
+def _require_extra(module: str, extra: str, needed_by: str) -> None:
+    """MissingExtra unless `module` imports (an import, not a look-up: a package whose
+    compiled part does not load is as missing)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{needed_by} needs {module}, which is not installed: "
+                           f"pip install 'ksw1fast[{extra}]'") from None

@@ -7,8 +7,9 @@
     [pkcs11]
     lib = "/usr/lib/softhsm/libsofthsm2.so"
 
-Errors name the file, the line and the key.  Precedence when serving: built-in defaults,
-then this file, then the environment (GATEWAY_*, PKCS11_LIB), then command-line flags.
+Errors name the file, the line and the key (in a list, the line of the bad item).
+Precedence when serving: built-in defaults, then this file, then the environment
+(GATEWAY_*, PKCS11_LIB), then command-line flags.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import re
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from ksw1fast.config import GatewayConfig
+from ksw1fast.errors import MissingExtra, SettingError
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 from ksw1fast.policy import Rule, parse_rule
 
@@ -48,7 +50,7 @@ def _check(value: Any, hint: Any) -> Any:
     if origin is tuple:
         if not isinstance(value, list):
             raise TypeError("expected a list")
-        return tuple(_check(item, args[0]) for item in value)
+        return _items(value, lambda item: _check(item, args[0]))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
@@ -56,12 +58,31 @@ def _check(value: Any, hint: Any) -> Any:
     return value
 
 
-def _egress(value: Any) -> Any:
-    """Egress rules may be strings or inline tables: checked now, kept as rule strings."""
-    if not isinstance(value, list):
-        return value
-    return [str(Rule.from_mapping(item) if isinstance(item, Mapping) else parse_rule(item))
-            if isinstance(item, (str, Mapping)) else item for item in value]
+class _BadItem(ValueError):
+    """Item `index` of a list setting is wrong: reported at that item's line."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(str(error))
+        self.index = index
+
+
+def _items(values: list, check: Callable[[Any], Any]) -> tuple:
+    """`check` applied to every item; _BadItem says which one it refused."""
+    checked = []
+    for index, item in enumerate(values):
+        try:
+            checked.append(check(item))
+        except (TypeError, ValueError) as exc:
+            raise _BadItem(index, exc) from None
+    return tuple(checked)
+
+
+def _rule(item: Any) -> Any:
+    """An egress rule given as a string or an inline table, checked and kept as a string
+    (anything else is left for the type check)."""
+    if isinstance(item, Mapping):
+        return str(Rule.from_mapping(item))
+    return str(parse_rule(item)) if isinstance(item, str) else item
 
 
 def _workers(value: str) -> Any:
@@ -73,58 +94,119 @@ def _workers(value: str) -> Any:
         return value  # reported as a type error with its line
 
 
-def _line_of(text: str, table: str, key: str) -> int:
-    """Best-effort line of `key` (TOML parsers do not keep positions)."""
+def _value(table: str, name: str, value: Any) -> Any:
+    """The value of setting `name` of `table` ("" or "pkcs11") as make_config wants it."""
+    hints = _TABLES[table]
+    if name not in hints:
+        raise ValueError("unknown setting")
+    if not table and name == "workers" and isinstance(value, str):
+        value = _workers(value)
+    if not table and name == "egress" and isinstance(value, list):
+        value = list(_items(value, _rule))
+    return _check(value, hints[name])
+
+
+def _key_offset(text: str, key: str) -> Optional[int]:
+    """Best-effort offset just past `key =` (TOML parsers do not keep positions)."""
+    table, _, name = key.rpartition(".")
     start = 0
     if table:
-        header = re.search(rf"^\s*\[{re.escape(table)}\]", text, re.M)
+        header = re.search(rf"^[ \t]*\[{re.escape(table)}\]", text, re.M)
         start = header.end() if header else 0
-    found = re.compile(rf"^\s*{re.escape(key)}\s*=", re.M).search(text, start)
-    return text.count("\n", 0, found.start()) + 1 if found else 0
+    found = re.compile(rf"^[ \t]*{re.escape(name)}[ \t]*=", re.M).search(text, start)
+    return found.end() if found else None
+
+
+# what finding an array's items needs of TOML: strings and comments whole, else characters
+_TOKEN = re.compile("|".join((r'"""[\s\S]*?"""', r"'''[\s\S]*?'''", r'"(?:\\.|[^"\\\n])*"',
+                               r"'[^'\n]*'", r"#.*", r"\S")))
+
+
+def _item_offset(text: str, start: int, index: int) -> Optional[int]:
+    """Best-effort offset of item `index` of the array that opens after `start`."""
+    depth, seen, item_next = 0, -1, False
+    for match in _TOKEN.finditer(text, start):
+        token = match.group()
+        if token[0] == "#":
+            continue
+        if item_next and token != "]":  # not after a trailing comma
+            seen += 1
+            if seen == index:
+                return match.start()
+        item_next = False
+        if token in ("[", "{"):
+            depth += 1
+            item_next = depth == 1
+        elif token in ("]", "}"):
+            depth -= 1
+            if depth == 0:
+                return None
+        elif token == "," and depth == 1:
+            item_next = True
+    return None
+
+
+def _where(path: Union[str, Path], text: str, key: str, item: Optional[int] = None) -> str:
+    """`PATH:LINE: key 'KEY'`, the line of list item `item` when given; no line when the
+    key cannot be found."""
+    offset = _key_offset(text, key)
+    if offset is not None and item is not None:
+        offset = _item_offset(text, offset, item) or offset
+    line = "" if offset is None else f":{text.count(chr(10), 0, offset) + 1}"
+    return f"{path}{line}: key '{key}'"
 
 
 def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
-    """GatewayConfig keyword arguments from a TOML file (`pkcs11` as a dict)."""
+    """Settings from a TOML file, keyed as make_config wants them (`port`, `pkcs11.lib`)."""
     text = Path(path).read_text(encoding="utf-8")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     values: dict[str, Any] = {}
-    for table, hints in _TABLES.items():
+    for table in _TABLES:
         section = data.get(table, {}) if table else data
-        target = values.setdefault(table, {}) if table else values
         if not isinstance(section, dict):
-            raise ConfigError(f"{path}:{_line_of(text, '', table)}: '{table}' must be a table")
-        for key, value in section.items():
-            if not table and key in _TABLES:
-                continue
-            where = f"{path}:{_line_of(text, table, key)}: key '{f'{table}.' if table else ''}{key}'"
-            if key not in hints:
-                raise ConfigError(f"{where}: unknown setting")
-            if key == "workers" and isinstance(value, str):
-                value = _workers(value)
-            try:
-                target[key] = _check(_egress(value) if key == "egress" else value, hints[key])
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{where}: {exc}") from None
+            raise ConfigError(f"{_where(path, text, table)}: must be a table")
+        for name, value in section.items():
+            if table or name not in _TABLES:
+                key = f"{table}.{name}" if table else name
+                try:
+                    values[key] = _value(table, name, value)
+                except _BadItem as exc:
+                    raise ConfigError(f"{_where(path, text, key, exc.index)}: {exc}") from None
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"{_where(path, text, key)}: {exc}") from None
     return values
 
 
+def located(path: Union[str, Path], error: SettingError) -> ConfigError:
+    """`error`, about a setting of the file at `path`, pointing at that setting's line."""
+    text = Path(path).read_text(encoding="utf-8")
+    return ConfigError(f"{_where(path, text, error.setting)}: {error.reason}")
+
+
 def make_config(values: Mapping[str, Any]) -> GatewayConfig:
-    """GatewayConfig from merged settings; ValueError when they do not fit together."""
-    values = dict(values)
-    pkcs11 = Pkcs11Settings(**values.pop("pkcs11", {}))
-    return GatewayConfig(pkcs11=pkcs11, **values)
+    """GatewayConfig from settings keyed as in the file (`port`, `pkcs11.lib`): SettingError
+    names a setting whose value is wrong, ValueError settings that do not fit together."""
+    prefix = "pkcs11."
+    pkcs11 = {key[len(prefix):]: value for key, value in values.items() if key.startswith(prefix)}
+    rest = {key: value for key, value in values.items() if not key.startswith(prefix)}
+    return GatewayConfig(pkcs11=Pkcs11Settings(**pkcs11), **rest)
 
 
 def check_config_file(path: Union[str, Path]) -> GatewayConfig:
-    """Everything serving would check before listening, without listening."""
+    """Everything serving would check before listening, without listening; ConfigError
+    names the file (and the line where it can) once."""
     from ksw1fast.security import Security
 
+    values = read_config_file(path)
     try:
-        config = make_config(read_config_file(path))
+        config = make_config(values)
         Security(config)
-    except (ValueError, OSError) as exc:
+        config.require_extras()
+    except SettingError as exc:
+        raise located(path, exc) from None
+    except (ValueError, OSError, MissingExtra) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return config

@@ -18,6 +18,7 @@ from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
 from ksw1fast.connection import Connection, refusals
 from ksw1fast.constants import HEADER_SIZE
+from ksw1fast.errors import ListenError
 from ksw1fast.pkcs11.supervisor import NoModule, make_provider
 from ksw1fast.resolve import Resolver
 from ksw1fast.security import HandshakeRefused, Security
@@ -45,11 +46,28 @@ class Gateway:
         self.draining = False
 
     async def start(self) -> "Gateway":
+        """Listen; ListenError (one line: the address and the cause) when it cannot."""
         cfg = self.config
+        tls = self._tls_context()  # before listening: a bad certificate is no bind error
         start = getattr(self._pkcs11, "start", None)
         if start is not None:
             await start()
-        self._server = await ws_create_server(
+        try:
+            self._server = await self._listen(tls)
+        except OSError as exc:
+            await self._close_pkcs11()  # the agents it pre-started
+            raise ListenError(cfg.host, cfg.port, exc) from exc
+        self._byte_counter = asyncio.ensure_future(self._count_bytes())
+        if cfg.idle_ping > 0:
+            self._keepalive = asyncio.ensure_future(self._keep_alive(cfg.idle_ping / 2))
+        # here, not at import: agents import this package too, and are not gateways
+        metrics.BUILD_INFO.labels(__version__, CODEC).set(1)
+        log.info("ksw1fast serving %s", self.address)
+        return self
+
+    async def _listen(self, tls: Optional[ssl.SSLContext]) -> asyncio.AbstractServer:
+        cfg = self.config
+        return await ws_create_server(
             self._route, cfg.host, cfg.port,
             websocket_handshake_timeout=cfg.handshake_timeout,
             # one WebSocket frame may carry one maximal KSW1 frame; our parser bounds the rest
@@ -60,16 +78,9 @@ class Gateway:
             read_buffer_init_size=2048,
             # not a logging.Logger: picows would make a child Logger per connection
             logger_name=_PICOWS_LOG,
-            ssl=self._tls_context(),
+            ssl=tls,
             reuse_port=cfg.reuse_port or None,
         )
-        self._byte_counter = asyncio.ensure_future(self._count_bytes())
-        if cfg.idle_ping > 0:
-            self._keepalive = asyncio.ensure_future(self._keep_alive(cfg.idle_ping / 2))
-        # here, not at import: agents import this package too, and are not gateways
-        metrics.BUILD_INFO.labels(__version__, CODEC).set(1)
-        log.info("ksw1fast serving %s", self.address)
-        return self
 
     async def _keep_alive(self, period: float) -> None:
         """Keepalive (spec §11): the client never pings, and balancers drop upgraded
@@ -130,7 +141,10 @@ class Gateway:
 
     def _route(self, request: WSUpgradeRequest) -> Optional[WSUpgradeResponseWithListener]:
         path = request.path.decode("latin-1")
-        if urlsplit(path).path != self.config.path:
+        url_path = urlsplit(path).path
+        if url_path != self.config.path:
+            # the path only, never the query (it may carry ?token=); repr: no log injection
+            refusals.info("handshake refused status=404 reason=unknown path %r", url_path[:100])
             return None  # picows answers 404
         try:
             grant, subprotocol = self.security.admit(path, request.headers)
@@ -164,6 +178,9 @@ class Gateway:
         await self._server.wait_closed()
         self._server = None
         self.resolver.close()
+        await self._close_pkcs11()
+
+    async def _close_pkcs11(self) -> None:
         close = getattr(self._pkcs11, "close", None)
         if close is not None:
             await close()

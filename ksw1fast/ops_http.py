@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 from ksw1fast import metrics
 from ksw1fast._impl import CODEC
 from ksw1fast._version import __version__
+from ksw1fast.errors import ListenError
 
 log = logging.getLogger("ksw1fast")
 
@@ -43,10 +44,14 @@ class OpsServer:
         self._server: Optional[asyncio.AbstractServer] = None
 
     async def start(self, host: str, port: int) -> "OpsServer":
+        """Listen; ListenError (one line: the address and the cause) when it cannot."""
         if not metrics.AVAILABLE:
             raise RuntimeError("--metrics-port needs prometheus_client: "
                                "pip install 'ksw1fast[metrics]'")
-        self._server = await asyncio.start_server(self._handle, host, port)
+        try:
+            self._server = await asyncio.start_server(self._handle, host, port)
+        except OSError as exc:
+            raise ListenError(host, port, exc) from exc
         log.info("ksw1fast metrics and health on http://%s:%d/metrics", host, self.port)
         return self
 

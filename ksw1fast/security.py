@@ -1,4 +1,6 @@
-"""What the gateway enforces, built once from its config: tokens, Origins, egress rules."""
+"""What the gateway enforces, built once from its config: tokens, Origins, egress rules.
+Building it also checks that the secrets the config names (the token secret, the PKCS#11
+PIN) are set in the environment."""
 from __future__ import annotations
 
 from typing import Optional
@@ -22,6 +24,8 @@ class HandshakeRefused(Exception):
 class Security:
     def __init__(self, config: GatewayConfig) -> None:
         secret = secret_from_env(config.token_secret_env) if config.token_secret_env else None
+        if config.pkcs11.pin_env:  # unset, the agents would quietly serve without that PIN
+            secret_from_env(config.pkcs11.pin_env, what="the PKCS#11 PIN")
         self.tokens = TokenVerifier(static_file=config.token_file, secret=secret)
         self.origins = OriginPolicy(config.allow_origins)
         self.egress = EgressPolicy(config.egress)

@@ -101,7 +101,8 @@ def test_a_worker_that_cannot_load_the_compiled_codec_it_expects_exits_with_one_
     # find the real checkout's)
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     (checkout.package / f"_codec{suffix}").write_bytes(b"not a shared object")
-    result = _run_child_of(checkout.package, "serve", "--port", "0", "--worker-process")
+    # as a supervisor starts a worker, with stdout for its status pipe
+    result = _run_child_of(checkout.package, "serve", "--port", "0", "--worker-process", "1")
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"ksw1fast: {_impl.REQUIRE_EXTENSIONS} is set but the compiled "

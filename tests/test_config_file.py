@@ -1,13 +1,15 @@
 """The TOML configuration file, `ksw1fast check-config`, and settings precedence."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ksw1fast.cli import build_parser, config_from_args
-from ksw1fast.config_file import ConfigError, check_config_file, read_config_file
+from ksw1fast.config_file import ConfigError, check_config_file
 
 EXAMPLE = """\
 host = "0.0.0.0"
@@ -48,13 +50,16 @@ def test_a_complete_file_checks_out(example) -> None:
     ('port = "80"\n', ":1: key 'port'", "expected int"),
     ('[pkcs11]\nisolation = 3\n', ":2: key 'pkcs11.isolation'", "expected str"),
     ('egress = ["allow tcp x:0"]\n', ":1: key 'egress'", "ports"),
+    ('port = 1\n\nprot = 2\n', ":3: key 'prot'", "unknown setting"),  # after a blank line
+    ('max_streams = 0\n', ":1: key 'max_streams'", "must be >= 1, got 0"),
+    ('"max.streams" = 1\n', ": key 'max.streams'", "unknown setting"),  # a quoted dot
     ('port = \n', "", "Invalid value"),
 ])
 def test_errors_name_line_and_key(tmp_path, text, where, what) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
-        read_config_file(path)
+        check_config_file(path)
     assert where in str(info.value) and what in str(info.value)
 
 
@@ -68,15 +73,21 @@ def test_settings_that_do_not_fit_together(tmp_path) -> None:
         check_config_file(path)
 
 
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m ksw1fast ARGS`; a `serve` that wrongly starts times out instead."""
+    return subprocess.run([sys.executable, "-m", "ksw1fast", *args], capture_output=True,
+                          text=True, timeout=30, stdin=subprocess.DEVNULL,
+                          env=env if env is not None else os.environ)
+
+
 def test_check_config_command(example, tmp_path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "ksw1fast", "check-config", str(example)],
-                        capture_output=True, text=True, timeout=30)
-    assert ok.returncode == 0 and "ok" in ok.stdout
+    ok = _run("check-config", str(example))
+    assert (ok.returncode, ok.stdout) == (0, f"{example}: ok\n")
     bad = tmp_path / "bad.toml"
     bad.write_text("max_streams = true\n")
-    result = subprocess.run([sys.executable, "-m", "ksw1fast", "check-config", str(bad)],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2 and "key 'max_streams'" in result.stderr
+    result = _run("check-config", str(bad))
+    assert (result.returncode, result.stderr) == (
+        2, f"ksw1fast: {bad}:1: key 'max_streams': expected int, got bool\n")
 
 
 def test_precedence_file_then_environment_then_flags(example, monkeypatch) -> None:
@@ -91,3 +102,52 @@ def test_precedence_file_then_environment_then_flags(example, monkeypatch) -> No
     assert config.port == 9200
     assert config.pkcs11.max_agents == 6
     assert config.egress == ("deny any 192.0.2.0/24",)  # a flag replaces the file's list
+
+
+@pytest.mark.parametrize("rule, reason", [
+    ('"allow tcp x:0"', "rule 'allow tcp x:0': ports '0' must lie in 1-65535, low first"),
+    ('{ action = "allow", proto = "tcp", host = "x", ports = "0" }',
+     "rule {'action': 'allow', 'proto': 'tcp', 'host': 'x', 'ports': '0'}: ports '0' must "
+     "lie in 1-65535, low first"),
+    ("5", "expected str, got int"),
+])
+def test_check_config_names_the_file_once_and_the_line_of_a_bad_rule(
+        tmp_path: Path, rule: str, reason: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f"""\
+port = 8088
+egress = [  # a multi-line array: each rule on its own line
+  "allow tcp db.internal:5432",  # a comment, with [brackets], {{braces}} and "quotes"
+  {{ action = "deny", host = "10.0.0.0/8" }},
+
+  {rule},
+  "allow udp 10.0.0.53:53",
+]
+""")
+    result = _run("check-config", str(path))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"ksw1fast: {path}:6: key 'egress': {reason}\n"
+
+
+def test_a_port_out_of_range_in_the_file_is_refused_at_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('path = "/ws"\nport = 70000\n')
+    error = f"{path}:2: key 'port': must be 0-65535, got 70000"
+    check = _run("check-config", str(path))
+    assert (check.returncode, check.stderr) == (2, f"ksw1fast: {error}\n")
+    serve = _run("serve", "--config", str(path))
+    assert serve.returncode == 2
+    assert serve.stderr.startswith("usage: ksw1fast serve ")
+    assert serve.stderr.splitlines()[-1] == f"ksw1fast serve: error: {error}"
+
+
+def test_an_unset_pin_variable_fails_check_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[pkcs11]\nlib = "/usr/lib/softhsm/libsofthsm2.so"\n'
+                    'pin_env = "KSW1FAST_NO_PIN"\n')
+    env = {name: value for name, value in os.environ.items() if name != "KSW1FAST_NO_PIN"}
+    result = _run("check-config", str(path), env=env)
+    assert (result.returncode, result.stderr) == (
+        2, f"ksw1fast: {path}: environment variable KSW1FAST_NO_PIN (the PKCS#11 PIN) is not "
+           "set or empty\n")
+    assert _run("check-config", str(path), env={**env, "KSW1FAST_NO_PIN": "1234"}).returncode == 0

@@ -5,10 +5,14 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
+import websockets
 
 import ksw1fast
 from ksw1fast import client as kclient
@@ -19,8 +23,6 @@ from ksw1fast.ops_http import OpsServer
 from helpers import GatewayProcess, RawClient, free_port, http_get, port_of, serve_tcp
 
 pytestmark = pytest.mark.timeout(120)
-
-
 
 
 def _workers(proc: GatewayProcess) -> list[psutil.Process]:
@@ -192,3 +194,51 @@ def test_throttled_log_lines_are_bounded_and_say_what_was_dropped(caplog, monkey
     assert lines[:5] == [f"refused {i}" for i in range(5)]
     assert lines[5] == "refused 100 (95 similar lines dropped)"
     assert len(lines) == 10  # the burst refilled, no more
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("listener", ["--port", "--metrics-port"])
+def test_a_port_in_use_is_one_line_and_stops_even_a_supervisor(listener: str,
+                                                                workers: str) -> None:
+    """Before, a traceback; with workers, restarts with back-off for ever (the run would
+    outlast the timeout)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"--port": "0", "--metrics-port": "0", listener: str(port)}
+        result = subprocess.run(
+            [sys.executable, "-m", "ksw1fast", "serve", "--workers", workers,
+             *(arg for flag_value in ports.items() for arg in flag_value)],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    error = f"ksw1fast: cannot listen on 127.0.0.1:{port}: address already in use"
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == error, result.stderr
+    assert result.stderr.count("cannot listen") == 1  # said once, for all the workers
+    assert "Traceback" not in result.stderr and "restarting" not in result.stderr
+
+
+def test_a_worker_that_never_serves_stops_the_supervisor_with_its_exit(tmp_path) -> None:
+    """A worker that dies starting without a word on its status pipe (here ended at once
+    by a sitecustomize.py that acts in workers only) still stops the supervisor."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\nif '--worker-process' in sys.argv:\n    os._exit(3)\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "ksw1fast", "serve", "--port", "0", "--workers", "2"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] in (
+        f"ksw1fast: worker {i} exited with 3 before it was serving" for i in (0, 1))
+
+
+async def test_a_wrong_path_is_logged_once_without_its_query(spawn_gateway) -> None:
+    proc = await spawn_gateway()
+    wrong = proc.address.rsplit("/", 1)[0] + "/elsewhere?token=not-for-the-log"
+    with pytest.raises(websockets.InvalidStatus) as info:
+        async with RawClient(wrong):
+            pass
+    assert info.value.response.status_code == 404
+    log = await asyncio.to_thread(proc.stop)
+    assert log.count("handshake refused status=404 reason=unknown path '/elsewhere'") == 1, log
+    assert "not-for-the-log" not in log

@@ -29,6 +29,7 @@ from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from ksw1fast import children, metrics
 from ksw1fast.backoff import Backoff
+from ksw1fast.errors import AT_LEAST_1, NOT_NEGATIVE, SettingCheck, check_settings
 from ksw1fast.pkcs11 import ipc, wire
 from ksw1fast.pkcs11.args import check as layout_error
 
@@ -64,14 +65,10 @@ class Pkcs11Settings:
                                            # the pool included (README: sizing)
 
     def __post_init__(self) -> None:
-        if self.isolation not in ("connection", "worker"):
-            raise ValueError("pkcs11 isolation must be 'connection' or 'worker'")
+        check_settings(self, _CHECKS, prefix="pkcs11.")
         if self.isolation == "worker" and not self.pin_env:
             raise ValueError("pkcs11 isolation 'worker' shares one login between "
                              "connections: it needs a gateway-held PIN (pin_env)")
-        if self.pool_size < 0 or min(self.max_out, self.max_calls, self.max_agents) < 1:
-            raise ValueError("pkcs11 pool_size must be >= 0, and max_out, max_calls and "
-                             "max_agents >= 1")
 
     def agent_args(self, shared: bool) -> list[str]:
         """Arguments of `ksw1fast.pkcs11.agent`."""
@@ -87,6 +84,13 @@ class Pkcs11Settings:
         if shared:
             args.append("--shared")
         return args
+
+
+_CHECKS: dict[str, SettingCheck] = {
+    "isolation": (lambda v: v in ("connection", "worker"), "must be 'connection' or 'worker'"),
+    "pool_size": NOT_NEGATIVE, "max_out": AT_LEAST_1, "max_calls": AT_LEAST_1,
+    "max_agents": AT_LEAST_1,
+}
 
 
 class AgentError(Exception):
