@@ -69,7 +69,7 @@ def test_settings_that_do_not_fit_together(tmp_path) -> None:
     with pytest.raises(ConfigError, match="without auth"):
         check_config_file(path)
     path.write_text('[pkcs11]\nmax_agents = 0\n')
-    with pytest.raises(ConfigError, match="max_agents >= 1"):
+    with pytest.raises(ConfigError, match="key 'pkcs11.max_agents': must be >= 1, got 0"):
         check_config_file(path)
 
 
