@@ -31,7 +31,9 @@ _FIELDS = {
     "connect_timeout": "connect_timeout", "dns_timeout": "dns_timeout",
     "send_buffer_limit": "send_buffer_limit", "send_timeout": "send_timeout",
     "max_dns_queries": "max_dns_queries", "max_lookups": "max_lookups",
-    "max_open_rate": "max_open_rate",
+    "max_open_rate": "max_open_rate", "max_connections": "max_connections",
+    "max_connections_per_ip": "max_connections_per_ip", "proxy_protocol": "proxy_protocol",
+    "trusted_proxy": "trusted_proxies",
     "idle_ping": "idle_ping", "tls_cert": "tls_cert", "tls_key": "tls_key",
     "workers": "workers", "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
     "metrics_host": "metrics_host", "log_format": "log_format",
@@ -144,6 +146,19 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                           "included (about 30-40 MiB each); a connection's first call past "
                           f"it is answered Internal (default {_P.max_agents})")
     ops = serve.add_argument_group("operations (README: Operating)")
+    ops.add_argument("--max-connections", type=int,
+                     help="WebSocket connections per worker; more are refused with HTTP 503 "
+                          f"and Retry-After (default {_D.max_connections})")
+    ops.add_argument("--max-connections-per-ip", type=int,
+                     help="connections per worker from one client address (the real one "
+                          "behind --proxy-protocol or --trusted-proxy); more get 503 "
+                          f"(default {_D.max_connections_per_ip})")
+    ops.add_argument("--proxy-protocol", action="store_const", const=True,
+                     help="every connection starts with a PROXY protocol v1 or v2 header "
+                          "(HAProxy send-proxy[-v2], AWS NLB): its client address is used")
+    ops.add_argument("--trusted-proxy", metavar="CIDR", action="append",
+                     help="believe Forwarded / X-Forwarded-For from connections of this "
+                          "network (repeatable); ignored from anyone else")
     ops.add_argument("--workers", type=worker_count,
                      help="worker processes, or 'auto' for one per CPU (default 1); each has "
                           "its own event loop and SO_REUSEPORT listener, and a supervisor "

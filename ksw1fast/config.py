@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -47,6 +48,11 @@ class GatewayConfig:
     allow_origins: tuple[str, ...] = ()    # Origin patterns; empty = none or localhost only
     egress: tuple[str, ...] = ()           # egress rules, first match wins (ksw1fast.policy)
     insecure: bool = False                 # listen beyond loopback without auth
+    # -- operators' limits and the real client address (README "Operating") --
+    max_connections: int = 4096            # upgraded connections per worker
+    max_connections_per_ip: int = 256      # per worker, per client address (see below)
+    proxy_protocol: bool = False           # every connection starts with a PROXY header
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose Forwarded / X-Forwarded-For count
 
     def __post_init__(self) -> None:
         check_settings(self, _CHECKS)
@@ -70,6 +76,9 @@ _CHECKS: dict[str, SettingCheck] = {
     "max_payload": (lambda v: 0 < v <= 0xFFFFFFFF, "must be 1-4294967295 (a u32)"),
     "send_buffer_limit": AT_LEAST_1, "max_dns_queries": AT_LEAST_1, "max_lookups": AT_LEAST_1,
     "max_open_rate": NOT_NEGATIVE,
+    "max_connections": AT_LEAST_1, "max_connections_per_ip": AT_LEAST_1,
+    "trusted_proxies": (lambda v: all(_is_network(c) for c in v),
+                        "must be networks such as 10.0.0.0/8 or fd00::/8"),
     "handshake_timeout": POSITIVE, "connect_timeout": POSITIVE, "dns_timeout": POSITIVE,
     "send_timeout": POSITIVE, "idle_ping": NOT_NEGATIVE,
     "workers": AT_LEAST_1, "drain_timeout": NOT_NEGATIVE,
@@ -85,3 +94,11 @@ def _require_extra(module: str, extra: str, needed_by: str) -> None:
     except ImportError:
         raise MissingExtra(f"{needed_by} needs {module}, which is not installed: "
                            f"pip install 'ksw1fast[{extra}]'") from None
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        return False
+    return True

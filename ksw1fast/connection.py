@@ -27,6 +27,7 @@ from ksw1fast.errors import MalformedPayload
 from ksw1fast.limits import Rate
 from ksw1fast.logs import Throttled
 from ksw1fast.messages import OpenOkInfo, OpenRequest, SockAddr
+from ksw1fast.peers import Peer
 from ksw1fast.pkcs11 import wire
 from ksw1fast.pkcs11.supervisor import Pkcs11Backend
 from ksw1fast.resolve import (Endpoint, ResolveError, Resolver, address_bytes, open_error,
@@ -74,7 +75,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
 
     def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
                  pkcs11: Pkcs11Backend, security: Security, resolver: Resolver,
-                 grant: Optional[Grant]) -> None:
+                 grant: Optional[Grant], peer: Peer) -> None:
         super().__init__(config.max_payload, config.send_buffer_limit, config.send_timeout)
         self.config = config
         self.pkcs11 = pkcs11
@@ -82,7 +83,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         self.resolver = resolver
         self.grant = grant              # from the handshake token (or the Hello extension)
         self._grant_error: Optional[AuthError] = None  # why a presented token was refused
-        self.peer = "?"
+        self.peer = peer  # the client: its socket's address, or what its proxies said
         self.hello_done = False
         self.features = 0
         self.max_streams = 0
@@ -101,8 +102,6 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         super().on_ws_connected(transport)
-        peer = transport.underlying_transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         log.info("connection open peer=%s", self.peer)
         metrics.CONNECTIONS.inc()
         metrics.CONNECTIONS_TOTAL.inc()

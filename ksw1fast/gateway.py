@@ -1,16 +1,18 @@
-"""The listening gateway: picows server, path routing and the embedding API."""
+"""The listening gateway: accepting, the real client address, limits, path routing,
+and the embedding API."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
+import socket
 import ssl
-import weakref
+from functools import partial
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from picows import (WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener,
-                    ws_create_server)
+from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
+from picows.picows import _validate_upgrade_request
 
 from ksw1fast import metrics
 from ksw1fast._impl import CODEC
@@ -19,12 +21,16 @@ from ksw1fast.config import GatewayConfig
 from ksw1fast.connection import Connection, refusals
 from ksw1fast.constants import HEADER_SIZE
 from ksw1fast.errors import ListenError
+from ksw1fast.limits import ConnectionLimits
+from ksw1fast.listener import Listener, bind, ws_protocol
+from ksw1fast.peers import Peer, ProxyHeaderError, TrustedProxies, read_proxy_header
 from ksw1fast.pkcs11.supervisor import NoModule, make_provider
 from ksw1fast.resolve import Resolver
 from ksw1fast.security import HandshakeRefused, Security
+from ksw1fast.wsclose import CLOSE_TIMEOUT
 
 log = logging.getLogger("ksw1fast")
-_PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
+RETRY_AFTER = 5  # seconds, in the 503 of a handshake over a connection limit
 
 
 class Gateway:
@@ -38,9 +44,15 @@ class Gateway:
         self.security = Security(config)  # ValueError for settings that do not fit
         self.resolver = Resolver(config.max_lookups, config.dns_timeout)
         self._pkcs11 = pkcs11_backend or make_provider(config.pkcs11) or NoModule()
-        # weak: a connection whose upgrade fails never reports its end
-        self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
-        self._server: Optional[asyncio.AbstractServer] = None
+        self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
+        self.proxies = TrustedProxies(config.trusted_proxies)
+        # upgraded connections: an upgrade request is checked before its Connection exists,
+        # so every one of them reports its end (on_ws_disconnected)
+        self.connections: set[Connection] = set()
+        self._listener: Optional[Listener] = None
+        self._tls: Optional[ssl.SSLContext] = None
+        self._accepting: set[asyncio.Task] = set()  # sockets in their PROXY header or TLS
+        self._closing = False
         self._byte_counter: Optional[asyncio.Task] = None
         self._keepalive: Optional[asyncio.Task] = None
         self.draining = False
@@ -48,15 +60,17 @@ class Gateway:
     async def start(self) -> "Gateway":
         """Listen; ListenError (one line: the address and the cause) when it cannot."""
         cfg = self.config
-        tls = self._tls_context()  # before listening: a bad certificate is no bind error
+        self._tls = self._tls_context()  # before listening: a bad certificate is no bind error
         start = getattr(self._pkcs11, "start", None)
         if start is not None:
             await start()
         try:
-            self._server = await self._listen(tls)
+            sock = bind(cfg.host, cfg.port, cfg.reuse_port)
         except OSError as exc:
             await self._close_pkcs11()  # the agents it pre-started
             raise ListenError(cfg.host, cfg.port, exc) from exc
+        self._listener = Listener(sock, self._accepted)
+        self._listener.start()
         self._byte_counter = asyncio.ensure_future(self._count_bytes())
         if cfg.idle_ping > 0:
             self._keepalive = asyncio.ensure_future(self._keep_alive(cfg.idle_ping / 2))
@@ -65,22 +79,34 @@ class Gateway:
         log.info("ksw1fast serving %s", self.address)
         return self
 
-    async def _listen(self, tls: Optional[ssl.SSLContext]) -> asyncio.AbstractServer:
+    def _accepted(self, sock: socket.socket, address: tuple) -> None:
+        task = asyncio.get_running_loop().create_task(self._accept(sock, Peer(*address[:2])))
+        self._accepting.add(task)
+        task.add_done_callback(self._accepting.discard)
+
+    async def _accept(self, sock: socket.socket, peer: Peer) -> None:
+        """One accepted socket: its PROXY header (with --proxy-protocol), then TLS and the
+        WebSocket upgrade through picows, routed by _route."""
         cfg = self.config
-        return await ws_create_server(
-            self._route, cfg.host, cfg.port,
-            websocket_handshake_timeout=cfg.handshake_timeout,
-            # one WebSocket frame may carry one maximal KSW1 frame; our parser bounds the rest
-            max_frame_size=cfg.max_payload + HEADER_SIZE,
-            enable_auto_ping=False,  # a task per connection: one sweep for all instead
-            use_aiofastnet=False,  # uvloop's own transports: pause_reading and write limits
-            # an idle connection should cost little: picows grows the buffer when needed
-            read_buffer_init_size=2048,
-            # not a logging.Logger: picows would make a child Logger per connection
-            logger_name=_PICOWS_LOG,
-            ssl=tls,
-            reuse_port=cfg.reuse_port or None,
-        )
+        if cfg.proxy_protocol:
+            try:
+                peer = await asyncio.wait_for(read_proxy_header(sock),
+                                              cfg.handshake_timeout) or peer
+            except (ProxyHeaderError, asyncio.TimeoutError) as exc:
+                refusals.info("connection refused peer=%s reason=%s", peer,
+                              exc or "no PROXY protocol header in time")
+                metrics.child(metrics.LIMITS, "proxy_protocol").inc()
+                sock.close()
+                return
+        # one WebSocket frame may carry one maximal KSW1 frame; our parser bounds the rest
+        protocol = partial(ws_protocol, partial(self._route, peer), cfg.handshake_timeout,
+                           cfg.max_payload + HEADER_SIZE)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                protocol, sock, ssl=self._tls,
+                ssl_handshake_timeout=cfg.handshake_timeout if self._tls else None)
+        except (OSError, asyncio.TimeoutError) as exc:  # a failed TLS handshake, say
+            refusals.info("connection refused peer=%s reason=%s", peer, exc)
 
     async def _keep_alive(self, period: float) -> None:
         """Keepalive (spec §11): the client never pings, and balancers drop upgraded
@@ -101,14 +127,14 @@ class Gateway:
     @property
     def ready(self) -> bool:
         """Accepting connections (for /readyz)."""
-        return self._server is not None and not self.draining
+        return self._listener is not None and not self.draining
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, give open connections `timeout` seconds to finish, then close
         the rest with 1001 (going away)."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()  # listening sockets only: open connections carry on
+        if self._listener is not None:
+            self._listener.close()  # the listening socket only: open connections carry on
         drain = getattr(self._pkcs11, "drain", None)
         if drain is not None:  # e.g. a shared PKCS#11 agent that dies now stays dead
             drain()
@@ -128,8 +154,8 @@ class Gateway:
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "gateway not started"
-        return self._server.sockets[0].getsockname()[1]
+        assert self._listener is not None, "gateway not started"
+        return self._listener.port
 
     @property
     def address(self) -> str:
@@ -139,44 +165,65 @@ class Gateway:
         scheme = "wss" if self.config.tls_cert else "ws"
         return f"{scheme}://{host}:{self.port}{self.config.path}"
 
-    def _route(self, request: WSUpgradeRequest) -> Optional[WSUpgradeResponseWithListener]:
+    def _route(self, peer: Peer,
+               request: WSUpgradeRequest) -> Optional[WSUpgradeResponseWithListener]:
+        """An upgrade request from `peer` (after its PROXY header): refused with its
+        HTTP status, or a Connection for it (counted until it ends)."""
+        client = self.proxies.client_of(peer, request.headers)
         path = request.path.decode("latin-1")
         url_path = urlsplit(path).path
         if url_path != self.config.path:
             # the path only, never the query (it may carry ?token=); repr: no log injection
-            refusals.info("handshake refused status=404 reason=unknown path %r", url_path[:100])
+            refusals.info("handshake refused peer=%s status=404 reason=unknown path %r",
+                          client, url_path[:100])
             return None  # picows answers 404
         try:
-            grant, subprotocol = self.security.admit(path, request.headers)
+            _validate_upgrade_request(request)  # as picows will, before anything is counted
+            over = self.limits.admit(client.host)
+            if over is not None:
+                metrics.child(metrics.LIMITS, over).inc()
+                raise HandshakeRefused(503, over, f"over the {over.replace('_', ' ')} limit")
+            try:
+                grant, subprotocol = self.security.admit(path, request.headers)
+            except HandshakeRefused:
+                self.limits.release(client.host)
+                raise
+        except RuntimeError as exc:  # picows' word for a request that is no upgrade
+            return _refuse(client, HandshakeRefused(400, "malformed", str(exc)))
         except HandshakeRefused as exc:
-            refusals.info("handshake refused status=%d reason=%s", exc.status, exc)
             if exc.kind == "origin":
                 metrics.POLICY_DENIALS.labels("origin").inc()
-            else:
+            elif exc.status in (401, 403):
                 metrics.AUTH_FAILURES.labels(exc.kind).inc()
-            return WSUpgradeResponseWithListener(
-                WSUpgradeResponse.create_error_response(exc.status, str(exc).encode()), None)
+            return _refuse(client, exc)
         for_connection = getattr(self._pkcs11, "for_connection", None)
         backend = for_connection() if for_connection is not None else self._pkcs11
-        conn = Connection(self.config, self.connections.discard, backend, self.security,
-                          self.resolver, grant)
+        conn = Connection(self.config, self._closed, backend, self.security, self.resolver,
+                          grant, client)
         self.connections.add(conn)
         # a browser that offered subprotocols drops the connection unless one is echoed
         headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
         return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), conn)
 
+    def _closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.limits.release(conn.peer.host)
+
     async def close(self) -> None:
-        """Stop listening and close every connection with 1001 (going away)."""
-        if self._server is None:
+        """Stop listening and close every connection with 1001 (going away), waiting for
+        their answering Closes (at most CLOSE_TIMEOUT, after which they end anyway)."""
+        if self._listener is None or self._closing:
             return
-        self._server.close()
-        for task in (self._byte_counter, self._keepalive):
+        self._closing = True
+        self._listener.close()
+        for task in (self._byte_counter, self._keepalive, *self._accepting):
             if task is not None:
                 task.cancel()
         for conn in list(self.connections):
             conn.go_away()
-        await self._server.wait_closed()
-        self._server = None
+        deadline = asyncio.get_running_loop().time() + CLOSE_TIMEOUT + 1
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
         self.resolver.close()
         await self._close_pkcs11()
 
@@ -205,3 +252,12 @@ async def start_gateway(host: str = GatewayConfig.host, port: int = GatewayConfi
     """
     config = dataclasses.replace(GatewayConfig(), host=host, port=port, path=path, **settings)
     return await Gateway(config, pkcs11_backend).start()
+
+
+def _refuse(client: Peer, refused: HandshakeRefused) -> WSUpgradeResponseWithListener:
+    """The HTTP answer to a refused upgrade request, logged (throttled) with its reason."""
+    refusals.info("handshake refused peer=%s status=%d reason=%s", client, refused.status,
+                  refused)
+    headers = {"Retry-After": str(RETRY_AFTER)} if refused.status == 503 else None
+    return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
+        refused.status, str(refused).encode(), headers), None)

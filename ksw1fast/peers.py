@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 from proxyprotocol import ProxyProtocolIncompleteError
 from proxyprotocol.detect import ProxyProtocolDetect
@@ -31,14 +31,26 @@ V1_MAX_LINE = 107  # the longest v1 header, CRLF included (the protocol's own bo
 _DETECT = ProxyProtocolDetect()
 
 
+class Peer(NamedTuple):
+    """Where a connection comes from: the address its socket, its PROXY header or its
+    trusted proxies' headers say (those give no port)."""
+
+    host: str
+    port: Optional[int] = None
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
 class ProxyHeaderError(Exception):
     """The connection did not start with a valid PROXY protocol header."""
 
 
-async def read_proxy_header(sock: socket.socket) -> Optional[str]:
+async def read_proxy_header(sock: socket.socket) -> Optional[Peer]:
     """Read the PROXY protocol header off a fresh non-blocking socket, exactly: the
-    client address it carries, or None for a header without one (v1 UNKNOWN, v2 LOCAL:
-    a health check by the proxy itself). ProxyHeaderError for anything else."""
+    client it names, or None for a header naming none (v1 UNKNOWN, v2 LOCAL: a health
+    check by the proxy itself). ProxyHeaderError for anything else."""
     data = b""
     while True:
         try:
@@ -53,7 +65,7 @@ async def read_proxy_header(sock: socket.socket) -> Optional[str]:
         except Exception as exc:  # the library's syntax errors, bad addresses and ports
             raise ProxyHeaderError(f"bad PROXY protocol header: {exc}") from None
     peer = getattr(result, "peername", None)  # none for UNKNOWN and LOCAL
-    return str(peer[0]) if result.proxied and peer else None
+    return Peer(str(peer[0]), int(peer[1])) if result.proxied and peer else None
 
 
 async def _recv(sock: socket.socket, size: int, flags: int = 0) -> bytes:
@@ -108,17 +120,17 @@ class TrustedProxies:
             return False
         return any(ip.version == net.version and ip in net for net in self.networks)
 
-    def client_of(self, peer: str, headers: Headers) -> str:
-        """The client's address: `peer`, or, when `peer` is a trusted proxy, the nearest
-        untrusted hop its forwarding headers name (Forwarded first, then
-        X-Forwarded-For); `peer` when they name none."""
-        if not self.networks or not self.trusts(peer):
+    def client_of(self, peer: Peer, headers: Headers) -> Peer:
+        """The client: `peer`, or, when `peer` is a trusted proxy, the nearest untrusted
+        hop its forwarding headers name (Forwarded first, then X-Forwarded-For); `peer`
+        when they name none."""
+        if not self.networks or not self.trusts(peer.host):
             return peer
         hops = forwarded_for(headers) or x_forwarded_for(headers)
         for hop in reversed(hops):
             if not self.trusts(hop):
-                return hop
-        return hops[0] if hops else peer
+                return Peer(hop)
+        return Peer(hops[0]) if hops else peer
 
 
 def _address(text: str) -> Optional[str]:

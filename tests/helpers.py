@@ -38,12 +38,12 @@ class GatewayProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None,
                  default_port: bool = False,
                  command: Sequence[str] = (sys.executable, "-m", "ksw1fast"),
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, **popen: object) -> None:
         port = () if default_port else ("--port", "0")
         self.proc = subprocess.Popen(
             [*command, "serve", *port, *args], cwd=cwd,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})}, text=True)
+            env={**os.environ, **(env or {})}, text=True, **popen)  # type: ignore[call-overload]
         self.address = ""
         self.log: list[str] = []
         assert self.proc.stderr is not None

@@ -12,7 +12,7 @@ from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6
 from proxyprotocol.v2 import ProxyProtocolV2
 
 from ksw1fast.limits import ConnectionLimits, Rate
-from ksw1fast.peers import ProxyHeaderError, TrustedProxies, read_proxy_header
+from ksw1fast.peers import Peer, ProxyHeaderError, TrustedProxies, read_proxy_header
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -34,20 +34,20 @@ def _v2_with_tlv() -> bytes:
 
 
 HEADERS = {
-    "v1 tcp4": (b"PROXY TCP4 203.0.113.7 192.0.2.1 51000 8088\r\n", "203.0.113.7"),
-    "v1 tcp6": (b"PROXY TCP6 2001:db8::7 2001:db8::1 51000 8088\r\n", "2001:db8::7"),
+    "v1 tcp4": (b"PROXY TCP4 203.0.113.7 192.0.2.1 51000 8088\r\n", Peer("203.0.113.7", 51000)),
+    "v1 tcp6": (b"PROXY TCP6 2001:db8::7 2001:db8::1 51000 8088\r\n", Peer("2001:db8::7", 51000)),
     "v1 unknown": (b"PROXY UNKNOWN\r\n", None),
     "v2 tcp4": (_v2(ProxyResultIPv4((IPv4Address("198.51.100.9"), 4000),
-                                    (IPv4Address("192.0.2.1"), 8088))), "198.51.100.9"),
+                                    (IPv4Address("192.0.2.1"), 8088))), Peer("198.51.100.9", 4000)),
     "v2 tcp6": (_v2(ProxyResultIPv6((IPv6Address("2001:db8::9"), 4000),
-                                    (IPv6Address("2001:db8::1"), 8088))), "2001:db8::9"),
-    "v2 tlv": (_v2_with_tlv(), "9.9.9.9"),
+                                    (IPv6Address("2001:db8::1"), 8088))), Peer("2001:db8::9", 4000)),
+    "v2 tlv": (_v2_with_tlv(), Peer("9.9.9.9", 5555)),
     "v2 local": (_v2_local(), None),
 }
 
 
 async def _read(data: bytes, *, split: bool = False,
-                eof: bool = False) -> tuple[str | None, bytes]:
+                eof: bool = False) -> tuple[Peer | None, bytes]:
     """Send `data` (a header and what follows it) into a socket pair and read the header
     off the other end; the address and what was left on the socket. `split`: one byte
     at a time; `eof`: the sender closes right after `data`."""
@@ -102,21 +102,21 @@ async def test_anything_else_is_refused(data: bytes) -> None:
 def test_forwarding_headers_only_from_trusted_proxies() -> None:
     proxies = TrustedProxies(["10.0.0.0/8", "fd00::/8"])
     xff = [("X-Forwarded-For", "198.51.100.1, 10.0.0.7")]
-    assert proxies.client_of("10.0.0.2", xff) == "198.51.100.1"
-    assert proxies.client_of("203.0.113.5", xff) == "203.0.113.5"  # not a trusted peer
-    assert TrustedProxies().client_of("10.0.0.2", xff) == "10.0.0.2"  # none trusted
+    assert proxies.client_of(Peer("10.0.0.2", 9), xff).host == "198.51.100.1"
+    assert proxies.client_of(Peer("203.0.113.5", 9), xff).host == "203.0.113.5"  # not a trusted peer
+    assert TrustedProxies().client_of(Peer("10.0.0.2", 9), xff) == Peer("10.0.0.2", 9)
 
 
 def test_the_nearest_untrusted_hop_wins_over_what_the_client_prepended() -> None:
     proxies = TrustedProxies(["10.0.0.0/8"])
     spoofed = [("X-Forwarded-For", "1.1.1.1, 198.51.100.1, 10.0.0.7")]
-    assert proxies.client_of("10.0.0.2", spoofed) == "198.51.100.1"
+    assert proxies.client_of(Peer("10.0.0.2", 9), spoofed).host == "198.51.100.1"
     two_headers = [("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-For", "198.51.100.2")]
-    assert proxies.client_of("10.0.0.2", two_headers) == "198.51.100.2"
+    assert proxies.client_of(Peer("10.0.0.2", 9), two_headers).host == "198.51.100.2"
     all_trusted = [("X-Forwarded-For", "10.1.1.1, 10.0.0.7")]
-    assert proxies.client_of("10.0.0.2", all_trusted) == "10.1.1.1"
+    assert proxies.client_of(Peer("10.0.0.2", 9), all_trusted).host == "10.1.1.1"
     garbage = [("X-Forwarded-For", "not-an-address, ")]
-    assert proxies.client_of("10.0.0.2", garbage) == "10.0.0.2"
+    assert proxies.client_of(Peer("10.0.0.2", 9), garbage).host == "10.0.0.2"
 
 
 def test_forwarded_header_rfc_7239() -> None:
@@ -129,7 +129,13 @@ def test_forwarded_header_rfc_7239() -> None:
     }
     for value, client in cases.items():
         headers = [("Forwarded", value), ("X-Forwarded-For", "203.0.113.99")]
-        assert proxies.client_of("10.0.0.2", headers) == client, value  # Forwarded first
+        assert proxies.client_of(Peer("10.0.0.2", 9), headers) == Peer(client), value
+
+
+def test_peer_text() -> None:
+    assert str(Peer("10.0.0.1", 80)) == "10.0.0.1:80"
+    assert str(Peer("2001:db8::1", 80)) == "[2001:db8::1]:80"
+    assert str(Peer("2001:db8::1")) == "[2001:db8::1]"
 
 
 def test_connection_limits() -> None:

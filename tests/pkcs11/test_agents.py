@@ -60,7 +60,7 @@ async def _session(client: kclient.KSW1Client) -> int:
 def _agent_of(gateway: ksw1fast.Gateway, client: kclient.KSW1Client) -> int:
     """The pid of the agent serving `client`'s connection (looked up inside the gateway)."""
     host, port = client.ws.underlying_transport.get_extra_info("sockname")[:2]
-    (conn,) = [c for c in gateway.connections if c.peer == f"{host}:{port}"]
+    (conn,) = [c for c in gateway.connections if str(c.peer) == f"{host}:{port}"]
     return conn.pkcs11._agent.pid
 
 
