@@ -13,8 +13,10 @@ from typing import AsyncIterator, Callable
 
 import psutil
 import pytest
+import websockets
 from websockets.frames import Opcode
 
+from ksw1fast import client as kclient
 from ksw1fast import codec
 from ksw1fast.constants import FrameType, Proto
 from ksw1fast.pkcs11.wire import FUNCTION_IDS, Reader, Writer
@@ -151,3 +153,47 @@ async def _open_session(peer: RawPeer) -> int:
     await peer.recv_message()  # HelloAck
     slot = (await call(1, "GetSlotList", Writer().bool(True).getvalue())).list(Reader.u64)[0]
     return (await call(2, "OpenSession", Writer().u32(slot).u32(0x3).getvalue())).u32()
+
+
+async def test_a_connection_flood_meets_the_limits(echo_port: int) -> None:
+    """300 WebSockets from one address against a per-address limit of 50: the rest are
+    answered 503 at the handshake, and the control connection (already in) never waits."""
+    proc = await asyncio.to_thread(GatewayProcess, "--max-connections-per-ip", "50")
+    try:
+        async with ControlEcho(proc.address, echo_port):
+            statuses: list[int] = []
+            held = []
+            for _ in range(300):
+                try:
+                    held.append(await websockets.connect(proc.address))
+                    statuses.append(101)
+                except websockets.InvalidStatus as refused:
+                    statuses.append(refused.response.status_code)
+            assert statuses.count(101) == 49  # the control connection is the 50th
+            assert statuses.count(503) == 251
+            for ws in held:
+                await ws.close()
+    finally:
+        await asyncio.to_thread(proc.stop)
+
+
+@pytest.mark.softhsm
+async def test_pkcs11_agents_are_capped_per_worker(tmp_path: Path, echo_port: int) -> None:
+    """12 connections each make a PKCS#11 call against --pkcs11-max-agents 3: at most 3
+    agent processes run, the other calls are refused at once, the control echoes on."""
+    store = make_softhsm(tmp_path, "hostile-agents")
+    proc = await asyncio.to_thread(GatewayProcess, "--pkcs11-lib", store.module,
+                                   "--pkcs11-max-agents", "3", env=store.env)
+    try:
+        async with ControlEcho(proc.address, echo_port):
+            clients = [await kclient.connect(proc.address) for _ in range(12)]
+            answers = await asyncio.gather(*(c.pkcs11(FUNCTION_IDS["GetInfo"]) for c in clients))
+            agents = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                      if "ksw1fast.pkcs11.agent" in " ".join(p.cmdline())]
+            assert len(agents) <= 3
+            assert sum(a.status == 0 for a in answers) <= 3
+            assert all(a.status == 0 or b"agent limit" in a.body for a in answers), answers
+            for c in clients:
+                await c.close()
+    finally:
+        await asyncio.to_thread(proc.stop)
