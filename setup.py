@@ -4,7 +4,7 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension("ksw1fast._codec", ["ksw1fast/_codec.pyx"]),
-    Extension("ksw1fast._relay", ["ksw1fast/_relay.pyx"]),
+    Extension("ksw1fast.server._relay", ["ksw1fast/server/_relay.pyx"]),
 ]
 
 setup(

@@ -1,3 +1,3 @@
-from ksw1fast.cli import main
+from ksw1fast.cli.main import main
 
 main()

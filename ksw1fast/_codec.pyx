@@ -15,9 +15,9 @@ from libc.string cimport memcmp, memcpy
 
 import socket
 
-from ksw1fast.constants import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, MAGIC, VERSION, AddrKind, WSClose
+from ksw1fast.protocol.constants import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, MAGIC, VERSION, AddrKind, WSClose
 from ksw1fast.errors import FrameError, MalformedPayload
-from ksw1fast.messages import (
+from ksw1fast.protocol.messages import (
     DnsQuery,
     ErrorReply,
     Frame,

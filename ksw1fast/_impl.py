@@ -23,18 +23,21 @@ def _set(name: str) -> bool:
 
 def _load() -> tuple[ModuleType, ModuleType, bool]:
     if _set(NO_EXTENSIONS):
-        from ksw1fast import codec, relay
+        from ksw1fast import codec
+        from ksw1fast.server import relay
 
         return codec, relay, False
     try:
-        from ksw1fast import _codec, _relay
+        from ksw1fast import _codec
+        from ksw1fast.server import _relay
     except ImportError as exc:  # a source checkout that was never built
         if _set(REQUIRE_EXTENSIONS):
             raise SystemExit(f"ksw1fast: {REQUIRE_EXTENSIONS} is set but the compiled "
                              f"codec cannot be loaded ({exc})") from None
         warnings.warn(f"ksw1fast extensions not built ({exc}); using the pure-Python codec",
                       RuntimeWarning, stacklevel=2)
-        from ksw1fast import codec, relay
+        from ksw1fast import codec
+        from ksw1fast.server import relay
 
         return codec, relay, False
     return _codec, _relay, True

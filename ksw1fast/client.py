@@ -22,11 +22,11 @@ from typing import Any, Deque, Optional
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from ksw1fast._impl import codec
-from ksw1fast.constants import (DEFAULT_INITIAL_CREDIT, DEFAULT_MAX_PAYLOAD, AddrKind, Feature,
+from ksw1fast.protocol.constants import (DEFAULT_INITIAL_CREDIT, DEFAULT_MAX_PAYLOAD, AddrKind, Feature,
                                 Flag, FrameType, Proto)
 from ksw1fast.errors import DnsError, FrameError, OpenError
-from ksw1fast.messages import HelloAck, OpenOkInfo, Pkcs11Response
-from ksw1fast.wsclose import CLOSE_TIMEOUT, close_reason, reply_to_close
+from ksw1fast.protocol.messages import HelloAck, OpenOkInfo, Pkcs11Response
+from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason, reply_to_close
 
 # What the polyfill asks for without flow control (spec §3).
 POLYFILL_FEATURES = Feature.HALF_CLOSE | Feature.DNS | Feature.UDP | Feature.PKCS11

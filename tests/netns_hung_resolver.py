@@ -25,7 +25,7 @@ import time
 import uvloop
 
 import ksw1fast
-import ksw1fast.resolve
+import ksw1fast.security.resolve
 from ksw1fast import client as kclient
 from ksw1fast.errors import DnsError, OpenError
 
@@ -89,7 +89,7 @@ async def attack(address: str) -> None:
     await client.close()
 
 
-async def over_the_cap(resolver: ksw1fast.resolve.Resolver) -> None:
+async def over_the_cap(resolver: ksw1fast.security.resolve.Resolver) -> None:
     """MAX_LOOKUPS hung lookups take every slot: one more fails at once."""
     hung = [asyncio.ensure_future(resolver.lookup(f"cap-{i}.example"))
             for i in range(MAX_LOOKUPS)]
@@ -97,7 +97,7 @@ async def over_the_cap(resolver: ksw1fast.resolve.Resolver) -> None:
     started = time.monotonic()
     try:
         await resolver.lookup("one-more.example")
-    except ksw1fast.resolve.ResolveError as exc:
+    except ksw1fast.security.resolve.ResolveError as exc:
         check("lookups in flight" in str(exc), f"over the cap: {exc}")
     else:
         check(False, "a lookup over the cap succeeded")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from ksw1fast.auth import (AuthError, Grant, TokenVerifier, issue_token, parse_duration,
+from ksw1fast.security.tokens import (AuthError, Grant, TokenVerifier, issue_token, parse_duration,
                            secret_from_env)
-from ksw1fast.constants import DnsErrCode, OpenErrCode, Pkcs11Status
-from ksw1fast.policy import parse_destination
+from ksw1fast.protocol.constants import DnsErrCode, OpenErrCode, Pkcs11Status
+from ksw1fast.security.egress import parse_destination
 
 SECRET = b"test-secret-0123456789"
 NOW = 1_700_000_000.0

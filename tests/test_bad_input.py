@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from ksw1fast import codec
-from ksw1fast.constants import (AddrKind, DnsErrCode, FrameType, OpenErrCode, Pkcs11Status,
+from ksw1fast.protocol.constants import (AddrKind, DnsErrCode, FrameType, OpenErrCode, Pkcs11Status,
                                 Proto)
 
 from helpers import RawClient

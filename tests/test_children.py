@@ -14,7 +14,8 @@ import psutil
 import pytest
 
 import ksw1fast
-from ksw1fast import _impl, children
+from ksw1fast import _impl
+from ksw1fast.ops import children
 
 from helpers import GatewayProcess, PackageCopy, free_port, http_get
 
@@ -88,7 +89,7 @@ def _run_child_of(package: Path, *args: str) -> subprocess.CompletedProcess:
     """A child of a supervisor whose ksw1fast is `package`: the command children.py builds
     for this process, with `package`'s bootstrap instead of this one's."""
     argv, env = children.command("ksw1fast", args)
-    argv[1] = str(package / "children.py")
+    argv[1] = str(package / "ops" / "children.py")
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL)
 

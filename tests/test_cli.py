@@ -45,7 +45,7 @@ def test_serve_help_documents_every_flag() -> None:
 def test_compiled_extensions_are_the_default() -> None:
     assert _impl.EXTENSIONS
     assert _impl.codec.__name__ == "ksw1fast._codec"
-    assert _impl.relay.__name__ == "ksw1fast._relay"
+    assert _impl.relay.__name__ == "ksw1fast.server._relay"
     assert _impl.codec.__file__.endswith(".so") and _impl.relay.__file__.endswith(".so")
 
 
@@ -53,7 +53,7 @@ def test_no_extensions_selects_the_twins() -> None:
     code = "from ksw1fast import _impl; print(_impl.codec.__name__, _impl.relay.__name__)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**os.environ, "KSW1FAST_NO_EXTENSIONS": "1"}, timeout=30)
-    assert result.stdout.split() == ["ksw1fast.codec", "ksw1fast.relay"]
+    assert result.stdout.split() == ["ksw1fast.codec", "ksw1fast.server.relay"]
 
 
 def test_environment_names_of_the_reference() -> None:

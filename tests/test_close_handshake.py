@@ -20,7 +20,7 @@ from websockets.server import ServerProtocol
 import ksw1fast
 from ksw1fast import client as kclient
 from ksw1fast import codec
-from ksw1fast.wsclose import MAX_REASON, close_reason, closed_code, may_send, reply_to_close
+from ksw1fast.protocol.close import MAX_REASON, close_reason, closed_code, may_send, reply_to_close
 
 from helpers import RawPeer
 

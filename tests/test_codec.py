@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from ksw1fast import _codec as ccodec
 from ksw1fast import codec as pycodec
-from ksw1fast.constants import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, AddrKind, FrameType
+from ksw1fast.protocol.constants import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, AddrKind, FrameType
 from ksw1fast.errors import FrameError, MalformedPayload
-from ksw1fast.messages import (
+from ksw1fast.protocol.messages import (
     DnsQuery,
     ErrorReply,
     Frame,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ksw1fast.cli import build_parser, config_from_args
-from ksw1fast.config_file import ConfigError, check_config_file
+from ksw1fast.cli.main import build_parser, config_from_args
+from ksw1fast.cli.config_file import ConfigError, check_config_file
 
 EXAMPLE = """\
 host = "0.0.0.0"

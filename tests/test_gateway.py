@@ -11,7 +11,7 @@ import pytest
 import ksw1fast
 from ksw1fast import client as kclient
 from ksw1fast import codec
-from ksw1fast.constants import (AddrKind, DnsErrCode, Feature, FrameType, OpenErrCode,
+from ksw1fast.protocol.constants import (AddrKind, DnsErrCode, Feature, FrameType, OpenErrCode,
                                 Pkcs11Status, Proto)
 from ksw1fast.errors import DnsError, OpenError
 
@@ -342,7 +342,8 @@ async def test_a_reused_stream_id_keeps_its_connect_timeout(unanswered_port: int
 async def test_dns_timeout_is_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     """A lookup that hangs is answered DnsErr Timeout after dns_timeout, and abandoned."""
     import ksw1fast
-    from ksw1fast import client as kclient, resolve
+    from ksw1fast import client as kclient
+    from ksw1fast.security import resolve
 
     real_lookup = resolve.Resolver.lookup
     hung: list[asyncio.Future] = []

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import assume, given, strategies as st
 from multidict import CIMultiDict
 
-from ksw1fast.handshake import (Origin, OriginPolicy, TokenOffer, find_token, header_values,
+from ksw1fast.security.handshake import (Origin, OriginPolicy, TokenOffer, find_token, header_values,
                                 parse_origin)
 
 

@@ -18,7 +18,7 @@ from websockets.frames import Opcode
 
 from ksw1fast import client as kclient
 from ksw1fast import codec
-from ksw1fast.constants import FrameType, Proto
+from ksw1fast.protocol.constants import FrameType, Proto
 from ksw1fast.pkcs11.wire import FUNCTION_IDS, Reader, Writer
 
 from helpers import (ControlEcho, GatewayProcess, RawPeer, echo_handler, make_softhsm, port_of,

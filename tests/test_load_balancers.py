@@ -33,7 +33,7 @@ import yaml
 import websockets
 
 from ksw1fast import client as kclient
-from ksw1fast.constants import Pkcs11Status
+from ksw1fast.protocol.constants import Pkcs11Status
 from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Reader, Writer, error_of
 
 from helpers import GatewayProcess, RawClient, SoftHSM, free_port, http_get, make_softhsm
@@ -509,8 +509,8 @@ def _serve_config(argv: list[str], monkeypatch: pytest.MonkeyPatch,
                   config_dir: Path | None = None):
     """A `ksw1fast serve` command line as the gateway would take it: parsed, merged with
     its config file, and past the security checks (with the token secret set)."""
-    from ksw1fast.cli import build_parser, config_from_args
-    from ksw1fast.security import Security
+    from ksw1fast.cli.main import build_parser, config_from_args
+    from ksw1fast.security.gate import Security
 
     if config_dir is not None:  # the ConfigMap's mount path, here
         argv = [str(config_dir / Path(a).name) if a.startswith("/etc/ksw1fast/") else a
@@ -523,7 +523,7 @@ def _serve_config(argv: list[str], monkeypatch: pytest.MonkeyPatch,
 
 
 def test_kubernetes_manifests(tmp_path, monkeypatch) -> None:
-    from ksw1fast.config_file import check_config_file
+    from ksw1fast.cli.config_file import check_config_file
 
     docs = _k8s()
     assert {"Deployment", "Service", "ConfigMap", "Ingress", "Kustomization"} <= docs.keys()

@@ -14,7 +14,7 @@ import pytest
 
 from ksw1fast import client as kclient
 from ksw1fast import codec
-from ksw1fast.constants import AddrKind, FrameType, Proto
+from ksw1fast.protocol.constants import AddrKind, FrameType, Proto
 
 from helpers import GatewayProcess, RawClient, echo_handler, port_of, serve_tcp
 

@@ -17,9 +17,9 @@ import websockets
 
 import ksw1fast
 from ksw1fast import client as kclient
-from ksw1fast import metrics
-from ksw1fast.backoff import Backoff
-from ksw1fast.ops_http import OpsServer
+from ksw1fast.ops import metrics
+from ksw1fast.ops.backoff import Backoff
+from ksw1fast.ops.health import OpsServer
 
 from helpers import GatewayProcess, RawClient, free_port, http_get, port_of, serve_tcp
 
@@ -178,10 +178,10 @@ async def test_json_logs(echo_port, spawn_gateway) -> None:
 def test_throttled_log_lines_are_bounded_and_say_what_was_dropped(caplog, monkeypatch) -> None:
     import logging
 
-    from ksw1fast import logs
+    from ksw1fast.ops import logs
 
     now = [1000.0]
-    from ksw1fast import limits
+    from ksw1fast.server import limits
 
     monkeypatch.setattr(limits.time, "monotonic", lambda: now[0])
     throttled = logs.Throttled(logging.getLogger("ksw1fast.test"), rate=10, burst=5)

@@ -11,8 +11,8 @@ import pytest
 from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6
 from proxyprotocol.v2 import ProxyProtocolV2
 
-from ksw1fast.limits import ConnectionLimits, Rate
-from ksw1fast.peers import Peer, ProxyHeaderError, TrustedProxies, read_proxy_header
+from ksw1fast.server.limits import ConnectionLimits, Rate
+from ksw1fast.security.peers import Peer, ProxyHeaderError, TrustedProxies, read_proxy_header
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -152,7 +152,7 @@ def test_connection_limits() -> None:
 
 
 def test_rate(monkeypatch) -> None:
-    from ksw1fast import limits
+    from ksw1fast.server import limits
 
     now = [100.0]
     monkeypatch.setattr(limits.time, "monotonic", lambda: now[0])

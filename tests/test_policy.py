@@ -11,8 +11,8 @@ import pytest
 from hypothesis import assume, given, strategies as st
 
 from helpers import EMBEDDINGS, FILL
-from ksw1fast.constants import Proto
-from ksw1fast.policy import (ANY_PORT, EgressPolicy, IPAddress, Rule, is_loopback_host,
+from ksw1fast.protocol.constants import Proto
+from ksw1fast.security.egress import (ANY_PORT, EgressPolicy, IPAddress, Rule, is_loopback_host,
                              parse_destination, parse_rule)
 
 METADATA = ["169.254.169.254", "::ffff:169.254.169.254", "fe80::1", "fe80::1%eth0",

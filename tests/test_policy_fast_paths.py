@@ -14,8 +14,8 @@ from typing import Callable, Optional
 from hypothesis import assume, given, settings, strategies as st
 
 from helpers import EMBEDDINGS
-from ksw1fast import policy as P
-from ksw1fast.policy import EgressPolicy, IPAddress
+from ksw1fast.security import egress as P
+from ksw1fast.security.egress import EgressPolicy, IPAddress
 
 DEFAULT = EgressPolicy()
 INERT_NAME = "never-matches.invalid"

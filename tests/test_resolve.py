@@ -10,10 +10,10 @@ import socket
 import pytest
 
 from helpers import EMBEDDINGS, FILL
-from ksw1fast import resolve
-from ksw1fast.constants import DnsErrCode, OpenErrCode
-from ksw1fast.policy import EgressPolicy, to_address
-from ksw1fast.resolve import Blocked, ResolveError, Resolver, open_error, open_socket
+from ksw1fast.security import resolve
+from ksw1fast.protocol.constants import DnsErrCode, OpenErrCode
+from ksw1fast.security.egress import EgressPolicy, to_address
+from ksw1fast.security.resolve import Blocked, ResolveError, Resolver, open_error, open_socket
 
 
 @pytest.mark.parametrize("exc,code", [

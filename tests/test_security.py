@@ -18,12 +18,13 @@ import websockets
 
 import ksw1fast
 from ksw1fast import client as kclient
-from ksw1fast import codec, resolve
-from ksw1fast.auth import issue_token
+from ksw1fast import codec
+from ksw1fast.security import resolve
+from ksw1fast.security.tokens import issue_token
 from ksw1fast.config import GatewayConfig
-from ksw1fast.constants import (AddrKind, DnsErrCode, Feature, OpenErrCode, Pkcs11Status, Proto)
+from ksw1fast.protocol.constants import (AddrKind, DnsErrCode, Feature, OpenErrCode, Pkcs11Status, Proto)
 from ksw1fast.errors import DnsError, OpenError
-from ksw1fast.security import Security
+from ksw1fast.security.gate import Security
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from ksw1fast.auth import DEFAULT_SECRET_ENV, TokenVerifier
-from ksw1fast.token_cli import add_token_commands, main
+from ksw1fast.security.tokens import DEFAULT_SECRET_ENV, TokenVerifier
+from ksw1fast.cli.token import add_token_commands, main
 
 SECRET = "cli-secret-value-42"
 

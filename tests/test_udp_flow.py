@@ -8,7 +8,7 @@ import pytest
 
 from ksw1fast import client as kclient
 from ksw1fast import codec
-from ksw1fast.constants import AddrKind, Feature, FrameType, Proto
+from ksw1fast.protocol.constants import AddrKind, Feature, FrameType, Proto
 
 from helpers import GatewayProcess, RawClient, port_of, serve_tcp
 

@@ -13,7 +13,7 @@ import time
 
 from benchmarks.loadgen.ksw1 import Control, Ksw1Connection
 from ksw1fast import codec
-from ksw1fast.constants import FrameType
+from ksw1fast.protocol.constants import FrameType
 
 DNS_NAME = "localhost"  # answered from /etc/hosts: measures the gateway, not a DNS server
 

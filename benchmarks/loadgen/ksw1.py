@@ -18,7 +18,7 @@ from picows import WSFrame, WSMsgType, WSTransport
 from benchmarks.loadgen.lanes import Lane
 from benchmarks.loadgen.wspeer import WsPeer
 from ksw1fast import codec
-from ksw1fast.constants import AddrKind, Feature, Flag, FrameType, Proto
+from ksw1fast.protocol.constants import AddrKind, Feature, Flag, FrameType, Proto
 
 HEADER = struct.Struct("<4sBBBxII")  # magic, version, type, flags, stream id, payload length
 _MAGIC, _VERSION = b"KSW1", 1

@@ -25,7 +25,7 @@ from benchmarks.context import Context, Sizes
 from benchmarks.gateway_proc import GatewayProcess
 from benchmarks.procs import REPO_ROOT
 from ksw1fast import client as kclient
-from ksw1fast.constants import Pkcs11Status
+from ksw1fast.protocol.constants import Pkcs11Status
 from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer
 
 NAME = "pkcs11"

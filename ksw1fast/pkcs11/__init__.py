@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .wire import FUNCTION_IDS, FUNCTIONS, WireError, check_function_names
+from ksw1fast.pkcs11.wire import FUNCTION_IDS, FUNCTIONS, WireError, check_function_names
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable
 
-from . import hotargs
-from .wire import FUNCTIONS, POINTER_PARAMETERS, Reader, WireError, decode_parameter
+from ksw1fast.pkcs11 import hotargs
+from ksw1fast.pkcs11.wire import FUNCTIONS, POINTER_PARAMETERS, Reader, WireError, decode_parameter
 
 SIZED = "sized"  # output into the client's max_out (u32 arg)
 QUERY = "query"  # output sized by the PKCS#11 length query (no arg)

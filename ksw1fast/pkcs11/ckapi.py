@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from PyKCS11 import CKA, CKM, CKR
 
-from . import wire
+from ksw1fast.pkcs11 import wire
 
 CK_ULONG = c_ulong
 CK_ULONG_MAX = (1 << (8 * ctypes.sizeof(CK_ULONG))) - 1

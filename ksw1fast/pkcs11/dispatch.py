@@ -35,10 +35,10 @@ from typing import Any, Callable, Generic, Iterable, TypeVar
 import PyKCS11.LowLevel as LL
 from PyKCS11 import CKF, CKR, CKU
 
-from . import ckapi, ckbytes, hotargs, wire
-from .args import ARGS, CHECK, OPS, SIZED, Op, malformed, unknown_fn
-from .ckapi import CkrError, NativeParameter, check
-from .wire import FUNCTION_IDS, FUNCTIONS, U32, HandleKind, Reader, Response, WireError, Writer
+from ksw1fast.pkcs11 import ckapi, ckbytes, hotargs, wire
+from ksw1fast.pkcs11.args import ARGS, CHECK, OPS, SIZED, Op, malformed, unknown_fn
+from ksw1fast.pkcs11.ckapi import CkrError, NativeParameter, check
+from ksw1fast.pkcs11.wire import FUNCTION_IDS, FUNCTIONS, U32, HandleKind, Reader, Response, WireError, Writer
 
 DEFAULT_MAX_OUT = 1 << 20
 DEFAULT_WAIT_CAP = 300.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from .wire import U32
+from ksw1fast.pkcs11.wire import U32
 
 # a tail after the data: none (Sign, Digest), a u32 output size (Encrypt, Decrypt,
 # SignRecover, VerifyRecover) or a bytes signature (Verify)

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
-from ksw1fast import children, metrics
-from ksw1fast.backoff import Backoff
+from ksw1fast.ops import children
+from ksw1fast.ops import metrics
+from ksw1fast.ops.backoff import Backoff
 from ksw1fast.errors import AT_LEAST_1, NOT_NEGATIVE, SettingCheck, check_settings
 from ksw1fast.pkcs11 import ipc, wire
 from ksw1fast.pkcs11.args import check as layout_error

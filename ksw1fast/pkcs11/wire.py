@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Callable, Iterable, TypeVar, Union
 
-from ..constants import Pkcs11Status
+from ksw1fast.protocol.constants import Pkcs11Status
 
 T = TypeVar("T")
 

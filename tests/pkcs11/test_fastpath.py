@@ -14,7 +14,7 @@ from unittest import mock
 import PyKCS11 as ck
 import pytest
 
-from ksw1fast.constants import Pkcs11Status
+from ksw1fast.protocol.constants import Pkcs11Status
 from ksw1fast.pkcs11 import Dispatcher
 from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer
 from ksw1fast.pkcs11.wire import Response, encode_parameter, error_of

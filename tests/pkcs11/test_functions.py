@@ -9,7 +9,7 @@ import uuid
 import PyKCS11 as ck
 import pytest
 
-from ksw1fast.constants import Pkcs11Status
+from ksw1fast.protocol.constants import Pkcs11Status
 from ksw1fast.pkcs11 import Dispatcher
 from ksw1fast.pkcs11.wire import (FUNCTION_IDS as F, Attribute, HandleKind, Mechanism, Reader,
                                   SessionInfo, Tag, Writer, encode_parameter, error_of)

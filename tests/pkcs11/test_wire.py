@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ksw1fast.constants import Pkcs11Status
+from ksw1fast.protocol.constants import Pkcs11Status
 from ksw1fast.pkcs11 import ckapi, wire
 from ksw1fast.pkcs11.wire import (Attribute, Mechanism, ModuleInfo, Reader, SessionInfo, SlotInfo,
                                   Tag, TokenInfo, WireError, Writer)

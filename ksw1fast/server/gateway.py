@@ -14,20 +14,20 @@ from urllib.parse import urlsplit
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 from picows.picows import _validate_upgrade_request
 
-from ksw1fast import metrics
+from ksw1fast.ops import metrics
 from ksw1fast._impl import CODEC
 from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
-from ksw1fast.connection import Connection, refusals
-from ksw1fast.constants import HEADER_SIZE
+from ksw1fast.server.connection import Connection, refusals
+from ksw1fast.protocol.constants import HEADER_SIZE
 from ksw1fast.errors import ListenError
-from ksw1fast.limits import ConnectionLimits
-from ksw1fast.listener import Listener, bind, ws_protocol
-from ksw1fast.peers import Peer, ProxyHeaderError, TrustedProxies, read_proxy_header
+from ksw1fast.server.limits import ConnectionLimits
+from ksw1fast.server.listener import Listener, bind, ws_protocol
+from ksw1fast.security.peers import Peer, ProxyHeaderError, TrustedProxies, read_proxy_header
 from ksw1fast.pkcs11.supervisor import NoModule, make_provider
-from ksw1fast.resolve import Resolver
-from ksw1fast.security import HandshakeRefused, Security
-from ksw1fast.wsclose import CLOSE_TIMEOUT
+from ksw1fast.security.resolve import Resolver
+from ksw1fast.security.gate import HandshakeRefused, Security
+from ksw1fast.protocol.close import CLOSE_TIMEOUT
 
 log = logging.getLogger("ksw1fast")
 RETRY_AFTER = 5  # seconds, in the 503 of a handshake over a connection limit

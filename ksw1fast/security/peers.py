@@ -24,8 +24,8 @@ from typing import Iterable, NamedTuple, Optional
 from proxyprotocol import ProxyProtocolIncompleteError
 from proxyprotocol.detect import ProxyProtocolDetect
 
-from ksw1fast.handshake import Headers, header_values
-from ksw1fast.policy import IPNetwork, to_address
+from ksw1fast.security.handshake import Headers, header_values
+from ksw1fast.security.egress import IPNetwork, to_address
 
 V1_MAX_LINE = 107  # the longest v1 header, CRLF included (the protocol's own bound)
 _DETECT = ProxyProtocolDetect()

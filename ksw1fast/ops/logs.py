@@ -5,7 +5,7 @@ import json
 import logging
 import time
 
-from ksw1fast.limits import Rate
+from ksw1fast.server.limits import Rate
 
 
 class JsonFormatter(logging.Formatter):

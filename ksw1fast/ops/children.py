@@ -5,7 +5,7 @@ source checkout, such a child imports the unbuilt tree instead of its parent's p
 and silently runs the pure-Python codec.  Safe-path mode (-P) is only in 3.11+, and a
 parent that imported a checkout from its own sys.path[0] needs that checkout added, not
 just the cwd left out.  So a child runs this very file as a script,
-`python <parent's package>/children.py MODULE ARGS...`; for a script Python puts the
+`python <parent's package>/ops/children.py MODULE ARGS...`; for a script Python puts the
 script's directory on sys.path, never the cwd.  The bootstrap drops that directory,
 puts the package's parent directory first only if `ksw1fast` would otherwise be found
 elsewhere, checks what it imported, and runs MODULE as `python -m MODULE` would.
@@ -22,7 +22,7 @@ import sys
 from typing import Mapping, Optional, Sequence
 
 _SCRIPT = os.path.abspath(__file__)
-_PACKAGE = os.path.dirname(_SCRIPT)
+_PACKAGE = os.path.dirname(os.path.dirname(_SCRIPT))  # ksw1fast/, above ksw1fast/ops/
 
 
 def command(module: str, args: Sequence[str],
@@ -42,7 +42,7 @@ def _in_package(path: Optional[str]) -> bool:
 
 
 def _bootstrap() -> None:
-    if sys.path and os.path.realpath(sys.path[0]) == os.path.realpath(_PACKAGE):
+    if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(_SCRIPT)):
         del sys.path[0]  # this script's directory (absent in safe-path mode)
     spec = importlib.util.find_spec("ksw1fast")
     if spec is None or not _in_package(spec.origin):  # the parent imported a checkout

@@ -11,13 +11,13 @@ from typing import Any, Callable, Optional, Sequence
 
 from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
-from ksw1fast.config_file import (ConfigError, check_config_file, located, make_config,
+from ksw1fast.cli.config_file import (ConfigError, check_config_file, located, make_config,
                                   read_config_file)
 from ksw1fast.errors import MissingExtra, SettingError, StartError
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
-from ksw1fast.logs import configure as configure_logging
-from ksw1fast.token_cli import add_token_commands
-from ksw1fast.workers import SERVING, Supervisor, report, worker_count
+from ksw1fast.ops.logs import configure as configure_logging
+from ksw1fast.cli.token import add_token_commands
+from ksw1fast.ops.workers import SERVING, Supervisor, report, worker_count
 
 log = logging.getLogger("ksw1fast")
 
@@ -231,8 +231,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 async def serve(config: GatewayConfig, status_fd: Optional[int] = None) -> None:
     """Run one gateway process until SIGINT or SIGTERM, then drain it; StartError when it
     cannot listen.  A supervisor's worker says on `status_fd` once it serves."""
-    from ksw1fast.gateway import Gateway
-    from ksw1fast.ops_http import OpsServer
+    from ksw1fast.server.gateway import Gateway
+    from ksw1fast.ops.health import OpsServer
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -269,7 +269,7 @@ def _check_config(path: str) -> int:
 def _serve_config(args: argparse.Namespace) -> GatewayConfig:
     """The settings to serve, refused (exit 2) before anything listens when they cannot
     serve: a bad value or combination with serve's usage, a missing package in one line."""
-    from ksw1fast.security import Security
+    from ksw1fast.security.gate import Security
 
     parser: argparse.ArgumentParser = args.parser
     try:

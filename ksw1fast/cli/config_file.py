@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 from ksw1fast.config import GatewayConfig
 from ksw1fast.errors import MissingExtra, SettingError
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
-from ksw1fast.policy import Rule, parse_rule
+from ksw1fast.security.egress import Rule, parse_rule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -86,7 +86,7 @@ def _rule(item: Any) -> Any:
 
 
 def _workers(value: str) -> Any:
-    from ksw1fast.workers import worker_count
+    from ksw1fast.ops.workers import worker_count
 
     try:
         return worker_count(value)
@@ -198,7 +198,7 @@ def make_config(values: Mapping[str, Any]) -> GatewayConfig:
 def check_config_file(path: Union[str, Path]) -> GatewayConfig:
     """Everything serving would check before listening, without listening; ConfigError
     names the file (and the line where it can) once."""
-    from ksw1fast.security import Security
+    from ksw1fast.security.gate import Security
 
     values = read_config_file(path)
     try:

@@ -1,4 +1,4 @@
-"""`ksw1fast token issue`: print one signed token (see `ksw1fast.auth`).
+"""`ksw1fast token issue`: print one signed token (see `ksw1fast.security.tokens`).
 
     KSW1FAST_TOKEN_SECRET=... ksw1fast token issue --ttl 1h --allow 'db.internal:5432' \\
         --allow 'udp *:53' --allow-udp --allow-dns
@@ -17,7 +17,7 @@ import argparse
 from functools import partial
 from typing import Any, Callable, Sequence
 
-from ksw1fast.auth import DEFAULT_SECRET_ENV, issue_token, parse_duration, secret_from_env
+from ksw1fast.security.tokens import DEFAULT_SECRET_ENV, issue_token, parse_duration, secret_from_env
 
 
 def _duration(text: str) -> float:

@@ -13,9 +13,9 @@ from typing import Any, Optional
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from ksw1fast import codec
-from ksw1fast.constants import HEADER_SIZE, Flag, FrameType, WSClose
+from ksw1fast.protocol.constants import HEADER_SIZE, Flag, FrameType, WSClose
 from ksw1fast.errors import FrameError
-from ksw1fast.wsclose import CLOSE_TIMEOUT, close_reason, reply_to_close
+from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason, reply_to_close
 
 MIN_READ = 16 * 1024
 MAX_READ = 256 * 1024

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ksw1fast.constants import DnsErrCode, OpenErrCode, Pkcs11Status
+from ksw1fast.protocol.constants import DnsErrCode, OpenErrCode, Pkcs11Status
 from ksw1fast.errors import KSW1Error
-from ksw1fast.policy import Rule, normalize_proto, parse_destination
+from ksw1fast.security.egress import Rule, normalize_proto, parse_destination
 
 PREFIX = "ksw1"
 DEFAULT_SECRET_ENV = "KSW1FAST_TOKEN_SECRET"

@@ -26,8 +26,8 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-from ksw1fast import children
-from ksw1fast.backoff import Backoff
+from ksw1fast.ops import children
+from ksw1fast.ops.backoff import Backoff
 from ksw1fast.config import GatewayConfig
 from ksw1fast.errors import StartError
 
@@ -146,7 +146,7 @@ class Supervisor:
         try:
             if self.config.metrics_port is not None:
                 os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
-                from ksw1fast.ops_http import OpsServer, workers_health
+                from ksw1fast.ops.health import OpsServer, workers_health
 
                 ops = await OpsServer(lambda: self.ready, workers_health).start(
                     self.config.metrics_host, self.config.metrics_port)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-from ksw1fast.constants import WSClose
+from ksw1fast.protocol.constants import WSClose
 
 MAX_REASON = 123        # a control frame carries 125 bytes: the code, then this much text
 CLOSE_TIMEOUT = 5.0     # seconds to wait for the peer's Close after sending ours

@@ -76,7 +76,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterable, Mapping, TypeVar
 
-from ksw1fast.constants import Proto
+from ksw1fast.protocol.constants import Proto
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -16,24 +16,24 @@ from typing import Any, Callable, Optional
 
 from picows import WSTransport
 
-from ksw1fast import metrics
+from ksw1fast.ops import metrics
 from ksw1fast._impl import codec, relay
-from ksw1fast.auth import AuthError, Grant
+from ksw1fast.security.tokens import AuthError, Grant
 from ksw1fast.config import GatewayConfig
-from ksw1fast.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CREDIT, AddrKind,
+from ksw1fast.protocol.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CREDIT, AddrKind,
                                 CloseReason, DnsErrCode, Feature, FrameType, OpenErrCode,
                                 Pkcs11Status, Proto, WSClose)
 from ksw1fast.errors import MalformedPayload
-from ksw1fast.limits import Rate
-from ksw1fast.logs import Throttled
-from ksw1fast.messages import OpenOkInfo, OpenRequest, SockAddr
-from ksw1fast.peers import Peer
+from ksw1fast.server.limits import Rate
+from ksw1fast.ops.logs import Throttled
+from ksw1fast.protocol.messages import OpenOkInfo, OpenRequest, SockAddr
+from ksw1fast.security.peers import Peer
 from ksw1fast.pkcs11 import wire
 from ksw1fast.pkcs11.supervisor import Pkcs11Backend
-from ksw1fast.resolve import (Endpoint, ResolveError, Resolver, address_bytes, open_error,
+from ksw1fast.security.resolve import (Endpoint, ResolveError, Resolver, address_bytes, open_error,
                                open_socket)
-from ksw1fast.security import Security
-from ksw1fast.wsclose import closed_code
+from ksw1fast.security.gate import Security
+from ksw1fast.protocol.close import closed_code
 
 log = logging.getLogger("ksw1fast")
 refusals = Throttled(log)  # what a client can cause at will: bounded

@@ -10,8 +10,8 @@ from typing import Any, Iterable, NamedTuple, Optional
 
 import aiodns
 
-from ksw1fast.constants import DnsErrCode, OpenErrCode
-from ksw1fast.policy import EgressPolicy, IPAddress
+from ksw1fast.protocol.constants import DnsErrCode, OpenErrCode
+from ksw1fast.security.egress import EgressPolicy, IPAddress
 
 _FAMILIES = {0: socket.AF_UNSPEC, 4: socket.AF_INET, 6: socket.AF_INET6}
 _NO_NAME = {socket.EAI_NONAME} | {getattr(socket, n) for n in ("EAI_NODATA", "EAI_ADDRFAMILY")

@@ -27,9 +27,9 @@ from libc.string cimport memcpy
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType, WSCloseCode
 from ksw1fast._codec cimport FrameParser, FrameView, write_header
 
-from ksw1fast.constants import HEADER_SIZE as _HEADER_SIZE, WSClose
+from ksw1fast.protocol.constants import HEADER_SIZE as _HEADER_SIZE, WSClose
 from ksw1fast.errors import FrameError
-from ksw1fast.wsclose import CLOSE_TIMEOUT, close_reason, reply_to_close
+from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason, reply_to_close
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)

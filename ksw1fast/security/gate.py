@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ksw1fast.auth import AuthError, Grant, TokenVerifier, secret_from_env
+from ksw1fast.security.tokens import AuthError, Grant, TokenVerifier, secret_from_env
 from ksw1fast.config import GatewayConfig
-from ksw1fast.handshake import OriginPolicy, find_token, header_values
-from ksw1fast.policy import EgressPolicy, is_loopback_host
+from ksw1fast.security.handshake import OriginPolicy, find_token, header_values
+from ksw1fast.security.egress import EgressPolicy, is_loopback_host
 
 
 class HandshakeRefused(Exception):

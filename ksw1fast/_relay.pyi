@@ -1,4 +1,0 @@
-# The compiled relay has exactly the API of its pure-Python twin.
-from ksw1fast.relay import *  # noqa: F401,F403
-from ksw1fast.relay import GatewayListener as GatewayListener, Stream as Stream, \
-    TcpStream as TcpStream, UdpStream as UdpStream

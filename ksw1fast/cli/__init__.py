@@ -1,0 +1,1 @@
+"""The `ksw1fast` command: `serve`, `check-config`, `token issue`."""
