@@ -599,6 +599,10 @@ def test_kubernetes_manifests(tmp_path, monkeypatch) -> None:
     (tmp_path / "ksw1fast.toml").write_text(toml_text)
     monkeypatch.setenv(settings["token_secret_env"], "not-a-real-secret")  # the Secret's
     check_config_file(tmp_path / "ksw1fast.toml")  # what `ksw1fast check-config` runs
+    # and so is the commented trusted_proxies example, once uncommented
+    (tmp_path / "example.toml").write_text(
+        _sub(toml_text, r"^(\s*)# (trusted_proxies = )", r"\g<1>\g<2>", 1))
+    check_config_file(tmp_path / "example.toml")
 
     deployment = docs["Deployment"]["spec"]
     assert deployment["replicas"] >= 2
