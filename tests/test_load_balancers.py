@@ -1,5 +1,7 @@
-"""deploy/: real nginx and HAProxy in front of two ksw1fast instances, and the Kubernetes
-and Docker files checked as far as this machine can (no cluster, no docker engine).
+"""deploy/: real nginx and HAProxy, each in front of two ksw1fast instances of its own run
+as the config documents (--proxy-protocol behind HAProxy, --trusted-proxy behind nginx),
+and the Kubernetes and Docker files checked as far as this machine can (no cluster, no
+docker engine).
 
 The balancers run the very configs in deploy/, not look-alikes: deploy/nginx.conf and
 deploy/haproxy.cfg stay concrete, usable as they are, and `render_*` below rewrites only
@@ -8,7 +10,9 @@ socket paths), each rewrite asserting that it matched, so an edit of a deploy fi
 breaks the rendering fails here instead of silently testing something else. Debian's
 nginx and haproxy are installed by scripts/lb.sh; the system services are never used:
 each balancer is our own foreground process with its files in a temp dir, on free
-loopback ports, killed at teardown.
+loopback ports, killed at teardown. Three loopback addresses tell the parties apart in
+the instances' logs: the test client connects from CLIENT_SOURCE, nginx on to the
+instances from NGINX_SOURCE, everything else from 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import ssl
 import subprocess
 import sys
 import time
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -54,6 +58,12 @@ TOKEN = "lb-test-token-0123456789"
 CONNECTIONS = 10  # per balancer: enough that both instances must get some
 WAIT = 20.0       # seconds: the bound of every wait for a process or a state
 IDLE_TIMEOUT = 2.0  # seconds: the balancers' idle timeout in the keepalive tests
+CLIENT_SOURCE = "127.0.0.3"  # the browser, as the instances should see it
+NGINX_SOURCE = "127.0.0.2"   # nginx's side of its connections to the instances
+SPOOFED = "198.51.100.66"    # what the client's own forwarding headers claim to be
+# how deploy/'s comments say to run the instances behind each balancer
+AS_DEPLOYED = {"haproxy": ("--proxy-protocol",),
+               "nginx": ("--trusted-proxy", f"{NGINX_SOURCE}/32")}
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -157,6 +167,9 @@ def render_nginx(tmp: Path, upstreams: list[int], port: int, chain: Path, key: P
     site = _sub(site, r"^(\s*server\s+)ksw1fast-\d+\.internal:8088\b",
                 lambda m: f"{m.group(1)}127.0.0.1:{next(ports)}", len(upstreams))
     site = _sub(site, r"^(\s*listen\s+)443 ssl;", rf"\g<1>127.0.0.1:{port} ssl;", 1)
+    # an address of its own upstream, as on a real network: the instances trust only it
+    site = _sub(site, r"^(\s*)proxy_pass http://ksw1fast;\n",
+                rf"\g<0>\g<1>proxy_bind {NGINX_SOURCE};\n", 1)
     site = _sub(site, r"^\s*listen\s+\[::\]:443 ssl;\n", "", 1)
     site = _sub(site, r"^(\s*ssl_certificate\s+)\S+;", rf"\g<1>{chain};", 1)
     site = _sub(site, r"^(\s*ssl_certificate_key\s+)\S+;", rf"\g<1>{key};", 1)
@@ -198,8 +211,8 @@ def render_haproxy(tmp: Path, servers: list[Instance], port: int, pem: Path,
         instance = next(each)
         return f"{m.group(1)}127.0.0.1:{instance.port}{m.group(2)}{instance.metrics_port}"
 
-    cfg = _sub(cfg, r"^(\s*server\s+\S+\s+)ksw1fast-\d+\.internal:8088(\s+check port )9108",
-               server, len(servers))
+    cfg = _sub(cfg, r"^(\s*server\s+\S+\s+)ksw1fast-\d+\.internal:8088"
+                    r"(\s+send-proxy-v2\s+check port )9108", server, len(servers))
     (tmp / "haproxy.cfg").write_text(cfg)
     return [_binary("haproxy"), "-db", "-f", f"{tmp}/haproxy.cfg"]
 
@@ -218,6 +231,57 @@ def haproxy_servers(sock: Path) -> dict[str, dict[str, str]]:
     rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
     return {r["svname"]: r for r in rows if r["pxname"] == "ksw1fast"
             and r["svname"] not in ("BACKEND", "FRONTEND")}
+
+
+# --- a balancer in front of its instances -------------------------------------------------
+
+@dataclass
+class Balancer:
+    kind: str  # nginx or haproxy
+    port: int
+    instances: list[Instance]
+
+    @property
+    def url(self) -> str:
+        return f"wss://127.0.0.1:{self.port}/ws"
+
+
+@contextmanager
+def balancer_in_front(kind: str, tmp: Path, tls: Tls, *args: str,
+                      env: dict[str, str] | None = None, idle_timeout: str | None = None,
+                      as_deployed: bool = True) -> Iterator[Balancer]:
+    """`kind` running deploy/'s config (files in `tmp`) in front of two fresh instances
+    with `args`, and with the flags AS_DEPLOYED names for `kind` unless `as_deployed` is
+    false."""
+    pair = start_instances(*(AS_DEPLOYED[kind] if as_deployed else ()), *args, env=env)
+    proxy = None
+    try:
+        port = free_port()
+        if kind == "nginx":
+            argv = render_nginx(tmp, [i.port for i in pair], port, tls.chain, tls.key,
+                                idle_timeout)
+        else:
+            argv = render_haproxy(tmp, pair, port, tls.bundle, idle_timeout)
+        proxy = Proxy(argv, tmp / "stdout.log", port)
+        yield Balancer(kind, port, pair)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        stop_instances(pair)
+
+
+@asynccontextmanager
+async def started(kind: str, tmp: Path, tls: Tls, *args: str,
+                  **kwargs) -> AsyncIterator[Balancer]:
+    """balancer_in_front for a test on the event loop, started and stopped in a thread:
+    the loop also runs the test's echo server."""
+    stack = ExitStack()
+    running = await asyncio.to_thread(stack.enter_context,
+                                      balancer_in_front(kind, tmp, tls, *args, **kwargs))
+    try:
+        yield running
+    finally:
+        await asyncio.to_thread(stack.close)
 
 
 # --- fixtures -----------------------------------------------------------------------------
@@ -256,34 +320,17 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
     return paths
 
 
-@pytest.fixture(scope="module")
-def instances(softhsm: SoftHSM, tmp_path_factory) -> Iterator[list[Instance]]:
-    """Two instances with tokens and PKCS#11 (SoftHSM), as behind a production balancer."""
+@pytest.fixture(scope="module", params=["nginx", "haproxy"])
+def balancer(request, balancers_installed, softhsm: SoftHSM, tls: Tls,
+             tmp_path_factory) -> Iterator[Balancer]:
+    """Each balancer with its own two instances, with tokens and PKCS#11 (SoftHSM) as in
+    production."""
     token_file = tmp_path_factory.mktemp("lb-auth") / "tokens"
     token_file.write_text(TOKEN + "\n")
-    pair = start_instances("--token-file", str(token_file), "--pkcs11-lib", softhsm.module,
-                           env=softhsm.env)
-    yield pair
-    stop_instances(pair)
-
-
-@pytest.fixture(scope="module")
-def nginx(balancers_installed, instances, tls, tmp_path_factory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("nginx")
-    port = free_port()
-    proxy = Proxy(render_nginx(tmp, [i.port for i in instances], port, tls.chain, tls.key),
-                  tmp / "stdout.log", port)
-    yield f"wss://127.0.0.1:{port}/ws"
-    proxy.stop()
-
-
-@pytest.fixture(scope="module")
-def haproxy(balancers_installed, instances, tls, tmp_path_factory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("haproxy")
-    port = free_port()
-    proxy = Proxy(render_haproxy(tmp, instances, port, tls.bundle), tmp / "stdout.log", port)
-    yield f"wss://127.0.0.1:{port}/ws"
-    proxy.stop()
+    with balancer_in_front(request.param, tmp_path_factory.mktemp(request.param), tls,
+                           "--token-file", str(token_file), "--pkcs11-lib", softhsm.module,
+                           env=softhsm.env) as running:
+        yield running
 
 
 # --- through the balancers ----------------------------------------------------------------
@@ -316,34 +363,32 @@ async def _use(c: kclient.KSW1Client, echo_port: int, n: int) -> None:
 
 
 @needs_debian
-@pytest.mark.parametrize("balancer", ["nginx", "haproxy"])
 async def test_tunnels_through_the_balancer_reach_both_instances(
-        request, balancer, instances, tls, echo_port) -> None:
-    url = request.getfixturevalue(balancer)
-    before = [await asyncio.to_thread(i.connections) for i in instances]
+        balancer: Balancer, tls, echo_port) -> None:
+    before = [await asyncio.to_thread(i.connections) for i in balancer.instances]
     clients = []
     try:
         for _ in range(CONNECTIONS):  # all open at once: leastconn has to spread them
             clients.append(await kclient.connect(
-                url, ssl_context=tls.client, extra_headers={"Authorization": f"Bearer {TOKEN}"}))
+                balancer.url, ssl_context=tls.client,
+                extra_headers={"Authorization": f"Bearer {TOKEN}"}))
         await asyncio.wait_for(asyncio.gather(
             *(_use(c, echo_port, n) for n, c in enumerate(clients))), 90)
-        after = [await asyncio.to_thread(i.connections) for i in instances]
+        after = [await asyncio.to_thread(i.connections) for i in balancer.instances]
     finally:
         for c in clients:
             await c.close()
     landed = [b - a for a, b in zip(before, after)]
     assert sum(landed) == CONNECTIONS, landed
-    assert all(landed), f"{balancer} sent every connection to one instance: {landed}"
+    assert all(landed), f"{balancer.kind} sent every connection to one instance: {landed}"
 
 
 @needs_debian
-@pytest.mark.parametrize("balancer", ["nginx", "haproxy"])
 async def test_browser_auth_subprotocol_and_origin_pass_through(
-        request, balancer, tls) -> None:
+        balancer: Balancer, tls) -> None:
     """What a browser sends (Origin, `auth-<token>` subprotocol) reaches ksw1fast, and
     ksw1fast's echo of the subprotocol comes back through the balancer."""
-    url = request.getfixturevalue(balancer)
+    url = balancer.url
     browser = {"ssl": tls.client, "origin": "http://localhost:5173", "open_timeout": 10}
     async with RawClient(url, subprotocols=[f"auth-{TOKEN}"], **browser) as raw:
         assert raw.ws.subprotocol == f"auth-{TOKEN}"
@@ -359,18 +404,58 @@ async def test_browser_auth_subprotocol_and_origin_pass_through(
         assert refused.value.response.status_code == status, kwargs
 
 
+async def _peers_logged(balancer: Balancer, tls: Tls) -> tuple[list[str], int]:
+    """One KSW1 session through `balancer` from CLIENT_SOURCE, whose own Forwarded and
+    X-Forwarded-For headers claim SPOOFED: the `peer=` of every connection the instances
+    logged as opened meanwhile, and the client's source port."""
+    marks = [len(i.proc.log) for i in balancer.instances]
+
+    def peers() -> list[str]:
+        return [m.group(1) for i, mark in zip(balancer.instances, marks)
+                for m in re.finditer(r"connection open peer=(\S+)", "".join(i.proc.log[mark:]))]
+
+    sock = socket.create_connection(("127.0.0.1", balancer.port), timeout=WAIT,
+                                    source_address=(CLIENT_SOURCE, 0))
+    client_port = sock.getsockname()[1]
+    spoofing = {"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": SPOOFED,
+                "Forwarded": f"for={SPOOFED}"}
+    async with RawClient(balancer.url, sock=sock, ssl=tls.client,
+                         additional_headers=spoofing, open_timeout=10) as raw:
+        await raw.hello()  # answered: the instance has logged the connection by now
+        deadline = time.monotonic() + WAIT  # the log reaches us through a pipe and a thread
+        while not peers() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    return peers(), client_port
+
+
+@needs_debian
+async def test_the_instances_see_the_browser_not_the_balancer(
+        balancer: Balancer, tls) -> None:
+    """The instance logs the client's own address, not the balancer's and not what the
+    client's headers claim: HAProxy's PROXY header gives address and port, nginx's
+    X-Forwarded-For (from the one address the instances trust) the address."""
+    peers, client_port = await _peers_logged(balancer, tls)
+    want = f"{CLIENT_SOURCE}:{client_port}" if balancer.kind == "haproxy" else CLIENT_SOURCE
+    assert peers == [want]
+
+
+@needs_debian
+async def test_an_instance_that_trusts_no_proxy_sees_nginx(
+        balancers_installed, tls, tmp_path) -> None:
+    """The control: without --trusted-proxy nginx's headers are ignored like anyone's, and
+    the instance logs the address nginx connected from."""
+    async with started("nginx", tmp_path, tls, as_deployed=False) as lb:
+        peers, _ = await _peers_logged(lb, tls)
+    assert len(peers) == 1 and re.fullmatch(rf"{re.escape(NGINX_SOURCE)}:\d+", peers[0]), peers
+
+
 @needs_debian
 async def test_haproxy_checks_readyz_and_routes_around_a_draining_instance(
         balancers_installed, tls, tmp_path, echo_port) -> None:
     """HAProxy's httpchk on the metrics port sees /readyz turn 503 when an instance
     drains: new tunnels go to the other one while the draining one's tunnel lives on."""
-    pair = await asyncio.to_thread(start_instances, "--drain-timeout", "30")
-    proxy = None
-    try:
-        port = free_port()
-        proxy = await asyncio.to_thread(Proxy, render_haproxy(tmp_path, pair, port, tls.bundle),
-                                        tmp_path / "stdout.log", port)
-        url = f"wss://127.0.0.1:{port}/ws"
+    async with started("haproxy", tmp_path, tls, "--drain-timeout", "30") as lb:
+        pair = lb.instances
 
         async def states() -> list[tuple[str, str]]:
             servers = await asyncio.to_thread(haproxy_servers, tmp_path / "admin.sock")
@@ -382,10 +467,11 @@ async def test_haproxy_checks_readyz_and_routes_around_a_draining_instance(
                 assert time.monotonic() < deadline, f"HAProxy servers {got}, wanted {want}"
                 await asyncio.sleep(0.2)
 
-        await wait_for_states([("UP", "L7OK")] * 2)  # HTTP 200 from each /readyz
+        # HTTP 200 from each /readyz: the checks on the metrics port send no PROXY header
+        await wait_for_states([("UP", "L7OK")] * 2)
 
         before = [await asyncio.to_thread(i.connections) for i in pair]
-        old = await kclient.connect(url, ssl_context=tls.client)
+        old = await kclient.connect(lb.url, ssl_context=tls.client)
         stream = await old.open_connection("127.0.0.1", echo_port)
         after = [await asyncio.to_thread(i.connections) for i in pair]
         draining = [b - a for a, b in zip(before, after)].index(1)
@@ -396,7 +482,7 @@ async def test_haproxy_checks_readyz_and_routes_around_a_draining_instance(
         await wait_for_states(states_want)
 
         before_other = await asyncio.to_thread(other.connections)
-        fresh = [await kclient.connect(url, ssl_context=tls.client) for _ in range(4)]
+        fresh = [await kclient.connect(lb.url, ssl_context=tls.client) for _ in range(4)]
         for c in fresh:
             assert await asyncio.wait_for(c.ping(b"x"), 10) == b"x"
             await c.close()
@@ -405,35 +491,9 @@ async def test_haproxy_checks_readyz_and_routes_around_a_draining_instance(
         assert await asyncio.wait_for(stream.readexactly(10), 10) == b"still here"
         await old.close()
         assert await asyncio.to_thread(pair[draining].proc.proc.wait, WAIT) == 0
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        await asyncio.to_thread(stop_instances, pair)
 
 
 # --- keepalive: the gateway's pings against the balancers' idle timeouts ------------------
-
-@asynccontextmanager
-async def idle_timeout_balancer(balancer: str, idle_ping: str, tmp: Path,
-                                tls: Tls) -> AsyncIterator[str]:
-    """`balancer` running deploy/'s config with its idle timeout cut to IDLE_TIMEOUT, in
-    front of two instances with `--idle-ping idle_ping`; its URL."""
-    pair = await asyncio.to_thread(start_instances, "--idle-ping", idle_ping)
-    proxy = None
-    try:
-        port = free_port()
-        timeout = f"{IDLE_TIMEOUT:g}s"
-        if balancer == "nginx":
-            argv = render_nginx(tmp, [i.port for i in pair], port, tls.chain, tls.key, timeout)
-        else:
-            argv = render_haproxy(tmp, pair, port, tls.bundle, timeout)
-        proxy = await asyncio.to_thread(Proxy, argv, tmp / "stdout.log", port)
-        yield f"wss://127.0.0.1:{port}/ws"
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        await asyncio.to_thread(stop_instances, pair)
-
 
 async def _echo(stream: kclient.Stream, data: bytes) -> None:
     stream.write(data)
@@ -441,14 +501,15 @@ async def _echo(stream: kclient.Stream, data: bytes) -> None:
 
 
 @needs_debian
-@pytest.mark.parametrize("balancer", ["nginx", "haproxy"])
+@pytest.mark.parametrize("kind", ["nginx", "haproxy"])
 async def test_pings_keep_an_idle_tunnel_through_the_balancer(
-        balancers_installed, balancer, tls, tmp_path, echo_port) -> None:
+        balancers_installed, kind, tls, tmp_path, echo_port) -> None:
     """A tunnel silent for three times the balancer's idle timeout still echoes on the
     same stream: the gateway's pings every second (answered by the client's WebSocket
     library, as a browser does) are traffic the balancer sees."""
-    async with idle_timeout_balancer(balancer, "1", tmp_path, tls) as url:
-        c = await kclient.connect(url, ssl_context=tls.client)
+    async with started(kind, tmp_path, tls, "--idle-ping", "1",
+                       idle_timeout=f"{IDLE_TIMEOUT:g}s") as lb:
+        c = await kclient.connect(lb.url, ssl_context=tls.client)
         try:
             stream = await c.open_connection("127.0.0.1", echo_port)
             await _echo(stream, b"before")
@@ -459,13 +520,14 @@ async def test_pings_keep_an_idle_tunnel_through_the_balancer(
 
 
 @needs_debian
-@pytest.mark.parametrize("balancer", ["nginx", "haproxy"])
+@pytest.mark.parametrize("kind", ["nginx", "haproxy"])
 async def test_without_pings_the_balancer_cuts_an_idle_tunnel(
-        balancers_installed, balancer, tls, tmp_path, echo_port) -> None:
+        balancers_installed, kind, tls, tmp_path, echo_port) -> None:
     """The control of the test above: with `--idle-ping 0` the same balancer drops the
     silent tunnel once its idle timeout has passed, so that test does cross it."""
-    async with idle_timeout_balancer(balancer, "0", tmp_path, tls) as url:
-        c = await kclient.connect(url, ssl_context=tls.client)
+    async with started(kind, tmp_path, tls, "--idle-ping", "0",
+                       idle_timeout=f"{IDLE_TIMEOUT:g}s") as lb:
+        c = await kclient.connect(lb.url, ssl_context=tls.client)
         try:
             stream = await c.open_connection("127.0.0.1", echo_port)
             await _echo(stream, b"before")
@@ -486,15 +548,20 @@ def test_balancer_configs_keep_the_settings_tunnels_need() -> None:
                       "proxy_read_timeout 1h;", "proxy_send_timeout 1h;",
                       "proxy_buffering off;", "least_conn;",
                       "proxy_set_header Origin $http_origin;",
-                      "proxy_set_header Sec-WebSocket-Protocol $http_sec_websocket_protocol;"]:
+                      "proxy_set_header Sec-WebSocket-Protocol $http_sec_websocket_protocol;",
+                      # a browser's own would be believed, ahead of X-Forwarded-For
+                      'proxy_set_header Forwarded "";']:
         assert re.search(rf"^\s*{re.escape(directive)}", nginx, re.M), directive
     assert len(re.findall(r"^\s*server\s+\S+:8088", nginx, re.M)) >= 2
     haproxy = (DEPLOY / "haproxy.cfg").read_text()
     for directive in ["timeout tunnel 1h", "balance leastconn", "option httpchk GET /readyz",
                       "http-check expect status 200", "option redispatch"]:
         assert re.search(rf"^\s*{re.escape(directive)}", haproxy, re.M), directive
-    assert len(re.findall(r"^\s*server .*:8088 check port 9108", haproxy, re.M)) >= 2
-    assert "shutdown-sessions" not in re.sub(r"#.*", "", haproxy)  # would cut drained tunnels
+    assert len(re.findall(r"^\s*server .*:8088 send-proxy-v2 check port 9108", haproxy,
+                          re.M)) >= 2
+    directives = re.sub(r"#.*", "", haproxy)
+    assert "shutdown-sessions" not in directives  # would cut drained tunnels
+    assert "check-send-proxy" not in directives  # the metrics port speaks plain HTTP
 
 
 def _k8s() -> dict[str, dict]:
@@ -532,6 +599,10 @@ def test_kubernetes_manifests(tmp_path, monkeypatch) -> None:
     (tmp_path / "ksw1fast.toml").write_text(toml_text)
     monkeypatch.setenv(settings["token_secret_env"], "not-a-real-secret")  # the Secret's
     check_config_file(tmp_path / "ksw1fast.toml")  # what `ksw1fast check-config` runs
+    # and so is the commented trusted_proxies example, once uncommented
+    (tmp_path / "example.toml").write_text(
+        _sub(toml_text, r"^(\s*)# (trusted_proxies = )", r"\g<1>\g<2>", 1))
+    check_config_file(tmp_path / "example.toml")
 
     deployment = docs["Deployment"]["spec"]
     assert deployment["replicas"] >= 2
