@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ksw1fast.protocol.constants import DEFAULT_MAX_PAYLOAD
+from ksw1fast.security.peers import FORWARDED_HEADERS
 from ksw1fast.errors import (AT_LEAST_1, NOT_NEGATIVE, POSITIVE, MissingExtra, SettingCheck,
                              check_settings)
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
@@ -52,7 +53,8 @@ class GatewayConfig:
     max_connections: int = 4096            # upgraded connections per worker
     max_connections_per_ip: int = 256      # per worker, per client address (see below)
     proxy_protocol: bool = False           # every connection starts with a PROXY header
-    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose Forwarded / X-Forwarded-For count
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose forwarding header counts
+    forwarded_header: str = "x-forwarded-for"  # or "forwarded" (RFC 7239): what they set
 
     def __post_init__(self) -> None:
         check_settings(self, _CHECKS)
@@ -79,6 +81,8 @@ _CHECKS: dict[str, SettingCheck] = {
     "max_connections": AT_LEAST_1, "max_connections_per_ip": AT_LEAST_1,
     "trusted_proxies": (lambda v: all(_is_network(c) for c in v),
                         "must be networks such as 10.0.0.0/8 or fd00::/8"),
+    "forwarded_header": (lambda v: v in FORWARDED_HEADERS,
+                         "must be 'x-forwarded-for' or 'forwarded'"),
     "handshake_timeout": POSITIVE, "connect_timeout": POSITIVE, "dns_timeout": POSITIVE,
     "send_timeout": POSITIVE, "idle_ping": NOT_NEGATIVE,
     "workers": AT_LEAST_1, "drain_timeout": NOT_NEGATIVE,

@@ -120,7 +120,7 @@ def test_the_nearest_untrusted_hop_wins_over_what_the_client_prepended() -> None
 
 
 def test_forwarded_header_rfc_7239() -> None:
-    proxies = TrustedProxies(["10.0.0.0/8"])
+    proxies = TrustedProxies(["10.0.0.0/8"], header="forwarded")
     cases = {
         'for=198.51.100.17;proto=https;by=10.0.0.1': "198.51.100.17",
         'for="[2001:db8:cafe::17]:4711"': "2001:db8:cafe::17",
@@ -130,6 +130,16 @@ def test_forwarded_header_rfc_7239() -> None:
     for value, client in cases.items():
         headers = [("Forwarded", value), ("X-Forwarded-For", "203.0.113.99")]
         assert proxies.client_of(Peer("10.0.0.2", 9), headers) == Peer(client), value
+
+
+def test_only_the_header_the_proxies_set_is_read() -> None:
+    """A proxy appends to X-Forwarded-For and passes a client's own Forwarded on: reading
+    Forwarded then would take the client's word."""
+    headers = [("Forwarded", "for=198.51.100.66"), ("X-Forwarded-For", "203.0.113.5")]
+    peer = Peer("10.0.0.2", 9)
+    assert TrustedProxies(["10.0.0.0/8"]).client_of(peer, headers) == Peer("203.0.113.5")
+    assert TrustedProxies(["10.0.0.0/8"], header="forwarded").client_of(
+        peer, headers) == Peer("198.51.100.66")
 
 
 def test_peer_text() -> None:

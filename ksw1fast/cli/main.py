@@ -18,6 +18,7 @@ from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 from ksw1fast.ops.logs import configure as configure_logging
 from ksw1fast.cli.token import add_token_commands
 from ksw1fast.ops.workers import SERVING, Supervisor, report, worker_count
+from ksw1fast.security.peers import FORWARDED_HEADERS
 
 log = logging.getLogger("ksw1fast")
 
@@ -33,7 +34,7 @@ _FIELDS = {
     "max_dns_queries": "max_dns_queries", "max_lookups": "max_lookups",
     "max_open_rate": "max_open_rate", "max_connections": "max_connections",
     "max_connections_per_ip": "max_connections_per_ip", "proxy_protocol": "proxy_protocol",
-    "trusted_proxy": "trusted_proxies",
+    "trusted_proxy": "trusted_proxies", "forwarded_header": "forwarded_header",
     "idle_ping": "idle_ping", "tls_cert": "tls_cert", "tls_key": "tls_key",
     "workers": "workers", "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
     "metrics_host": "metrics_host", "log_format": "log_format",
@@ -157,8 +158,11 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                      help="every connection starts with a PROXY protocol v1 or v2 header "
                           "(HAProxy send-proxy[-v2], AWS NLB): its client address is used")
     ops.add_argument("--trusted-proxy", metavar="CIDR", action="append",
-                     help="believe Forwarded / X-Forwarded-For from connections of this "
-                          "network (repeatable); ignored from anyone else")
+                     help="believe the forwarding header (--forwarded-header) from "
+                          "connections of this network (repeatable); ignored from anyone else")
+    ops.add_argument("--forwarded-header", choices=FORWARDED_HEADERS,
+                     help="the one forwarding header the trusted proxies set: the other is "
+                          "ignored, as a client could write it (default x-forwarded-for)")
     ops.add_argument("--workers", type=worker_count,
                      help="worker processes, or 'auto' for one per CPU (default 1); each has "
                           "its own event loop and SO_REUSEPORT listener, and a supervisor "

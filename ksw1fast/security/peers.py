@@ -5,10 +5,12 @@ Two ways a proxy passes it on, and ksw1fast believes neither from just anyone:
 - the PROXY protocol (v1 text or v2 binary, as HAProxy's `send-proxy[-v2]` and AWS NLB
   send it): a header in front of the TCP stream, read off the socket before TLS or
   HTTP; with `--proxy-protocol` every connection must start with one;
-- `Forwarded` (RFC 7239, `for=`) or `X-Forwarded-For` in the upgrade request, honoured
-  only when the connection comes from a `--trusted-proxy` network. The address is the
-  nearest hop that is not itself a trusted proxy, read from the right: a client can
-  prepend anything, but only the proxies append.
+- `X-Forwarded-For` or `Forwarded` (RFC 7239, `for=`) in the upgrade request, whichever
+  one `--forwarded-header` names (the one the proxies set: a proxy passes the other on
+  untouched, so a client could write it), honoured only when the connection comes from
+  a `--trusted-proxy` network. The address is the nearest hop that is not itself a
+  trusted proxy, read from the right: a client can prepend anything, but only the
+  proxies append.
 
 Parsing the PROXY header is the `proxy-protocol` library's; this module reads exactly
 the header's bytes (so what follows, a TLS ClientHello say, stays on the socket) and
@@ -106,12 +108,17 @@ async def _line(sock: socket.socket, limit: int) -> bytes:
     raise ProxyHeaderError("PROXY protocol v1 line too long")
 
 
-class TrustedProxies:
-    """Networks whose forwarding headers are believed (`--trusted-proxy CIDR`)."""
+FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
 
-    def __init__(self, cidrs: Iterable[str] = ()) -> None:
+
+class TrustedProxies:
+    """Networks whose forwarding header is believed (`--trusted-proxy CIDR`), and which
+    header that is (`--forwarded-header`)."""
+
+    def __init__(self, cidrs: Iterable[str] = (), header: str = "x-forwarded-for") -> None:
         self.networks: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(c.strip(), strict=False) for c in cidrs)
+        self._hops = forwarded_for if header == "forwarded" else x_forwarded_for
 
     def trusts(self, address: str) -> bool:
         try:
@@ -122,11 +129,10 @@ class TrustedProxies:
 
     def client_of(self, peer: Peer, headers: Headers) -> Peer:
         """The client: `peer`, or, when `peer` is a trusted proxy, the nearest untrusted
-        hop its forwarding headers name (Forwarded first, then X-Forwarded-For); `peer`
-        when they name none."""
+        hop its forwarding header names; `peer` when it names none."""
         if not self.networks or not self.trusts(peer.host):
             return peer
-        hops = forwarded_for(headers) or x_forwarded_for(headers)
+        hops = self._hops(headers)
         for hop in reversed(hops):
             if not self.trusts(hop):
                 return Peer(hop)

@@ -45,7 +45,7 @@ class Gateway:
         self.resolver = Resolver(config.max_lookups, config.dns_timeout)
         self._pkcs11 = pkcs11_backend or make_provider(config.pkcs11) or NoModule()
         self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
-        self.proxies = TrustedProxies(config.trusted_proxies)
+        self.proxies = TrustedProxies(config.trusted_proxies, config.forwarded_header)
         # upgraded connections: an upgrade request is checked before its Connection exists,
         # so every one of them reports its end (on_ws_disconnected)
         self.connections: set[Connection] = set()
