@@ -21,7 +21,7 @@ from benchmarks.goals import goals, ratios
 from benchmarks.procs import raise_fd_limit
 from benchmarks.progress import Progress
 from benchmarks.scenarios import SCENARIOS
-from ksw1fast._impl import EXTENSIONS
+from ksw1fast.extensions import COMPILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def machine_info(fd_limit: int) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(), "platform": platform.platform(),
-        "ksw1fast": ksw1fast.__version__, "extensions_built": EXTENSIONS,
+        "ksw1fast": ksw1fast.__version__, "extensions_built": COMPILED,
         "fd_limit": fd_limit, "load_average_at_start": os.getloadavg(),
     }
 

@@ -1,3 +1,4 @@
-# The compiled codec has exactly the API of its pure-Python twin.
-from ksw1fast.codec import *  # noqa: F401,F403
-from ksw1fast.codec import FrameParser as FrameParser
+# The compiled framing has exactly the API of its pure-Python twin.
+from ksw1fast.protocol.frames import FrameParser as FrameParser
+from ksw1fast.protocol.frames import encode_frame as encode_frame
+from ksw1fast.protocol.frames import pack_header as pack_header

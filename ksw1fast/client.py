@@ -21,10 +21,11 @@ from typing import Any, Deque, Optional
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from ksw1fast._impl import codec
+from ksw1fast import framing
+from ksw1fast.protocol import payloads
 from ksw1fast.protocol.constants import (DEFAULT_INITIAL_CREDIT, DEFAULT_MAX_PAYLOAD, AddrKind, Feature,
                                 Flag, FrameType, Proto)
-from ksw1fast.errors import DnsError, FrameError, OpenError
+from ksw1fast.protocol.errors import DnsError, FrameError, OpenError
 from ksw1fast.protocol.messages import HelloAck, OpenOkInfo, Pkcs11Response
 from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason, reply_to_close
 
@@ -97,7 +98,7 @@ class _Flow:
     def ack(self, n: int) -> None:
         """Return n bytes of credit to the gateway (DataAck); automatic unless auto_ack is off."""
         self._unacked = max(0, self._unacked - n)
-        self._client._send(FrameType.DATA_ACK, self.stream_id, codec.encode_data_ack(n))
+        self._client._send(FrameType.DATA_ACK, self.stream_id, payloads.encode_data_ack(n))
 
     async def _wait(self) -> None:
         waiter = self._client._loop.create_future()
@@ -124,7 +125,7 @@ class _Flow:
     async def close(self) -> None:
         """Close the flow and wait for the gateway's CloseAck (or its own Close)."""
         if not self._closed:
-            self._client._send(FrameType.CLOSE, self.stream_id, codec.encode_close(0))
+            self._client._send(FrameType.CLOSE, self.stream_id, payloads.encode_close(0))
             await self._closed_waiter
         self._client._streams.pop(self.stream_id, None)
 
@@ -266,7 +267,7 @@ class KSW1Client:
 
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self._loop = asyncio.get_running_loop()
-        self._parser = codec.FrameParser(max_payload)
+        self._parser = framing.FrameParser(max_payload)
         self.ws: Optional[WSTransport] = None
         self.hello_ack: Optional[HelloAck] = None
         self._hello_waiter: asyncio.Future = self._loop.create_future()
@@ -298,7 +299,7 @@ class KSW1Client:
     def _send(self, type: int, stream_id: int, payload: Any = b"", flags: int = 0) -> None:
         if self.ws is None or self.ws.is_disconnected:
             raise ConnectionError("KSW1 connection is closed")
-        self.ws.send(WSMsgType.BINARY, codec.encode_frame(type, stream_id, payload, flags))
+        self.ws.send(WSMsgType.BINARY, framing.encode_frame(type, stream_id, payload, flags))
 
     def send_raw(self, message: bytes) -> None:
         """Send one binary WebSocket message as is (several or partial frames allowed)."""
@@ -336,12 +337,12 @@ class KSW1Client:
     async def open_connection(self, host: str, port: int, token: bytes = b"") -> Stream:
         """Open a TCP stream to host:port through the gateway (addr_kind 1, as the polyfill)."""
         return await self.open_stream(
-            codec.encode_open(Proto.TCP, AddrKind.HOSTNAME, port, host.encode(), token))
+            payloads.encode_open(Proto.TCP, AddrKind.HOSTNAME, port, host.encode(), token))
 
     async def open_udp(self, host: str, port: int, token: bytes = b"") -> Datagrams:
         """Open a UDP flow to host:port through the gateway (spec §7)."""
         flow = await self.open_stream(
-            codec.encode_open(Proto.UDP, AddrKind.HOSTNAME, port, host.encode(), token),
+            payloads.encode_open(Proto.UDP, AddrKind.HOSTNAME, port, host.encode(), token),
             Datagrams)
         assert isinstance(flow, Datagrams)
         return flow
@@ -366,13 +367,13 @@ class KSW1Client:
     async def resolve(self, name: str, family: int = 0) -> list[str]:
         """Addresses of `name` as text (family 0 any, 4 or 6); DnsError on DnsErr."""
         raw = await self._request(self._dns, "dns", FrameType.DNS_QUERY,
-                                  codec.encode_dns_query(family, name))
+                                  payloads.encode_dns_query(family, name))
         return [str(ipaddress.ip_address(a)) for a in raw]
 
     async def pkcs11(self, fn_id: int, args: bytes = b"") -> Pkcs11Response:
         """One raw PKCS#11 RPC call (pkcs11-rpc.md); the body is returned undecoded."""
         return await self._request(self._pkcs11, "pkcs11", FrameType.PKCS11_REQUEST,
-                                   codec.encode_pkcs11_request(fn_id, args))
+                                   payloads.encode_pkcs11_request(fn_id, args))
 
     async def ping(self, payload: bytes = b"") -> bytes:
         """KSW1 Ping; returns the Pong's payload."""
@@ -442,25 +443,25 @@ class KSW1Client:
         elif type == FrameType.DATA_ACK:
             stream = self._streams.get(sid)
             if stream is not None:
-                stream._add_credit(codec.decode_data_ack(payload))
+                stream._add_credit(payloads.decode_data_ack(payload))
         elif type in (FrameType.CLOSE, FrameType.CLOSE_ACK):
             stream = self._streams.pop(sid, None)
             if stream is not None:
-                stream._on_closed(codec.decode_close(payload) if type == FrameType.CLOSE else 0)
+                stream._on_closed(payloads.decode_close(payload) if type == FrameType.CLOSE else 0)
         elif type == FrameType.OPEN_OK:
-            _resolve(self._opens.get(sid), codec.decode_open_ok(payload))
+            _resolve(self._opens.get(sid), payloads.decode_open_ok(payload))
         elif type == FrameType.OPEN_ERR:
-            err = codec.decode_open_err(payload)
+            err = payloads.decode_open_err(payload)
             _fail(self._opens.get(sid), OpenError(err.code, err.message))
         elif type == FrameType.DNS_RESULT:
-            _resolve(self._dns.get(sid), codec.decode_dns_result(payload))
+            _resolve(self._dns.get(sid), payloads.decode_dns_result(payload))
         elif type == FrameType.DNS_ERR:
-            err = codec.decode_dns_err(payload)
+            err = payloads.decode_dns_err(payload)
             _fail(self._dns.get(sid), DnsError(err.code, err.message))
         elif type == FrameType.PKCS11_RESPONSE:
-            _resolve(self._pkcs11.get(sid), codec.decode_pkcs11_response(payload))
+            _resolve(self._pkcs11.get(sid), payloads.decode_pkcs11_response(payload))
         elif type == FrameType.HELLO_ACK:
-            _resolve(self._hello_waiter, codec.decode_hello_ack(payload))
+            _resolve(self._hello_waiter, payloads.decode_hello_ack(payload))
         elif type == FrameType.PING:
             self._send(FrameType.PONG, 0, bytes(payload))
         elif type == FrameType.PONG and self._pings:
@@ -506,7 +507,7 @@ async def connect(url: str, *, features: int = POLYFILL_FEATURES, max_streams: i
                                     websocket_handshake_timeout=timeout,
                                     ssl_context=ssl_context, use_aiofastnet=False)
     client.ws = transport
-    client._send(FrameType.HELLO, 0, codec.encode_hello(features, max_streams, token))
+    client._send(FrameType.HELLO, 0, payloads.encode_hello(features, max_streams, token))
     try:
         client.hello_ack = ack = await asyncio.wait_for(client._hello_waiter, timeout)
     except BaseException:

@@ -26,7 +26,8 @@ from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 import ksw1fast
-from ksw1fast import codec as pycodec
+from ksw1fast import framing
+from ksw1fast.protocol import payloads
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -104,7 +105,7 @@ class RawClient:
     def __init__(self, address: str, **kwargs: object) -> None:
         self.address = address
         self.kwargs = kwargs
-        self.parser = pycodec.FrameParser()
+        self.parser = framing.FrameParser()
         self.pending: list = []
 
     async def __aenter__(self) -> "RawClient":
@@ -118,7 +119,7 @@ class RawClient:
         await self.ws.send(message)
 
     async def hello(self, features: int = 0x2E, max_streams: int = 64) -> None:
-        await self.send(pycodec.encode_frame(0x01, 0, pycodec.encode_hello(features, max_streams)))
+        await self.send(framing.encode_frame(0x01, 0, payloads.encode_hello(features, max_streams)))
         (ack,) = await self.frames(1)
         assert ack.type == 0x02
 

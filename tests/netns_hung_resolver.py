@@ -27,7 +27,7 @@ import uvloop
 import ksw1fast
 import ksw1fast.security.resolve
 from ksw1fast import client as kclient
-from ksw1fast.errors import DnsError, OpenError
+from ksw1fast.protocol.errors import DnsError, OpenError
 
 SIOCSIFFLAGS, IFF_UP = 0x8914, 0x1
 DNS_TIMEOUT = 1.0

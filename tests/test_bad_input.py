@@ -5,7 +5,8 @@ import struct
 
 import pytest
 
-from ksw1fast import codec
+from ksw1fast import framing
+from ksw1fast.protocol import payloads
 from ksw1fast.protocol.constants import (AddrKind, DnsErrCode, FrameType, OpenErrCode, Pkcs11Status,
                                 Proto)
 
@@ -20,8 +21,8 @@ def _header(type: int, stream_id: int, payload_len: int, magic: bytes = b"KSW1",
 
 
 def _open(stream_id: int, port: int, host: bytes = b"127.0.0.1") -> bytes:
-    return codec.encode_frame(FrameType.OPEN, stream_id,
-                              codec.encode_open(Proto.TCP, AddrKind.HOSTNAME, port, host))
+    return framing.encode_frame(FrameType.OPEN, stream_id,
+                              payloads.encode_open(Proto.TCP, AddrKind.HOSTNAME, port, host))
 
 
 @pytest.mark.parametrize("wire", [
@@ -53,7 +54,7 @@ async def test_largest_payload_is_accepted(gateway, echo_port) -> None:
         (ok,) = await raw.frames(1)
         assert ok.type == FrameType.OPEN_OK
         payload = bytes(range(256)) * (16 * 1024 * 1024 // 256)
-        await raw.send(codec.encode_frame(FrameType.DATA, 1, payload))
+        await raw.send(framing.encode_frame(FrameType.DATA, 1, payload))
         echoed = bytearray()
         while len(echoed) < len(payload):
             (frame,) = await raw.frames(1, timeout=30)
@@ -71,42 +72,42 @@ async def test_text_message_closes_1003(gateway) -> None:
 @pytest.mark.parametrize("type", [FrameType.OPEN, FrameType.DNS_QUERY, FrameType.DATA,
                                   FrameType.PKCS11_REQUEST])
 async def test_frames_before_hello_close_1002(gateway, echo_port, type) -> None:
-    payload = {FrameType.OPEN: codec.encode_open(Proto.TCP, AddrKind.HOSTNAME, echo_port,
+    payload = {FrameType.OPEN: payloads.encode_open(Proto.TCP, AddrKind.HOSTNAME, echo_port,
                                                  b"127.0.0.1"),
-               FrameType.DNS_QUERY: codec.encode_dns_query(0, "localhost")}.get(type, b"xx")
+               FrameType.DNS_QUERY: payloads.encode_dns_query(0, "localhost")}.get(type, b"xx")
     async with RawClient(gateway) as raw:
-        await raw.send(codec.encode_frame(type, 1, payload))
+        await raw.send(framing.encode_frame(type, 1, payload))
         assert await raw.close_code() == 1002
 
 
 async def test_ping_before_hello_is_answered(gateway) -> None:
     async with RawClient(gateway) as raw:
-        await raw.send(codec.encode_frame(FrameType.PING, 0, b"early"))
+        await raw.send(framing.encode_frame(FrameType.PING, 0, b"early"))
         (pong,) = await raw.frames(1)
         assert (pong.type, pong.payload) == (FrameType.PONG, b"early")
 
 
 async def test_malformed_hello_closes_1002(gateway) -> None:
     async with RawClient(gateway) as raw:
-        await raw.send(codec.encode_frame(FrameType.HELLO, 0, b"\x2e\x00"))
+        await raw.send(framing.encode_frame(FrameType.HELLO, 0, b"\x2e\x00"))
         assert await raw.close_code() == 1002
 
 
 async def test_malformed_payloads_are_answered_on_the_wire(gateway) -> None:
     async with RawClient(gateway) as raw:
         await raw.hello()
-        await raw.send(codec.encode_frame(FrameType.OPEN, 3, b"\x01\x01\x50\x00\x09\x00abc"))
-        await raw.send(codec.encode_frame(FrameType.DNS_QUERY, 3, b"\x00\x10\x00loc"))
-        await raw.send(codec.encode_frame(FrameType.PKCS11_REQUEST, 3, b"\x01"))
+        await raw.send(framing.encode_frame(FrameType.OPEN, 3, b"\x01\x01\x50\x00\x09\x00abc"))
+        await raw.send(framing.encode_frame(FrameType.DNS_QUERY, 3, b"\x00\x10\x00loc"))
+        await raw.send(framing.encode_frame(FrameType.PKCS11_REQUEST, 3, b"\x01"))
         answers = {f.type: f for f in await raw.frames(3)}
-        open_err = codec.decode_open_err(answers[FrameType.OPEN_ERR].payload)
-        dns_err = codec.decode_dns_err(answers[FrameType.DNS_ERR].payload)
-        p11 = codec.decode_pkcs11_response(answers[FrameType.PKCS11_RESPONSE].payload)
+        open_err = payloads.decode_open_err(answers[FrameType.OPEN_ERR].payload)
+        dns_err = payloads.decode_dns_err(answers[FrameType.DNS_ERR].payload)
+        p11 = payloads.decode_pkcs11_response(answers[FrameType.PKCS11_RESPONSE].payload)
         assert open_err.code == OpenErrCode.INTERNAL
         assert dns_err.code == DnsErrCode.FORMAT_ERROR
         assert p11.status == Pkcs11Status.PROTOCOL_ERROR
         assert all(f.stream_id == 3 for f in answers.values())
-        await raw.send(codec.encode_frame(FrameType.PING, 0, b"still here"))
+        await raw.send(framing.encode_frame(FrameType.PING, 0, b"still here"))
         (pong,) = await raw.frames(1)
         assert pong.payload == b"still here"
 
@@ -120,8 +121,8 @@ async def test_open_on_stream_id_in_use_leaves_stream_untouched(gateway, echo_po
         await raw.send(_open(5, echo_port))
         (err,) = await raw.frames(1)
         assert (err.type, err.stream_id) == (FrameType.OPEN_ERR, 5)
-        assert codec.decode_open_err(err.payload).code == OpenErrCode.INTERNAL
-        await raw.send(codec.encode_frame(FrameType.DATA, 5, b"alive"))
+        assert payloads.decode_open_err(err.payload).code == OpenErrCode.INTERNAL
+        await raw.send(framing.encode_frame(FrameType.DATA, 5, b"alive"))
         (data,) = await raw.frames(1)
         assert (data.type, data.stream_id, data.payload) == (FrameType.DATA, 5, b"alive")
 
@@ -129,11 +130,11 @@ async def test_open_on_stream_id_in_use_leaves_stream_untouched(gateway, echo_po
 async def test_unknown_stream_ids_and_types_are_ignored(gateway) -> None:
     async with RawClient(gateway) as raw:
         await raw.hello()
-        await raw.send(codec.encode_frame(FrameType.DATA, 99, b"nobody"))
-        await raw.send(codec.encode_frame(FrameType.DATA_ACK, 99, codec.encode_data_ack(10)))
-        await raw.send(codec.encode_frame(FrameType.CLOSE, 99, codec.encode_close(0)))
-        await raw.send(codec.encode_frame(0x7E, 1, b"from the future"))
-        await raw.send(codec.encode_frame(FrameType.PING, 0, b"ok"))
+        await raw.send(framing.encode_frame(FrameType.DATA, 99, b"nobody"))
+        await raw.send(framing.encode_frame(FrameType.DATA_ACK, 99, payloads.encode_data_ack(10)))
+        await raw.send(framing.encode_frame(FrameType.CLOSE, 99, payloads.encode_close(0)))
+        await raw.send(framing.encode_frame(0x7E, 1, b"from the future"))
+        await raw.send(framing.encode_frame(FrameType.PING, 0, b"ok"))
         (pong,) = await raw.frames(1)
         assert (pong.type, pong.payload) == (FrameType.PONG, b"ok")
 
@@ -150,7 +151,7 @@ async def test_garbage_from_one_client_spares_the_others(gateway, echo_port) -> 
         await bad.send(b"\xff" * 64)
         assert await bad.close_code() == 1002
         for i in range(20):
-            await good.send(codec.encode_frame(FrameType.DATA, 1, b"%d;" % i))
+            await good.send(framing.encode_frame(FrameType.DATA, 1, b"%d;" % i))
         echoed = b""
         while echoed.count(b";") < 20:
             (frame,) = await good.frames(1)

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import ksw1fast
-from ksw1fast import _impl
+from ksw1fast import extensions
 from ksw1fast.ops import children
 
 from helpers import GatewayProcess, PackageCopy, free_port, http_get
@@ -43,7 +43,7 @@ async def _live_workers(proc: GatewayProcess, metrics_port: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("codec, env", [("compiled", {}),
-                                        ("pure", {_impl.NO_EXTENSIONS: "1"})])
+                                        ("pure", {extensions.NO_EXTENSIONS_VAR: "1"})])
 async def test_workers_started_in_an_unbuilt_checkout_run_the_installed_package(
         tmp_path: Path, codec: str, env: dict[str, str]) -> None:
     """`ksw1fast serve --workers 2` from a checkout never built (what serve.sh does after
@@ -96,7 +96,7 @@ def _run_child_of(package: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_a_worker_that_cannot_load_the_compiled_codec_it_expects_exits_with_one_line(
         tmp_path: Path) -> None:
-    assert _impl.EXTENSIONS  # so its workers are told to run the compiled codec
+    assert extensions.COMPILED  # so its workers are told to run the compiled codec
     checkout = PackageCopy(tmp_path, built=False)
     # a broken build (with no file at all, an editable install's import hook would still
     # find the real checkout's)
@@ -106,7 +106,7 @@ def test_a_worker_that_cannot_load_the_compiled_codec_it_expects_exits_with_one_
     result = _run_child_of(checkout.package, "serve", "--port", "0", "--worker-process", "1")
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
-    assert line.startswith(f"ksw1fast: {_impl.REQUIRE_EXTENSIONS} is set but the compiled "
+    assert line.startswith(f"ksw1fast: {extensions.REQUIRE_EXTENSIONS_VAR} is set but the compiled "
                            "codec cannot be loaded ("), line
 
 

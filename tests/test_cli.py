@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import ksw1fast
-from ksw1fast import _impl
+from ksw1fast import extensions
 from ksw1fast import client as kclient
+from ksw1fast.protocol.errors import OpenError
 
 from helpers import GatewayProcess, port_of, serve_tcp
 
@@ -42,18 +43,21 @@ def test_serve_help_documents_every_flag() -> None:
         assert flag in out
 
 
+_CHOSEN = ("from ksw1fast import framing; from ksw1fast.server import relaying; "
+           "print(framing.FrameParser.__module__, relaying.TcpStream.__module__)")
+
+
 def test_compiled_extensions_are_the_default() -> None:
-    assert _impl.EXTENSIONS
-    assert _impl.codec.__name__ == "ksw1fast._codec"
-    assert _impl.relay.__name__ == "ksw1fast.server._relay"
-    assert _impl.codec.__file__.endswith(".so") and _impl.relay.__file__.endswith(".so")
+    assert extensions.COMPILED
+    result = subprocess.run([sys.executable, "-c", _CHOSEN], capture_output=True, text=True,
+                            timeout=30)
+    assert result.stdout.split() == ["ksw1fast._codec", "ksw1fast.server._relay"]
 
 
 def test_no_extensions_selects_the_twins() -> None:
-    code = "from ksw1fast import _impl; print(_impl.codec.__name__, _impl.relay.__name__)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", _CHOSEN], capture_output=True, text=True,
                             env={**os.environ, "KSW1FAST_NO_EXTENSIONS": "1"}, timeout=30)
-    assert result.stdout.split() == ["ksw1fast.codec", "ksw1fast.server.relay"]
+    assert result.stdout.split() == ["ksw1fast.protocol.frames", "ksw1fast.server.relay"]
 
 
 def test_environment_names_of_the_reference() -> None:
@@ -96,7 +100,7 @@ async def test_serve_on_defaults_runs_the_browser_sequence() -> None:
             await stream.close()
             assert "127.0.0.1" in await client.resolve("localhost")
             assert await client.ping(b"x") == b"x"
-            with pytest.raises(ksw1fast.errors.OpenError):
+            with pytest.raises(OpenError):
                 await client.open_connection("no-such-host.invalid", 1)
             await client.close()
     finally:

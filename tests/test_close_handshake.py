@@ -19,7 +19,8 @@ from websockets.server import ServerProtocol
 
 import ksw1fast
 from ksw1fast import client as kclient
-from ksw1fast import codec
+from ksw1fast import framing
+from ksw1fast.protocol import payloads
 from ksw1fast.protocol.close import MAX_REASON, close_reason, closed_code, may_send, reply_to_close
 
 from helpers import RawPeer
@@ -137,9 +138,9 @@ async def test_a_flooding_client_still_gets_the_close_code(gateway: str) -> None
 
 
 async def test_unanswered_server_close_ends_after_the_timeout(monkeypatch) -> None:
-    from ksw1fast import _impl
+    from ksw1fast.server import _relay  # the relay an in-process gateway runs
 
-    monkeypatch.setattr(_impl.relay, "CLOSE_TIMEOUT", 0.2)
+    monkeypatch.setattr(_relay, "CLOSE_TIMEOUT", 0.2)
     async with await ksw1fast.start_gateway(port=0) as gw:
         p = RawPeer(gw.address)
         await p.upgrade()
@@ -200,7 +201,7 @@ async def test_python_client_answers_a_servers_close(name: str) -> None:
         writer.write(b"".join(protocol.data_to_send()))
         hello = await reader.read(65536)  # the client's Hello (masked); answer HelloAck
         del hello
-        ack = codec.encode_frame(0x02, 0, codec.encode_hello_ack(0x2E, 64, 1 << 24, 1 << 20))
+        ack = framing.encode_frame(0x02, 0, payloads.encode_hello_ack(0x2E, 64, 1 << 24, 1 << 20))
         writer.write(bytes([0x82, len(ack)]) + ack)
         writer.write(bytes([0x88, len(received)]) + received)
         await writer.drain()
@@ -240,6 +241,6 @@ async def test_websockets_library_close_through_workers_and_tls(spawn_gateway, t
     gw = await spawn_gateway(*args)
     for _ in range(4):  # with two workers, the kernel spreads these over both
         async with websockets.connect(gw.address, ssl=ssl_context) as ws:
-            await ws.send(codec.encode_frame(0xF0, 0, b"ping"))
-            assert codec.FrameParser().feed(await ws.recv())[0].type == 0xF1
+            await ws.send(framing.encode_frame(0xF0, 0, b"ping"))
+            assert framing.FrameParser().feed(await ws.recv())[0].type == 0xF1
         assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000

@@ -10,10 +10,11 @@ import pytest
 
 import ksw1fast
 from ksw1fast import client as kclient
-from ksw1fast import codec
+from ksw1fast import framing
+from ksw1fast.protocol import payloads
 from ksw1fast.protocol.constants import (AddrKind, DnsErrCode, Feature, FrameType, OpenErrCode,
                                 Pkcs11Status, Proto)
-from ksw1fast.errors import DnsError, OpenError
+from ksw1fast.protocol.errors import DnsError, OpenError
 
 from helpers import RawClient, port_of, serve_tcp
 
@@ -141,7 +142,7 @@ async def test_ip_literals(connect, family, host, addr_kind) -> None:
             addr = socket.inet_pton(family, host)
         else:
             kind, addr = AddrKind.HOSTNAME, host.encode()
-        stream = await client.open_stream(codec.encode_open(Proto.TCP, kind, port_of(server), addr))
+        stream = await client.open_stream(payloads.encode_open(Proto.TCP, kind, port_of(server), addr))
         assert stream.info.peer.host == host
         stream.write(b"ping")
         assert await stream.readexactly(4) == b"ping"
@@ -150,7 +151,7 @@ async def test_ip_literals(connect, family, host, addr_kind) -> None:
 async def test_bad_ipv4_bytes_are_resolve_fail(connect) -> None:
     client = await connect()
     with pytest.raises(OpenError) as info:
-        await client.open_stream(codec.encode_open(Proto.TCP, AddrKind.IPV4, 80, b"\x7f\x00"))
+        await client.open_stream(payloads.encode_open(Proto.TCP, AddrKind.IPV4, 80, b"\x7f\x00"))
     assert info.value.code == OpenErrCode.RESOLVE_FAIL
 
 
@@ -186,17 +187,17 @@ async def test_same_id_as_stream_dns_and_pkcs11(connect, echo_port) -> None:
 async def test_frames_coalesced_and_split_across_messages(gateway, echo_port) -> None:
     async with RawClient(gateway) as raw:
         await raw.hello()
-        open_frame = codec.encode_frame(FrameType.OPEN, 7, codec.encode_open(
+        open_frame = framing.encode_frame(FrameType.OPEN, 7, payloads.encode_open(
             Proto.TCP, AddrKind.HOSTNAME, echo_port, b"127.0.0.1"))
-        wire = open_frame + codec.encode_frame(FrameType.PING, 0, b"p1")
+        wire = open_frame + framing.encode_frame(FrameType.PING, 0, b"p1")
         await raw.send(wire[:5])        # split inside the header
         await raw.send(wire[5:20])
         await raw.send(wire[20:])       # the rest of Open and a whole Ping, coalesced
         answers = {f.type: f for f in await raw.frames(2)}
         assert answers[FrameType.OPEN_OK].stream_id == 7
         assert answers[FrameType.PONG].payload == b"p1"
-        data = (codec.encode_frame(FrameType.DATA, 7, b"hello ")
-                + codec.encode_frame(FrameType.DATA, 7, b"world"))
+        data = (framing.encode_frame(FrameType.DATA, 7, b"hello ")
+                + framing.encode_frame(FrameType.DATA, 7, b"world"))
         await raw.send(data[:3])
         await raw.send(data[3:])
         echoed = b""
@@ -309,10 +310,10 @@ async def test_close_while_connecting_ends_the_open(unanswered_port: int) -> Non
     async with await ksw1fast.start_gateway(port=0, connect_timeout=0.3) as gw:
         async with RawClient(gw.address) as raw:
             await raw.hello()
-            await raw.send(codec.encode_frame(FrameType.OPEN, 1, codec.encode_open(
+            await raw.send(framing.encode_frame(FrameType.OPEN, 1, payloads.encode_open(
                 Proto.TCP, AddrKind.HOSTNAME, unanswered_port, b"127.0.0.1")))
             await asyncio.sleep(0.1)
-            await raw.send(codec.encode_frame(FrameType.CLOSE, 1, codec.encode_close()))
+            await raw.send(framing.encode_frame(FrameType.CLOSE, 1, payloads.encode_close()))
             (ack,) = await raw.frames(1)
             assert (ack.type, ack.stream_id) == (FrameType.CLOSE_ACK, 1)
             with pytest.raises(asyncio.TimeoutError):
@@ -323,18 +324,18 @@ async def test_a_reused_stream_id_keeps_its_connect_timeout(unanswered_port: int
     """Close(1) and a new Open(1) in one message: the new open still times out."""
     import ksw1fast
 
-    open_1 = codec.encode_frame(FrameType.OPEN, 1, codec.encode_open(
+    open_1 = framing.encode_frame(FrameType.OPEN, 1, payloads.encode_open(
         Proto.TCP, AddrKind.HOSTNAME, unanswered_port, b"127.0.0.1"))
     async with await ksw1fast.start_gateway(port=0, connect_timeout=0.3) as gw:
         async with RawClient(gw.address) as raw:
             await raw.hello()
             await raw.send(open_1)
             await asyncio.sleep(0.1)
-            await raw.send(codec.encode_frame(FrameType.CLOSE, 1, codec.encode_close()) + open_1)
+            await raw.send(framing.encode_frame(FrameType.CLOSE, 1, payloads.encode_close()) + open_1)
             ack, err = await raw.frames(2, timeout=5)
             assert (ack.type, ack.stream_id) == (FrameType.CLOSE_ACK, 1)
             assert (err.type, err.stream_id) == (FrameType.OPEN_ERR, 1)
-            assert codec.decode_open_err(err.payload).code == OpenErrCode.TIMEOUT
+            assert payloads.decode_open_err(err.payload).code == OpenErrCode.TIMEOUT
             (conn,) = gw.connections
             assert not conn.streams and not conn._tasks  # the slot is free again
 
@@ -401,7 +402,7 @@ async def test_reads_grow_so_large_transfers_use_few_frames(gw) -> None:
     async with await serve_tcp(blast) as server:
         async with RawClient(gw.address) as raw:
             await raw.hello()
-            await raw.send(codec.encode_frame(FrameType.OPEN, 1, codec.encode_open(
+            await raw.send(framing.encode_frame(FrameType.OPEN, 1, payloads.encode_open(
                 Proto.TCP, AddrKind.HOSTNAME, port_of(server), b"127.0.0.1")))
             sizes = []
             while sum(sizes) < total:
@@ -476,7 +477,7 @@ async def test_small_frames_ready_together_share_messages(gw, size: int) -> None
     target = await serve_tcp(hold)
     async with target, RawClient(gw.address) as raw:
         await raw.hello()
-        opens = b"".join(codec.encode_frame(FrameType.OPEN, sid, codec.encode_open(
+        opens = b"".join(framing.encode_frame(FrameType.OPEN, sid, payloads.encode_open(
             Proto.TCP, AddrKind.IPV4, port_of(target), socket.inet_aton("127.0.0.1")))
             for sid in range(1, count + 1))
         await raw.send(opens)

@@ -17,7 +17,8 @@ import websockets
 from websockets.frames import Opcode
 
 from ksw1fast import client as kclient
-from ksw1fast import codec
+from ksw1fast import framing
+from ksw1fast.protocol import payloads
 from ksw1fast.protocol.constants import FrameType, Proto
 from ksw1fast.pkcs11.wire import FUNCTION_IDS, Reader, Writer
 
@@ -46,7 +47,7 @@ async def echo_port() -> AsyncIterator[int]:
 
 
 def _hello() -> bytes:
-    return codec.encode_frame(FrameType.HELLO, 0, codec.encode_hello(0x2E, 64))
+    return framing.encode_frame(FrameType.HELLO, 0, payloads.encode_hello(0x2E, 64))
 
 
 def _many(count: int, frame: Callable[[int], bytes]) -> bytes:
@@ -56,13 +57,13 @@ def _many(count: int, frame: Callable[[int], bytes]) -> bytes:
 # Requests the gateway answers at once, as the messages an attacker repeats (after Hello).
 REQUESTS = {
     # 1 MiB Pings, each answered by a 1 MiB Pong
-    "ping": codec.encode_frame(FrameType.PING, 0, bytes(MiB)),
+    "ping": framing.encode_frame(FrameType.PING, 0, bytes(MiB)),
     # Opens with an unknown address kind: each answered at once by an OpenErr
-    "open-err": _many(4096, lambda sid: codec.encode_frame(
-        FrameType.OPEN, sid, codec.encode_open(Proto.TCP, 9, 80, b"x"))),
+    "open-err": _many(4096, lambda sid: framing.encode_frame(
+        FrameType.OPEN, sid, payloads.encode_open(Proto.TCP, 9, 80, b"x"))),
     # Pkcs11Requests without a module: malformed ones, answered at once by ProtocolError
-    "pkcs11-err": _many(4096, lambda qid: codec.encode_frame(
-        FrameType.PKCS11_REQUEST, qid, codec.encode_pkcs11_request(0x0000, b""))),
+    "pkcs11-err": _many(4096, lambda qid: framing.encode_frame(
+        FrameType.PKCS11_REQUEST, qid, payloads.encode_pkcs11_request(0x0000, b""))),
 }
 
 
@@ -121,8 +122,8 @@ async def test_pipelined_pkcs11_answers_a_client_does_not_read_are_bounded(
             session = await _open_session(attacker)
             before = gateway.memory_info().rss
             random = Writer().u32(session).u32(MiB).getvalue()
-            burst = _many(50, lambda qid: codec.encode_frame(
-                FrameType.PKCS11_REQUEST, qid, codec.encode_pkcs11_request(
+            burst = _many(50, lambda qid: framing.encode_frame(
+                FrameType.PKCS11_REQUEST, qid, payloads.encode_pkcs11_request(
                     FUNCTION_IDS["GenerateRandom"], random)))
             sent = await attacker.flood(burst, count=20)  # 1000 requests
             await asyncio.sleep(3)  # the agent answers what it took
@@ -137,16 +138,16 @@ async def test_pipelined_pkcs11_answers_a_client_does_not_read_are_bounded(
 
 async def _open_session(peer: RawPeer) -> int:
     """A session on the token's slot, through the raw client (it reads the answers)."""
-    parser = codec.FrameParser()
+    parser = framing.FrameParser()
     answers: list = []
 
     async def call(qid: int, fn: str, args: bytes) -> Reader:
-        await peer.send_frame(Opcode.BINARY, codec.encode_frame(
-            FrameType.PKCS11_REQUEST, qid, codec.encode_pkcs11_request(FUNCTION_IDS[fn], args)))
+        await peer.send_frame(Opcode.BINARY, framing.encode_frame(
+            FrameType.PKCS11_REQUEST, qid, payloads.encode_pkcs11_request(FUNCTION_IDS[fn], args)))
         while not answers:
             answers.extend(f for f in parser.feed(await peer.recv_message())
                            if f.type == FrameType.PKCS11_RESPONSE)
-        response = codec.decode_pkcs11_response(bytes(answers.pop(0).payload))
+        response = payloads.decode_pkcs11_response(bytes(answers.pop(0).payload))
         assert response.status == 0, response
         return Reader(response.body)
 

@@ -13,7 +13,8 @@ import psutil
 import pytest
 
 from ksw1fast import client as kclient
-from ksw1fast import codec
+from ksw1fast import framing
+from ksw1fast.protocol import payloads
 from ksw1fast.protocol.constants import AddrKind, FrameType, Proto
 
 from helpers import GatewayProcess, RawClient, echo_handler, port_of, serve_tcp
@@ -92,7 +93,7 @@ async def test_client_that_never_reads(gateway_proc) -> None:
         # websockets stops reading its socket once a few messages wait unread
         async with RawClient(gateway_proc.address, max_queue=4) as raw:
             await raw.hello()
-            await raw.send(codec.encode_frame(FrameType.OPEN, 1, codec.encode_open(
+            await raw.send(framing.encode_frame(FrameType.OPEN, 1, payloads.encode_open(
                 Proto.TCP, AddrKind.HOSTNAME, port_of(target), b"127.0.0.1")))
             await progress.watch()
     assert progress.pushed < GIB, "the target was never slowed down"

@@ -18,12 +18,12 @@ import websockets
 
 import ksw1fast
 from ksw1fast import client as kclient
-from ksw1fast import codec
+from ksw1fast.protocol import payloads
 from ksw1fast.security import resolve
 from ksw1fast.security.tokens import issue_token
 from ksw1fast.config import GatewayConfig
 from ksw1fast.protocol.constants import (AddrKind, DnsErrCode, Feature, OpenErrCode, Pkcs11Status, Proto)
-from ksw1fast.errors import DnsError, OpenError
+from ksw1fast.protocol.errors import DnsError, OpenError
 from ksw1fast.security.gate import Security
 
 pytestmark = pytest.mark.timeout(60)
@@ -170,7 +170,7 @@ async def test_egress_rules(echo_port) -> None:
         with pytest.raises(OpenError) as info:
             await client.open_connection("127.0.0.1", echo_port + 1)  # allow rules: deny the rest
         assert info.value.code == OpenErrCode.BLOCKED
-        raw_v4 = codec.encode_open(Proto.TCP, AddrKind.IPV4, echo_port + 1, bytes([127, 0, 0, 1]))
+        raw_v4 = payloads.encode_open(Proto.TCP, AddrKind.IPV4, echo_port + 1, bytes([127, 0, 0, 1]))
         with pytest.raises(OpenError) as info:
             await client.open_stream(raw_v4)
         assert info.value.code == OpenErrCode.BLOCKED
@@ -218,7 +218,7 @@ async def test_embedded_ipv4_through_the_gateway(monkeypatch) -> None:
     async with await ksw1fast.start_gateway(port=0, egress=("deny 10.0.0.0/8",)) as gw:
         client = await kclient.connect(gw.address)
         for address in answers[:2]:
-            raw = codec.encode_open(Proto.TCP, AddrKind.IPV6, 80,
+            raw = payloads.encode_open(Proto.TCP, AddrKind.IPV6, 80,
                                     ipaddress.IPv6Address(address).packed)
             with pytest.raises(OpenError) as info:
                 await client.open_stream(raw)

@@ -7,7 +7,8 @@ import psutil
 import pytest
 
 from ksw1fast import client as kclient
-from ksw1fast import codec
+from ksw1fast import framing
+from ksw1fast.protocol import payloads
 from ksw1fast.protocol.constants import AddrKind, Feature, FrameType, Proto
 
 from helpers import GatewayProcess, RawClient, port_of, serve_tcp
@@ -32,7 +33,7 @@ async def udp_echo_port():
 
 
 def _open_udp(stream_id: int, port: int) -> bytes:
-    return codec.encode_frame(FrameType.OPEN, stream_id, codec.encode_open(
+    return framing.encode_frame(FrameType.OPEN, stream_id, payloads.encode_open(
         Proto.UDP, AddrKind.HOSTNAME, port, b"127.0.0.1"))
 
 
@@ -44,11 +45,11 @@ async def test_udp_datagrams_keep_their_boundaries(gateway, udp_echo_port) -> No
         assert ok.type == FrameType.OPEN_OK
         datagrams = [b"\x01", bytes(range(100)), bytes(1200)]
         for d in datagrams:
-            await raw.send(codec.encode_frame(FrameType.DATA, 1, d))
+            await raw.send(framing.encode_frame(FrameType.DATA, 1, d))
         frames = await raw.frames(3)
         assert [(f.type, f.stream_id) for f in frames] == [(FrameType.DATA, 1)] * 3
         assert sorted(f.payload for f in frames) == sorted(datagrams)
-        await raw.send(codec.encode_frame(FrameType.CLOSE, 1, codec.encode_close(0)))
+        await raw.send(framing.encode_frame(FrameType.CLOSE, 1, payloads.encode_close(0)))
         (ack,) = await raw.frames(1)
         assert (ack.type, ack.stream_id) == (FrameType.CLOSE_ACK, 1)
 
@@ -80,16 +81,16 @@ async def test_overrunning_the_credit_closes_the_stream(gateway) -> None:
 
     async with await serve_tcp(hold) as target, RawClient(gateway) as raw:
         await raw.hello(features=0x2F)
-        await raw.send(codec.encode_frame(FrameType.OPEN, 1, codec.encode_open(
+        await raw.send(framing.encode_frame(FrameType.OPEN, 1, payloads.encode_open(
             Proto.TCP, AddrKind.HOSTNAME, port_of(target), b"127.0.0.1")))
         (ok,) = await raw.frames(1)
         assert ok.type == FrameType.OPEN_OK
-        await raw.send(codec.encode_frame(FrameType.DATA, 1, bytes(2 * 1024 * 1024)))
+        await raw.send(framing.encode_frame(FrameType.DATA, 1, bytes(2 * 1024 * 1024)))
         frames = await raw.frames(1)
         while frames[0].type == FrameType.DATA_ACK:
             frames = await raw.frames(1)
         assert (frames[0].type, frames[0].stream_id) == (FrameType.CLOSE, 1)
-        assert codec.decode_close(frames[0].payload) == 1
+        assert payloads.decode_close(frames[0].payload) == 1
     for writer in held:
         writer.close()
 
@@ -181,7 +182,7 @@ async def test_udp_to_the_client_needs_no_credit(gateway, udp_echo_port) -> None
         assert ok.type == FrameType.OPEN_OK
         received, datagram = 0, bytes(60000)
         for _ in range(24):  # 1.4 MB, one datagram in flight at a time (none dropped)
-            await raw.send(codec.encode_frame(FrameType.DATA, 1, datagram))
+            await raw.send(framing.encode_frame(FrameType.DATA, 1, datagram))
             while True:
                 (frame,) = await raw.frames(1)
                 if frame.type == FrameType.DATA:

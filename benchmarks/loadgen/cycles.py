@@ -12,7 +12,7 @@ import socket
 import time
 
 from benchmarks.loadgen.ksw1 import Control, Ksw1Connection
-from ksw1fast import codec
+from ksw1fast.protocol import payloads
 from ksw1fast.protocol.constants import FrameType
 
 DNS_NAME = "localhost"  # answered from /etc/hosts: measures the gateway, not a DNS server
@@ -64,7 +64,7 @@ class OpenCycle(Cycle):
 
     def on_control(self, conn: Ksw1Connection, type_: int, stream_id: int) -> None:
         if type_ == FrameType.OPEN_OK:
-            conn.send_frame(FrameType.CLOSE, stream_id, codec.encode_close(0))
+            conn.send_frame(FrameType.CLOSE, stream_id, payloads.encode_close(0))
         elif type_ == FrameType.CLOSE_ACK:
             self.completed()
         elif type_ == FrameType.OPEN_ERR:
@@ -72,7 +72,7 @@ class OpenCycle(Cycle):
 
 
 class DnsCycle(Cycle):
-    _QUERY = codec.encode_dns_query(4, DNS_NAME)
+    _QUERY = payloads.encode_dns_query(4, DNS_NAME)
 
     def request(self) -> None:
         self.conn.send_frame(FrameType.DNS_QUERY, self.conn.next_id(), self._QUERY)

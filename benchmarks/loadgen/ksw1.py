@@ -17,7 +17,7 @@ from picows import WSFrame, WSMsgType, WSTransport
 
 from benchmarks.loadgen.lanes import Lane
 from benchmarks.loadgen.wspeer import WsPeer
-from ksw1fast import codec
+from ksw1fast.protocol import payloads
 from ksw1fast.protocol.constants import AddrKind, Feature, Flag, FrameType, Proto
 
 HEADER = struct.Struct("<4sBBBxII")  # magic, version, type, flags, stream id, payload length
@@ -63,7 +63,7 @@ class Ksw1Connection(WsPeer):
     async def start(cls, url: str) -> "Ksw1Connection":
         """Connect and complete Hello / HelloAck."""
         conn = await cls.connect(url)
-        conn.send_frame(FrameType.HELLO, 0, codec.encode_hello(FEATURES, MAX_STREAMS))
+        conn.send_frame(FrameType.HELLO, 0, payloads.encode_hello(FEATURES, MAX_STREAMS))
         await asyncio.wait_for(asyncio.shield(conn._hello), 30)
         return conn
 
@@ -80,7 +80,7 @@ class Ksw1Connection(WsPeer):
     def send_open(self, stream_id: int, port: int) -> None:
         # the address as text, as the polyfill sends every address
         self.send_frame(FrameType.OPEN, stream_id,
-                        codec.encode_open(Proto.TCP, AddrKind.HOSTNAME, port, b"127.0.0.1"))
+                        payloads.encode_open(Proto.TCP, AddrKind.HOSTNAME, port, b"127.0.0.1"))
 
     async def open_lanes(self, port: int, count: int) -> list[Ksw1Lane]:
         """Open `count` streams to 127.0.0.1:port, all Opens in flight at once."""
@@ -129,7 +129,7 @@ class Ksw1Connection(WsPeer):
                 if type_ == FrameType.OPEN_OK:
                     waiter.set_result(None)
                 else:
-                    err = codec.decode_open_err(payload)
+                    err = payloads.decode_open_err(payload)
                     waiter.set_exception(ConnectionError(f"OpenErr {err.code}: {err.message}"))
         elif type_ == FrameType.CLOSE or type_ == FrameType.CLOSE_ACK:
             lane = self.lanes.pop(stream_id, None)

@@ -28,11 +28,11 @@ _PACKAGE = os.path.dirname(os.path.dirname(_SCRIPT))  # ksw1fast/, above ksw1fas
 def command(module: str, args: Sequence[str],
             env: Optional[Mapping[str, str]] = None) -> tuple[list[str], dict[str, str]]:
     """argv and environment of a child that runs `python -m MODULE ARGS` on this process's
-    ksw1fast and codec (`_impl.child_env`); `env` defaults to this process's."""
-    from ksw1fast import _impl  # not at module level: see above
+    ksw1fast and codec (`extensions.child_env`); `env` defaults to this process's."""
+    from ksw1fast import extensions  # not at module level: see above
 
     argv = [sys.executable, _SCRIPT, module, *args]
-    return argv, {**(os.environ if env is None else env), **_impl.child_env()}
+    return argv, {**(os.environ if env is None else env), **extensions.child_env()}
 
 
 def _in_package(path: Optional[str]) -> bool:

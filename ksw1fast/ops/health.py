@@ -13,7 +13,7 @@ import logging
 from typing import Any, Callable, Optional
 
 from ksw1fast.ops import metrics
-from ksw1fast._impl import CODEC
+from ksw1fast.extensions import CODEC
 from ksw1fast._version import __version__
 from ksw1fast.errors import ListenError
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from ksw1fast.protocol.constants import DnsErrCode, OpenErrCode, Pkcs11Status
-from ksw1fast.errors import KSW1Error
+from ksw1fast.protocol.errors import KSW1Error
 from ksw1fast.security.egress import Rule, normalize_proto, parse_destination
 
 PREFIX = "ksw1"

@@ -1,4 +1,5 @@
 # The compiled relay has exactly the API of its pure-Python twin.
-from ksw1fast.server.relay import *  # noqa: F401,F403
-from ksw1fast.server.relay import GatewayListener as GatewayListener, Stream as Stream, \
-    TcpStream as TcpStream, UdpStream as UdpStream
+from ksw1fast.server.relay import GatewayListener as GatewayListener
+from ksw1fast.server.relay import Stream as Stream
+from ksw1fast.server.relay import TcpStream as TcpStream
+from ksw1fast.server.relay import UdpStream as UdpStream

@@ -28,7 +28,7 @@ from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType, WSCloseC
 from ksw1fast._codec cimport FrameParser, FrameView, write_header
 
 from ksw1fast.protocol.constants import HEADER_SIZE as _HEADER_SIZE, WSClose
-from ksw1fast.errors import FrameError
+from ksw1fast.protocol.errors import FrameError
 from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason, reply_to_close
 
 cdef extern from "<sys/socket.h>" nogil:

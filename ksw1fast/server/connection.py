@@ -17,13 +17,14 @@ from typing import Any, Callable, Optional
 from picows import WSTransport
 
 from ksw1fast.ops import metrics
-from ksw1fast._impl import codec, relay
+from ksw1fast.protocol import payloads
+from ksw1fast.server import relaying
 from ksw1fast.security.tokens import AuthError, Grant
 from ksw1fast.config import GatewayConfig
 from ksw1fast.protocol.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CREDIT, AddrKind,
                                 CloseReason, DnsErrCode, Feature, FrameType, OpenErrCode,
                                 Pkcs11Status, Proto, WSClose)
-from ksw1fast.errors import MalformedPayload
+from ksw1fast.protocol.errors import MalformedPayload
 from ksw1fast.server.limits import Rate
 from ksw1fast.ops.logs import Throttled
 from ksw1fast.protocol.messages import OpenOkInfo, OpenRequest, SockAddr
@@ -45,7 +46,7 @@ SERVER_FEATURES = (Feature.FLOW_CONTROL | Feature.HALF_CLOSE | Feature.DNS | Fea
 _CLOSE_ACK = struct.pack("<I", 0)  # what the reference sends; the polyfill accepts either
 _BEFORE_HELLO_OK = {FrameType.HELLO, FrameType.PING}
 _KNOWN_TYPES = {int(t) for t in FrameType}
-_STREAM_CLASSES = {Proto.TCP: relay.TcpStream, Proto.UDP: relay.UdpStream}
+_STREAM_CLASSES = {Proto.TCP: relaying.TcpStream, Proto.UDP: relaying.UdpStream}
 
 
 def _target_host(req: OpenRequest) -> str:
@@ -65,7 +66,7 @@ def _target_host(req: OpenRequest) -> str:
     return str(ipaddress.ip_address(req.addr))
 
 
-class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
+class Connection(relaying.GatewayListener):  # type: ignore[misc, name-defined]
     """State of one client WebSocket of the gateway."""
 
     # an idle connection should cost little memory: no per-instance __dict__
@@ -172,7 +173,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
 
     def _on_hello(self, payload: bytes) -> None:
         try:
-            hello = codec.decode_hello(payload)
+            hello = payloads.decode_hello(payload)
         except MalformedPayload as exc:
             self.fail(WSClose.PROTOCOL_ERROR, f"malformed Hello: {exc}")
             return
@@ -186,7 +187,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         self.max_streams = min(hello.max_streams or DEFAULT_CLIENT_MAX_STREAMS,
                                self.config.max_streams)
         self.hello_done = True
-        self.send_frame(FrameType.HELLO_ACK, 0, codec.encode_hello_ack(
+        self.send_frame(FrameType.HELLO_ACK, 0, payloads.encode_hello_ack(
             self.features, self.max_streams, self.config.max_payload, DEFAULT_INITIAL_CREDIT))
 
     def _on_duplicate_hello(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -216,7 +217,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
                       code.name.lower()).inc()
         if code == OpenErrCode.BLOCKED:
             metrics.child(metrics.POLICY_DENIALS, "egress").inc()
-        self.send_frame(FrameType.OPEN_ERR, stream_id, codec.encode_open_err(code, message))
+        self.send_frame(FrameType.OPEN_ERR, stream_id, payloads.encode_open_err(code, message))
 
     def _on_open(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id in self.streams:
@@ -229,7 +230,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
                            "a second")
             return
         try:
-            req = codec.decode_open(payload)
+            req = payloads.decode_open(payload)
         except MalformedPayload as exc:
             self._open_err(stream_id, OpenErrCode.INTERNAL, f"malformed Open: {exc}")
             return
@@ -270,7 +271,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             self._connect(stream, host, req.port, proto == "udp", dest))
         self._tasks[stream_id] = task
 
-    async def _connect(self, stream: "relay.Stream", host: str, port: int, udp: bool,
+    async def _connect(self, stream: "relaying.Stream", host: str, port: int, udp: bool,
                        dest: str) -> None:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -306,7 +307,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         if self.streams.get(stream.stream_id) is not stream:  # closed while we connected
             transport.abort()
             return
-        self.send_frame(FrameType.OPEN_OK, stream.stream_id, codec.encode_open_ok(
+        self.send_frame(FrameType.OPEN_OK, stream.stream_id, payloads.encode_open_ok(
             OpenOkInfo(_sockaddr(transport.get_extra_info("sockname")),
                        _sockaddr(transport.get_extra_info("peername")))))
         stream.start()
@@ -314,13 +315,13 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         metrics.OPEN_SECONDS.observe(time.monotonic() - started)
         log.debug("stream open peer=%s stream=%d dest=%s", self.peer, stream.stream_id, dest)
 
-    def _connect_timed_out(self, stream: "relay.Stream", task: "asyncio.Task[None]",
+    def _connect_timed_out(self, stream: "relaying.Stream", task: "asyncio.Task[None]",
                            dest: str) -> None:
         if self.streams.get(stream.stream_id) is stream:  # else the client closed it
             task.cancel()  # closes the socket being connected
             self._fail_open(stream, *open_error(TimeoutError()), dest)
 
-    def _fail_open(self, stream: "relay.Stream", code: OpenErrCode, message: str,
+    def _fail_open(self, stream: "relaying.Stream", code: OpenErrCode, message: str,
                    dest: str) -> None:
         """OpenErr for a stream whose connect failed, unless the client closed it meanwhile."""
         if self.streams.get(stream.stream_id) is stream:
@@ -343,19 +344,19 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         if stream is None:
             return  # unknown or closed stream: ignored (spec §5)
         try:
-            stream.add_credit(codec.decode_data_ack(payload))
+            stream.add_credit(payloads.decode_data_ack(payload))
         except MalformedPayload:
             self.stream_failed(stream, "malformed DataAck")
 
-    def stream_ended(self, stream: "relay.Stream", exc: Optional[BaseException]) -> None:
+    def stream_ended(self, stream: "relaying.Stream", exc: Optional[BaseException]) -> None:
         """The target closed (or failed) on its own: tell the client and forget the stream."""
         self._count_bytes(stream, final=True)
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
             reason = CloseReason.NORMAL if exc is None else CloseReason.ERROR
-            self.send_frame(FrameType.CLOSE, stream.stream_id, codec.encode_close(reason))
+            self.send_frame(FrameType.CLOSE, stream.stream_id, payloads.encode_close(reason))
 
-    def stream_failed(self, stream: "relay.Stream", reason: str) -> None:
+    def stream_failed(self, stream: "relaying.Stream", reason: str) -> None:
         """The client broke a stream's rules: drop the target and Close(sid, 1)."""
         refusals.info("stream closed peer=%s stream=%d reason=%s", self.peer, stream.stream_id,
                       reason)
@@ -363,7 +364,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             del self.streams[stream.stream_id]
         stream.forget()
         self._count_bytes(stream, final=True)
-        self.send_frame(FrameType.CLOSE, stream.stream_id, codec.encode_close(CloseReason.ERROR))
+        self.send_frame(FrameType.CLOSE, stream.stream_id, payloads.encode_close(CloseReason.ERROR))
 
     # -- DNS ---------------------------------------------------------------------------
 
@@ -375,7 +376,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
                           "a second")
             return
         try:
-            query = codec.decode_dns_query(payload)
+            query = payloads.decode_dns_query(payload)
             if query.family not in (0, 4, 6):
                 raise MalformedPayload(f"family {query.family} is not 0, 4 or 6")
             if not query.name or len(query.name) > 253 or "\x00" in query.name:
@@ -429,19 +430,19 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
             self._dns_err(query_id, DnsErrCode.REFUSED, "every address is denied by policy")
             return
         metrics.child(metrics.DNS_QUERIES, "ok").inc()
-        self.send_frame(FrameType.DNS_RESULT, query_id, codec.encode_dns_result(addresses))
+        self.send_frame(FrameType.DNS_RESULT, query_id, payloads.encode_dns_result(addresses))
 
     def _dns_err(self, query_id: int, code: DnsErrCode, message: str) -> None:
         metrics.child(metrics.DNS_QUERIES, code.name.lower()).inc()
         if code == DnsErrCode.REFUSED:
             metrics.child(metrics.POLICY_DENIALS, "dns").inc()
-        self.send_frame(FrameType.DNS_ERR, query_id, codec.encode_dns_err(code, message))
+        self.send_frame(FrameType.DNS_ERR, query_id, payloads.encode_dns_err(code, message))
 
     # -- PKCS#11 ----------------------------------------------------------------------
 
     def _on_pkcs11_request(self, flags: int, query_id: int, payload: bytes) -> None:
         try:
-            request = codec.decode_pkcs11_request(payload)
+            request = payloads.decode_pkcs11_request(payload)
         except MalformedPayload as exc:
             self._pkcs11_reply(*wire.protocol_error(f"malformed request: {exc}"), query_id)
             return
@@ -489,7 +490,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
         for stream in self.streams.values():
             self._count_bytes(stream)
 
-    def _count_bytes(self, stream: "relay.Stream", final: bool = False) -> None:
+    def _count_bytes(self, stream: "relaying.Stream", final: bool = False) -> None:
         seen_in, seen_out = (self._counted.pop(stream, (0, 0)) if final
                              else self._counted.get(stream, (0, 0)))
         if stream.bytes_in > seen_in:
@@ -502,7 +503,7 @@ class Connection(relay.GatewayListener):  # type: ignore[misc, name-defined]
     def _pkcs11_reply(self, status: int, body: bytes, query_id: int) -> None:
         if self.ws is not None and not self.ws.is_disconnected:
             self.send_frame(FrameType.PKCS11_RESPONSE, query_id,
-                            codec.encode_pkcs11_response(status, body))
+                            payloads.encode_pkcs11_response(status, body))
 
 
 _HANDLERS: dict[int, Callable[[Connection, int, int, bytes], None]] = {

@@ -15,7 +15,7 @@ from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithLis
 from picows.picows import _validate_upgrade_request
 
 from ksw1fast.ops import metrics
-from ksw1fast._impl import CODEC
+from ksw1fast.extensions import CODEC
 from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
 from ksw1fast.server.connection import Connection, refusals

@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
-from ksw1fast import codec
+from ksw1fast.protocol import frames, payloads
 from ksw1fast.protocol.constants import HEADER_SIZE, Flag, FrameType, WSClose
-from ksw1fast.errors import FrameError
+from ksw1fast.protocol.errors import FrameError
 from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason, reply_to_close
 
 MIN_READ = 16 * 1024
@@ -105,7 +105,7 @@ class Stream:
         if ready > 0 and (everything or ready >= ACK_STEP):
             self.acked += ready
             self.recv_credit += ready
-            self.conn.send_frame(_DATA_ACK, self.stream_id, codec.encode_data_ack(ready))
+            self.conn.send_frame(_DATA_ACK, self.stream_id, payloads.encode_data_ack(ready))
 
     def _sent(self, n: int) -> None:
         self.bytes_out += n
@@ -270,7 +270,7 @@ class GatewayListener(WSListener):
         self.ws: Optional[WSTransport] = None
         self.streams: dict[int, Stream] = {}
         self.targets_paused = False
-        self.parser = codec.FrameParser(max_payload)
+        self.parser = frames.FrameParser(max_payload)
         self.congested = 0            # targets whose write buffer is full
         self.over_budget = False      # our queued output to the client passed send_limit
         self.reading_paused = False   # the client is not being read: congested or over budget
@@ -346,7 +346,7 @@ class GatewayListener(WSListener):
             return
         size = len(payload)
         message = bytearray(_WS_HEADROOM + HEADER_SIZE + size)  # one allocation, one copy
-        codec.pack_header(message, _WS_HEADROOM, type, flags, stream_id, size)
+        frames.pack_header(message, _WS_HEADROOM, type, flags, stream_id, size)
         message[_WS_HEADROOM + HEADER_SIZE:] = payload
         self.ws.send_reuse_external_bytearray(WSMsgType.BINARY, message, _WS_HEADROOM)
         if self.targets_paused:
