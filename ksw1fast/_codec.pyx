@@ -14,18 +14,18 @@ from cpython.number cimport PyNumber_Index
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcmp, memcpy
 
-from ksw1fast.protocol.constants import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, MAGIC, VERSION, WSClose
+from ksw1fast._constants cimport KSW1_HEADER, KSW1_VERSION
+
+from ksw1fast.protocol.constants import DEFAULT_MAX_PAYLOAD, WSClose
 from ksw1fast.protocol.errors import FrameError
 from ksw1fast.protocol.messages import Frame
 
 __all__ = ["FrameParser", "encode_frame", "pack_header"]
 
 cdef enum:
-    _HDR = 16        # header size (spec §1)
+    _HDR = KSW1_HEADER
     _PREFIX = 5      # magic + version: enough to tell a stream is not KSW1
-    _VERSION = 1
-
-assert HEADER_SIZE == _HDR and VERSION == _VERSION and MAGIC == b"KSW1"
+    _VERSION = KSW1_VERSION
 
 
 # -- little-endian access, byte by byte: right on any host, at any alignment ---------

@@ -26,8 +26,9 @@ from libc.string cimport memcpy
 
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType, WSCloseCode
 from ksw1fast._codec cimport FrameParser, FrameView, write_header
+from ksw1fast._constants cimport *
 
-from ksw1fast.protocol.constants import HEADER_SIZE as _HEADER_SIZE, WSClose
+from ksw1fast.protocol.constants import WSClose
 from ksw1fast.protocol.errors import FrameError
 from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason, reply_to_close
 
@@ -38,31 +39,11 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef class GatewayListener
 
 cdef enum:
-    KSW1_HEADER = 16
-    WS_HEADROOM = 16            # picows writes up to 14 bytes of WebSocket header here
     HEADROOM = WS_HEADROOM + KSW1_HEADER
-    FRAME_DATA = 0x20
-    FRAME_DATA_ACK = 0x21
-    FLAG_EOF = 0x01
-    MAX_DATAGRAM = 65507        # spec §7: larger client datagrams are dropped
     BATCH_SIZE = 32 * 1024      # the most frame bytes one batched message carries
     BATCH_FRAME = 2 * 1024      # frames up to this size are batched, bigger ones go alone;
                                 # also a new batch's size, grown by doubling as needed
     SPARE_BATCHES = 32          # batch buffers kept for reuse across connections
-
-MIN_READ = 16 * 1024
-MAX_READ = 256 * 1024
-HIGH_WATER = 1024 * 1024         # per target write buffer and per WebSocket write buffer
-LOW_WATER = 256 * 1024
-MAX_PENDING = 1024 * 1024        # client Data accepted for a stream that is still connecting
-INITIAL_CREDIT = 1024 * 1024     # FlowControl window per stream and direction (spec §6)
-ACK_STEP = 64 * 1024             # return client credit in steps of at least this
-FC_HIGH_WATER = 256 * 1024       # with credits: above this, ack only after a full drain
-
-# Why a stream's target is not being read (bits; reading resumes when none is left).
-PAUSE_CONNECTING = 1             # OpenOk not sent yet: no Data may precede it
-PAUSE_WEBSOCKET = 2              # the WebSocket's write buffer is above its high-water mark
-PAUSE_CREDIT = 4                 # FlowControl: the client's window for us is spent
 
 cdef bytearray _read_buf = bytearray(HEADROOM + MAX_READ)
 cdef char* _read_ptr = _read_buf
@@ -616,4 +597,15 @@ cdef class GatewayListener(WSListener):
             self.ws.underlying_transport.resume_reading()
 
 
-assert _HEADER_SIZE == KSW1_HEADER
+def compiled_constants():
+    """The values this module was compiled with (ksw1fast/_constants.pxd), for the test
+    that they agree with the Python ones."""
+    return {
+        "KSW1_HEADER": KSW1_HEADER, "KSW1_VERSION": KSW1_VERSION, "FRAME_DATA": FRAME_DATA,
+        "FRAME_DATA_ACK": FRAME_DATA_ACK, "FLAG_EOF": FLAG_EOF, "MIN_READ": MIN_READ,
+        "MAX_READ": MAX_READ, "HIGH_WATER": HIGH_WATER, "LOW_WATER": LOW_WATER,
+        "MAX_PENDING": MAX_PENDING, "INITIAL_CREDIT": INITIAL_CREDIT, "ACK_STEP": ACK_STEP,
+        "FC_HIGH_WATER": FC_HIGH_WATER, "MAX_DATAGRAM": MAX_DATAGRAM,
+        "WS_HEADROOM": WS_HEADROOM, "PAUSE_CONNECTING": PAUSE_CONNECTING,
+        "PAUSE_WEBSOCKET": PAUSE_WEBSOCKET, "PAUSE_CREDIT": PAUSE_CREDIT,
+    }

@@ -14,27 +14,16 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from ksw1fast.protocol import frames, payloads
 from ksw1fast.protocol.constants import HEADER_SIZE, Flag, FrameType, WSClose
+from ksw1fast.server.tuning import (ACK_STEP, FC_HIGH_WATER, HIGH_WATER, INITIAL_CREDIT, LOW_WATER,
+                                    MAX_DATAGRAM, MAX_PENDING, MAX_READ, MIN_READ,
+                                    PAUSE_CONNECTING, PAUSE_CREDIT, PAUSE_WEBSOCKET,
+                                    WS_HEADROOM)
 from ksw1fast.protocol.errors import FrameError
 from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason, reply_to_close
-
-MIN_READ = 16 * 1024
-MAX_READ = 256 * 1024
-HIGH_WATER = 1024 * 1024
-LOW_WATER = 256 * 1024
-MAX_PENDING = 1024 * 1024
-INITIAL_CREDIT = 1024 * 1024
-ACK_STEP = 64 * 1024
-FC_HIGH_WATER = 256 * 1024
-MAX_DATAGRAM = 65507
-
-PAUSE_CONNECTING = 1
-PAUSE_WEBSOCKET = 2
-PAUSE_CREDIT = 4
 
 _DATA = int(FrameType.DATA)
 _DATA_ACK = int(FrameType.DATA_ACK)
 _EOF = int(Flag.EOF)
-_WS_HEADROOM = 14  # room picows needs in front of a message for the WebSocket header
 
 
 class Stream:
@@ -345,10 +334,10 @@ class GatewayListener(WSListener):
         if self.closing:
             return
         size = len(payload)
-        message = bytearray(_WS_HEADROOM + HEADER_SIZE + size)  # one allocation, one copy
-        frames.pack_header(message, _WS_HEADROOM, type, flags, stream_id, size)
-        message[_WS_HEADROOM + HEADER_SIZE:] = payload
-        self.ws.send_reuse_external_bytearray(WSMsgType.BINARY, message, _WS_HEADROOM)
+        message = bytearray(WS_HEADROOM + HEADER_SIZE + size)  # one allocation, one copy
+        frames.pack_header(message, WS_HEADROOM, type, flags, stream_id, size)
+        message[WS_HEADROOM + HEADER_SIZE:] = payload
+        self.ws.send_reuse_external_bytearray(WSMsgType.BINARY, message, WS_HEADROOM)
         if self.targets_paused:
             self._check_budget()
 
