@@ -65,7 +65,7 @@ async def control(address: str, echo_port: int, attack: asyncio.Future) -> None:
         await stream.close()
         addresses = await asyncio.wait_for(client.resolve("localhost", 4), 5)
         took = time.monotonic() - started
-        check(took < 1.0, f"control round {rounds} took {took:.2f}s")
+        check(took < 3.0, f"control round {rounds} took {took:.2f}s")  # hung: 5 s and more
         check(addresses == ["127.0.0.1"], f"localhost resolved to {addresses}")
         rounds += 1
         await asyncio.sleep(0.05)
@@ -82,7 +82,7 @@ async def attack(address: str) -> None:
     results = await asyncio.gather(*queries, return_exceptions=True)
     check(all(isinstance(r, DnsError) and r.code == 6 for r in results),
           f"hung DnsQuery answers: {results!r}")  # DnsErr Timeout
-    check(time.monotonic() - started < DNS_TIMEOUT * 3, "hung DnsQueries answered late")
+    check(time.monotonic() - started < DNS_TIMEOUT * 5, "hung DnsQueries answered late")
     results = await asyncio.gather(*opens, return_exceptions=True)
     check(all(isinstance(r, OpenError) and r.code in (2, 4) for r in results),
           f"hung Opens: {results!r}")  # ResolveFail (c-ares gave up) or Timeout

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from ksw1fast.security.tokens import (AuthError, Grant, TokenVerifier, issue_token, parse_duration,
-                           secret_from_env)
+from ksw1fast.protocol.errors import AuthError
+from ksw1fast.security.tokens import (Grant, TokenVerifier, issue_token, parse_duration,
+                                      secret_from_env)
 from ksw1fast.protocol.constants import DnsErrCode, OpenErrCode, Pkcs11Status
 from ksw1fast.security.egress import parse_destination
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ksw1fast.security.tokens import AuthError, Grant, TokenVerifier, secret_from_env
+from ksw1fast.security.tokens import Grant, TokenVerifier, secret_from_env
+from ksw1fast.protocol.errors import AuthError, KSW1Error
 from ksw1fast.config import GatewayConfig
 from ksw1fast.security.handshake import OriginPolicy, find_token, header_values
-from ksw1fast.security.egress import EgressPolicy, is_loopback_host
+from ksw1fast.security.egress import Decision, EgressPolicy, is_loopback_host
 
 
-class HandshakeRefused(Exception):
+class HandshakeRefused(KSW1Error):
     """The upgrade request is refused with HTTP `status`; `kind` is "origin" or the
     token problem ("missing", "invalid", "expired")."""
 
@@ -22,6 +23,9 @@ class HandshakeRefused(Exception):
 
 
 class Security:
+    """Tokens, Origins and egress rules, built once per gateway (the session's Authority,
+    ksw1fast.protocol.session)."""
+
     def __init__(self, config: GatewayConfig) -> None:
         secret = secret_from_env(config.token_secret_env) if config.token_secret_env else None
         if config.pkcs11.pin_env:  # unset, the agents would quietly serve without that PIN
@@ -64,4 +68,12 @@ class Security:
     def verify(self, token: bytes) -> Grant:
         """A token carried in a frame (Hello extension, Open); AuthError when not valid."""
         return self.tokens.verify(token)
+
+    def check_name(self, name: str) -> Decision:
+        """May a client ask for `name` at all (a DnsQuery)?"""
+        return self.egress.check_name(name)
+
+    def filter_dns(self, name: str, addresses: list[bytes]) -> list[bytes]:
+        """The DnsResult answers for `name` the egress policy allows."""
+        return self.egress.filter_dns(name, addresses)
 

@@ -34,8 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ksw1fast.protocol.constants import DnsErrCode, OpenErrCode, Pkcs11Status
-from ksw1fast.protocol.errors import KSW1Error
+from ksw1fast.protocol.errors import AuthError
 from ksw1fast.security.egress import Rule, normalize_proto, parse_destination
 
 PREFIX = "ksw1"
@@ -44,31 +43,6 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _HEX64 = re.compile(rb"[0-9a-fA-F]{64}")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_AUTH_MESSAGES = {"missing": "no token presented", "invalid": "token not recognised",
-                  "expired": "token expired"}
-
-
-class AuthError(KSW1Error):
-    """Authentication failed; `kind` is "missing", "invalid" or "expired".
-
-    `http_status` answers a handshake (401 missing, 403 otherwise) and `open_err` an Open
-    (AuthRequired / AuthFailed); a DnsQuery gets `dns_err`, a Pkcs11Request `pkcs11_status`.
-    """
-
-    dns_err = DnsErrCode.REFUSED
-    pkcs11_status = Pkcs11Status.AUTH_DENIED
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(_AUTH_MESSAGES[kind])
-        self.kind = kind
-
-    @property
-    def http_status(self) -> int:
-        return 401 if self.kind == "missing" else 403
-
-    @property
-    def open_err(self) -> OpenErrCode:
-        return OpenErrCode.AUTH_REQUIRED if self.kind == "missing" else OpenErrCode.AUTH_FAILED
 
 
 @dataclass(frozen=True)

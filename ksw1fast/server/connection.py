@@ -1,78 +1,55 @@
-"""One client WebSocket: handshake, stream table and the control frames of spec §3-§8.
+"""One client WebSocket: the I/O shell around its KSW1 session.
 
-Data of open streams never comes here: the relay (compiled or twin) hands it to the
-stream directly.  Everything else arrives in `on_control` with the payload as bytes.
+The rules live in ksw1fast.protocol.session (I/O-free); this class feeds the session
+the control frames the relay hands it (`on_control`) and the outcome of each piece of
+work (a connect, a lookup, a PKCS#11 call), and performs the actions the session
+returns: frames to send, targets to connect or drop, lookups and calls to make, and
+what to log and count. Data of open streams never comes here: the relay (compiled or
+twin) hands it to the stream directly.
 """
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
-import struct
 import time
 from functools import partial
 from typing import Any, Callable, Optional
 
 from picows import WSTransport
 
-from ksw1fast.ops import metrics
-from ksw1fast.protocol import payloads
-from ksw1fast.server import relaying
-from ksw1fast.security.tokens import AuthError, Grant
 from ksw1fast.config import GatewayConfig
-from ksw1fast.protocol.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CREDIT, AddrKind,
-                                CloseReason, DnsErrCode, Feature, FrameType, OpenErrCode,
-                                Pkcs11Status, Proto, WSClose)
-from ksw1fast.protocol.errors import MalformedPayload
-from ksw1fast.server.limits import Rate
+from ksw1fast.ops import metrics
 from ksw1fast.ops.logs import Throttled
-from ksw1fast.protocol.messages import OpenOkInfo, OpenRequest, SockAddr
-from ksw1fast.security.peers import Peer
 from ksw1fast.pkcs11 import wire
 from ksw1fast.pkcs11.supervisor import Pkcs11Backend
-from ksw1fast.security.resolve import (Endpoint, ResolveError, Resolver, address_bytes, open_error,
-                               open_socket)
-from ksw1fast.security.gate import Security
 from ksw1fast.protocol.close import closed_code
+from ksw1fast.protocol.constants import OpenErrCode, Pkcs11Status, WSClose
+from ksw1fast.protocol.messages import OpenOkInfo, SockAddr
+from ksw1fast.protocol.session import (Abort, Action, Call, Connect, Credit, Fail, Limits,
+                                       Lookup, Note, Send, Session)
+from ksw1fast.security.gate import Security
+from ksw1fast.security.peers import Peer
+from ksw1fast.security.resolve import (ResolveError, Resolver, address_bytes, open_error,
+                                       open_socket)
+from ksw1fast.security.tokens import Grant
+from ksw1fast.server import relaying
+from ksw1fast.server.limits import Rate
+from ksw1fast.server.tuning import INITIAL_CREDIT
 
 log = logging.getLogger("ksw1fast")
 refusals = Throttled(log)  # what a client can cause at will: bounded
-
-# What this server really implements; a HelloAck carries the intersection with the client's.
-# Pkcs11 is granted even without a module: calls then get a clear Internal error.
-SERVER_FEATURES = (Feature.FLOW_CONTROL | Feature.HALF_CLOSE | Feature.DNS | Feature.UDP
-                   | Feature.PKCS11)
-_CLOSE_ACK = struct.pack("<I", 0)  # what the reference sends; the polyfill accepts either
-_BEFORE_HELLO_OK = {FrameType.HELLO, FrameType.PING}
-_KNOWN_TYPES = {int(t) for t in FrameType}
-_STREAM_CLASSES = {Proto.TCP: relaying.TcpStream, Proto.UDP: relaying.UdpStream}
+_STREAM_CLASSES = {False: relaying.TcpStream, True: relaying.UdpStream}
 
 
-def _target_host(req: OpenRequest) -> str:
-    """The Open's address as text for the resolver; ResolveError for bad address bytes."""
-    if req.addr_kind == AddrKind.HOSTNAME:
-        try:
-            host = req.addr.decode()
-        except UnicodeDecodeError:
-            host = ""
-        if not host or "\x00" in host:
-            raise ResolveError(DnsErrCode.FORMAT_ERROR, "host name is not valid UTF-8 text")
-        return host
-    size = 4 if req.addr_kind == AddrKind.IPV4 else 16
-    if len(req.addr) != size:
-        raise ResolveError(DnsErrCode.FORMAT_ERROR,
-                           f"IPv{4 if size == 4 else 6} address must be {size} bytes")
-    return str(ipaddress.ip_address(req.addr))
-
-
-class Connection(relaying.GatewayListener):  # type: ignore[misc, name-defined]
-    """State of one client WebSocket of the gateway."""
+class Connection(relaying.GatewayListener):
+    """One client WebSocket of the gateway; see the module docstring."""
 
     # an idle connection should cost little memory: no per-instance __dict__
-    __slots__ = ("config", "pkcs11", "security", "resolver", "grant", "_grant_error", "peer", "hello_done",
-                 "features", "max_streams", "_on_closed", "_tasks", "_lookups", "_calls", "_counted",
-                 "_streams_at_end", "_frames_seen", "_pinged", "_requests")
+    __slots__ = ("config", "pkcs11", "resolver", "egress", "session", "peer", "_on_closed",
+                 "_tasks",
+                 "_lookups", "_calls", "_counted", "_streams_at_end", "_frames_seen",
+                 "_pinged")
 
     def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
                  pkcs11: Pkcs11Backend, security: Security, resolver: Resolver,
@@ -80,14 +57,12 @@ class Connection(relaying.GatewayListener):  # type: ignore[misc, name-defined]
         super().__init__(config.max_payload, config.send_buffer_limit, config.send_timeout)
         self.config = config
         self.pkcs11 = pkcs11
-        self.security = security
         self.resolver = resolver
-        self.grant = grant              # from the handshake token (or the Hello extension)
-        self._grant_error: Optional[AuthError] = None  # why a presented token was refused
+        self.egress = security.egress  # judges every address an Open is to reach
+        self.session = Session(security, grant, Limits(
+            config.max_streams, config.max_payload, config.max_dns_queries,
+            config.pkcs11.max_calls, config.max_open_rate), Rate(config.max_open_rate))
         self.peer = peer  # the client: its socket's address, or what its proxies said
-        self.hello_done = False
-        self.features = 0
-        self.max_streams = 0
         self._on_closed = on_closed
         self._tasks: dict[int, asyncio.Task] = {}  # stream id -> its connect task
         # DNS lookups and PKCS#11 calls in flight (dicts: an empty set costs 3x the memory)
@@ -97,7 +72,6 @@ class Connection(relaying.GatewayListener):  # type: ignore[misc, name-defined]
         self._streams_at_end = 0  # streams open when the session ended (for the log)
         self._frames_seen = 0     # frames_in at the last keepalive sweep
         self._pinged = False      # a keepalive ping is unanswered
-        self._requests = Rate(config.max_open_rate)  # Opens and DnsQueries a second
 
     # -- WebSocket lifecycle ------------------------------------------------------
 
@@ -155,138 +129,81 @@ class Connection(relaying.GatewayListener):  # type: ignore[misc, name-defined]
         if self.ws is not None and not self.ws.is_disconnected:
             self.fail(WSClose.GOING_AWAY, "gateway shutting down")
 
-    # -- frames ---------------------------------------------------------------------
+    # -- the session -------------------------------------------------------------------
 
     def on_control(self, type: int, flags: int, stream_id: int, payload: bytes) -> None:
-        if not self.hello_done:
-            if type == FrameType.HELLO:
-                self._on_hello(payload)
-            elif type == FrameType.PING:
-                self._on_ping(flags, stream_id, payload)
-            elif type in _KNOWN_TYPES:
-                self.fail(WSClose.PROTOCOL_ERROR, f"frame type 0x{type:02x} before Hello")
-            return  # unknown types are ignored (forward compatibility)
-        handler = _HANDLERS.get(type)
-        if handler is not None:
-            handler(self, flags, stream_id, payload)
-        # Data/DataAck of unknown streams, Pong and unknown types: ignored (spec §2, §5)
+        self._perform(self.session.receive(type, flags, stream_id, payload))
 
-    def _on_hello(self, payload: bytes) -> None:
-        try:
-            hello = payloads.decode_hello(payload)
-        except MalformedPayload as exc:
-            self.fail(WSClose.PROTOCOL_ERROR, f"malformed Hello: {exc}")
-            return
-        if hello.token and self.grant is None:
-            try:
-                self.grant = self.security.verify(hello.token)
-            except AuthError as exc:
-                self._grant_error = exc
-        server = SERVER_FEATURES | (Feature.OPEN_TOKEN if self.security.open_token else 0)
-        self.features = hello.features & server
-        self.max_streams = min(hello.max_streams or DEFAULT_CLIENT_MAX_STREAMS,
-                               self.config.max_streams)
-        self.hello_done = True
-        self.send_frame(FrameType.HELLO_ACK, 0, payloads.encode_hello_ack(
-            self.features, self.max_streams, self.config.max_payload, DEFAULT_INITIAL_CREDIT))
+    def _perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.send_frame(action.type, action.stream_id, action.payload, action.flags)
+            elif isinstance(action, Note):
+                self._note(action)
+            elif isinstance(action, Connect):
+                self._connect(action)
+            elif isinstance(action, Abort):
+                self._abort(action.stream_id)
+            elif isinstance(action, Credit):
+                stream = self.streams.get(action.stream_id)
+                if stream is not None:
+                    stream.add_credit(action.amount)
+            elif isinstance(action, Lookup):
+                self._lookup(action)
+            elif isinstance(action, Call):
+                self._call(action)
+            elif isinstance(action, Fail):
+                self.fail(action.code, action.reason)
+                return  # the session is over: what follows would not be sent
 
-    def _on_duplicate_hello(self, flags: int, stream_id: int, payload: bytes) -> None:
-        self.fail(WSClose.PROTOCOL_ERROR, "second Hello")
+    def _note(self, note: Note) -> None:
+        """Logs and metrics for what the session reports."""
+        if note.kind == "open_refused":
+            dest = note.detail.split(":", 1)[0]
+            refusals.info("open refused peer=%s stream=%d dest=%s reason=%s: %s", self.peer,
+                          note.stream_id, dest, note.label,
+                          note.detail[len(dest) + 2:])
+            metrics.child(metrics.STREAMS, dest.split(" ", 1)[0] if " " in dest else "?",
+                          note.label.lower()).inc()
+            if note.label == OpenErrCode.BLOCKED.name:
+                metrics.child(metrics.POLICY_DENIALS, "egress").inc()
+        elif note.kind == "dns":
+            metrics.child(metrics.DNS_QUERIES, note.label).inc()
+            if note.label == "refused":
+                metrics.child(metrics.POLICY_DENIALS, "dns").inc()
+        elif note.kind == "auth_failure":
+            metrics.child(metrics.AUTH_FAILURES, note.label).inc()
+        elif note.kind == "limit":
+            metrics.child(metrics.LIMITS, note.label).inc()
+        elif note.kind == "stream_failed":
+            refusals.info("stream closed peer=%s stream=%d reason=%s", self.peer,
+                          note.stream_id, note.detail)
 
-    def _on_ping(self, flags: int, stream_id: int, payload: bytes) -> None:
-        self.send_frame(FrameType.PONG, 0, payload)
+    # -- streams ---------------------------------------------------------------------------
 
-    def _authorize(self, token: bytes = b"") -> Grant:
-        """The grant for one request: its own token, else the connection's; AuthError."""
-        if token:
-            grant = self.security.verify(token)
-        elif self.grant is not None:
-            grant = self.grant
-        else:
-            raise self._grant_error or AuthError("missing")
-        if grant.expired():
-            raise AuthError("expired")
-        return grant
+    def _connect(self, action: Connect) -> None:
+        stream = _STREAM_CLASSES[action.udp](self, action.stream_id, action.flow_control,
+                                             INITIAL_CREDIT)
+        self.streams[action.stream_id] = stream
+        self._tasks[action.stream_id] = asyncio.get_running_loop().create_task(
+            self._open_target(stream, action))
 
-    # -- streams --------------------------------------------------------------------
-
-    def _open_err(self, stream_id: int, code: OpenErrCode, message: str, dest: str = "?") -> None:
-        refusals.info("open refused peer=%s stream=%d dest=%s reason=%s: %s",
-                 self.peer, stream_id, dest, code.name, message)
-        metrics.child(metrics.STREAMS, dest.split(" ", 1)[0] if " " in dest else "?",
-                      code.name.lower()).inc()
-        if code == OpenErrCode.BLOCKED:
-            metrics.child(metrics.POLICY_DENIALS, "egress").inc()
-        self.send_frame(FrameType.OPEN_ERR, stream_id, payloads.encode_open_err(code, message))
-
-    def _on_open(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id in self.streams:
-            self._open_err(stream_id, OpenErrCode.INTERNAL, "stream id already in use")
-            return
-        if not self._requests.allow():
-            metrics.child(metrics.LIMITS, "open_rate").inc()
-            self._open_err(stream_id, OpenErrCode.TOO_MANY_STREAMS,
-                           f"more than {self.config.max_open_rate:g} Opens and DNS queries "
-                           "a second")
-            return
-        try:
-            req = payloads.decode_open(payload)
-        except MalformedPayload as exc:
-            self._open_err(stream_id, OpenErrCode.INTERNAL, f"malformed Open: {exc}")
-            return
-        if req.addr_kind not in (AddrKind.HOSTNAME, AddrKind.IPV4, AddrKind.IPV6):
-            self._open_err(stream_id, OpenErrCode.INTERNAL, f"unknown addr_kind {req.addr_kind}")
-            return
-        if req.proto not in _STREAM_CLASSES:
-            self._open_err(stream_id, OpenErrCode.INTERNAL, f"unknown protocol {req.proto}")
-            return
-        if len(self.streams) >= self.max_streams:
-            self._open_err(stream_id, OpenErrCode.TOO_MANY_STREAMS,
-                           f"at most {self.max_streams} streams per connection")
-            return
-        try:
-            host = _target_host(req)
-        except ResolveError as exc:
-            self._open_err(stream_id, OpenErrCode.RESOLVE_FAIL, str(exc))
-            return
-        proto = "udp" if req.proto == Proto.UDP else "tcp"
-        dest = f"{proto} {host}:{req.port}"
-        try:
-            grant = self._authorize(req.token)
-        except AuthError as exc:
-            metrics.child(metrics.AUTH_FAILURES, exc.kind).inc()
-            self._open_err(stream_id, exc.open_err, f"token {exc.kind}", dest)
-            return
-        if (proto == "udp" and not grant.allows_udp) or not grant.allows_open(host, req.port,
-                                                                                proto):
-            metrics.child(metrics.AUTH_FAILURES, "scope").inc()
-            self._open_err(stream_id, OpenErrCode.AUTH_FAILED,
-                           "the token does not allow this destination", dest)
-            return
-        stream = _STREAM_CLASSES[req.proto](self, stream_id,
-                                            bool(self.features & Feature.FLOW_CONTROL),
-                                            DEFAULT_INITIAL_CREDIT)
-        self.streams[stream_id] = stream
-        task = asyncio.get_running_loop().create_task(
-            self._connect(stream, host, req.port, proto == "udp", dest))
-        self._tasks[stream_id] = task
-
-    async def _connect(self, stream: "relaying.Stream", host: str, port: int, udp: bool,
-                       dest: str) -> None:
+    async def _open_target(self, stream: relaying.Stream, action: Connect) -> None:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
+        assert task is not None
         # one timer, not wait_for: that would run open_socket in a second task
         timer = loop.call_later(self.config.connect_timeout, self._connect_timed_out, stream,
-                                task, dest)
+                                task, action.dest)
         try:
-            sock = await open_socket(self.resolver, host, port,
-                                     socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
-                                     self.security.egress)
+            sock = await open_socket(self.resolver, action.host, action.port,
+                                     socket.SOCK_DGRAM if action.udp else socket.SOCK_STREAM,
+                                     self.egress)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._fail_open(stream, *open_error(exc), dest)
+            self._fail_open(stream, *open_error(exc), action.dest)
             return
         finally:
             timer.cancel()
@@ -295,195 +212,119 @@ class Connection(relaying.GatewayListener):  # type: ignore[misc, name-defined]
                 del self._tasks[stream.stream_id]
                 if not self._tasks:  # a dict keeps its grown table after pops: start afresh
                     self._tasks = {}
+        transport: Any
         try:
-            if udp:
+            if action.udp:
                 transport, _ = await loop.create_datagram_endpoint(lambda: stream, sock=sock)
             else:
                 transport, _ = await loop.create_connection(lambda: stream, sock=sock)
         except OSError as exc:
             sock.close()
-            self._fail_open(stream, OpenErrCode.INTERNAL, str(exc), dest)
+            self._fail_open(stream, OpenErrCode.INTERNAL, str(exc), action.dest)
             return
         if self.streams.get(stream.stream_id) is not stream:  # closed while we connected
             transport.abort()
             return
-        self.send_frame(FrameType.OPEN_OK, stream.stream_id, payloads.encode_open_ok(
-            OpenOkInfo(_sockaddr(transport.get_extra_info("sockname")),
-                       _sockaddr(transport.get_extra_info("peername")))))
+        self._perform(self.session.connected(stream.stream_id, OpenOkInfo(
+            _sockaddr(transport.get_extra_info("sockname")),
+            _sockaddr(transport.get_extra_info("peername")))))
         stream.start()
-        metrics.child(metrics.STREAMS, "udp" if udp else "tcp", "ok").inc()
+        metrics.child(metrics.STREAMS, "udp" if action.udp else "tcp", "ok").inc()
         metrics.OPEN_SECONDS.observe(time.monotonic() - started)
-        log.debug("stream open peer=%s stream=%d dest=%s", self.peer, stream.stream_id, dest)
+        log.debug("stream open peer=%s stream=%d dest=%s", self.peer, stream.stream_id,
+                  action.dest)
 
-    def _connect_timed_out(self, stream: "relaying.Stream", task: "asyncio.Task[None]",
+    def _connect_timed_out(self, stream: relaying.Stream, task: "asyncio.Task[None]",
                            dest: str) -> None:
         if self.streams.get(stream.stream_id) is stream:  # else the client closed it
             task.cancel()  # closes the socket being connected
             self._fail_open(stream, *open_error(TimeoutError()), dest)
 
-    def _fail_open(self, stream: "relaying.Stream", code: OpenErrCode, message: str,
+    def _fail_open(self, stream: relaying.Stream, code: OpenErrCode, message: str,
                    dest: str) -> None:
         """OpenErr for a stream whose connect failed, unless the client closed it meanwhile."""
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
-            self._open_err(stream.stream_id, code, message, dest)
+            self._perform(self.session.connect_failed(stream.stream_id, code, message, dest))
 
-    def _on_close(self, flags: int, stream_id: int, payload: bytes) -> None:
+    def _abort(self, stream_id: int) -> None:
+        """Drop a stream's target: the client closed it or broke its rules."""
         stream = self.streams.pop(stream_id, None)
-        if stream is None:
-            return  # unknown or already closed: it may have crossed our Close
         task = self._tasks.pop(stream_id, None)
         if task is not None:
             task.cancel()
-        stream.forget()
-        self._count_bytes(stream, final=True)
-        self.send_frame(FrameType.CLOSE_ACK, stream_id, _CLOSE_ACK)
+        if stream is not None:
+            stream.forget()
+            self._count_bytes(stream, final=True)
 
-    def _on_data_ack(self, flags: int, stream_id: int, payload: bytes) -> None:
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            return  # unknown or closed stream: ignored (spec §5)
-        try:
-            stream.add_credit(payloads.decode_data_ack(payload))
-        except MalformedPayload:
-            self.stream_failed(stream, "malformed DataAck")
-
-    def stream_ended(self, stream: "relaying.Stream", exc: Optional[BaseException]) -> None:
+    def stream_ended(self, stream: relaying.Stream, exc: Optional[BaseException]) -> None:
         """The target closed (or failed) on its own: tell the client and forget the stream."""
         self._count_bytes(stream, final=True)
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
-            reason = CloseReason.NORMAL if exc is None else CloseReason.ERROR
-            self.send_frame(FrameType.CLOSE, stream.stream_id, payloads.encode_close(reason))
+            self._perform(self.session.stream_ended(stream.stream_id, exc is not None))
 
-    def stream_failed(self, stream: "relaying.Stream", reason: str) -> None:
-        """The client broke a stream's rules: drop the target and Close(sid, 1)."""
-        refusals.info("stream closed peer=%s stream=%d reason=%s", self.peer, stream.stream_id,
-                      reason)
-        if self.streams.get(stream.stream_id) is stream:
-            del self.streams[stream.stream_id]
-        stream.forget()
-        self._count_bytes(stream, final=True)
-        self.send_frame(FrameType.CLOSE, stream.stream_id, payloads.encode_close(CloseReason.ERROR))
+    def stream_failed(self, stream: relaying.Stream, reason: str) -> None:
+        """The client broke a stream's rules (the relay saw it): drop it, Close(sid, 1)."""
+        if self.streams.get(stream.stream_id) is not stream:
+            stream.forget()  # a stream the table no longer has: only its target goes
+            return
+        self._perform(self.session.stream_failed(stream.stream_id, reason))
 
-    # -- DNS ---------------------------------------------------------------------------
+    # -- DNS -------------------------------------------------------------------------------
 
-    def _on_dns_query(self, flags: int, query_id: int, payload: bytes) -> None:
-        if not self._requests.allow():
-            metrics.child(metrics.LIMITS, "open_rate").inc()
-            self._dns_err(query_id, DnsErrCode.REFUSED,
-                          f"more than {self.config.max_open_rate:g} Opens and DNS queries "
-                          "a second")
-            return
-        try:
-            query = payloads.decode_dns_query(payload)
-            if query.family not in (0, 4, 6):
-                raise MalformedPayload(f"family {query.family} is not 0, 4 or 6")
-            if not query.name or len(query.name) > 253 or "\x00" in query.name:
-                raise MalformedPayload("name must be 1 to 253 characters")
-        except MalformedPayload as exc:
-            self._dns_err(query_id, DnsErrCode.FORMAT_ERROR, str(exc))
-            return
-        try:
-            allowed = self._authorize().allows_dns(query.name)
-        except AuthError as exc:
-            metrics.child(metrics.AUTH_FAILURES, exc.kind).inc()
-            self._dns_err(query_id, DnsErrCode.REFUSED, f"token {exc.kind}")
-            return
-        decision = self.security.egress.check_name(query.name)
-        if not allowed or not decision.allowed:
-            self._dns_err(query_id, DnsErrCode.REFUSED,
-                          decision.reason if allowed else "the token does not allow DNS here")
-            return
-        if len(self._lookups) >= self.config.max_dns_queries:
-            metrics.child(metrics.LIMITS, "dns_queries").inc()
-            self._dns_err(query_id, DnsErrCode.SERVER_FAILURE,
-                          f"more than {self.config.max_dns_queries} queries in flight")
-            return
+    def _lookup(self, action: Lookup) -> None:
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self.resolver.lookup(query.name, 0, query.family))
+        task = loop.create_task(self.resolver.lookup(action.name, 0, action.family))
         # one timer, not wait_for: that would run the lookup in a second task
-        timer = loop.call_later(self.config.dns_timeout, self._dns_timed_out, query_id, task)
+        timer = loop.call_later(self.config.dns_timeout, self._lookup_timed_out,
+                                action.query_id, task)
         self._lookups[task] = None
-        task.add_done_callback(partial(self._dns_done, query_id, query.name, timer))
+        task.add_done_callback(partial(self._lookup_done, action, timer))
 
-    def _dns_timed_out(self, query_id: int, task: "asyncio.Task[list[Endpoint]]") -> None:
-        # (a closed connection has cancelled the task, which is done only a step later)
-        if not task.done() and not self.ws.is_disconnected:
+    def _lookup_timed_out(self, query_id: int, task: asyncio.Task) -> None:
+        if not task.done():
+            self._lookups.pop(task, None)  # answered now: its end must not answer again
             task.cancel()
-            self._dns_err(query_id, DnsErrCode.TIMEOUT, "lookup timed out")
+            self._perform(self.session.lookup_timed_out(query_id))
 
-    def _dns_done(self, query_id: int, name: str, timer: asyncio.TimerHandle,
-                  task: "asyncio.Task[list[Endpoint]]") -> None:
+    def _lookup_done(self, action: Lookup, timer: asyncio.TimerHandle,
+                     task: asyncio.Task) -> None:
         timer.cancel()
-        self._lookups.pop(task, None)
-        if task.cancelled():
+        if self._lookups.pop(task, False) is False or task.cancelled():
             return  # timed out (answered already) or the connection is gone
         try:
             endpoints = task.result()
         except ResolveError as exc:
-            self._dns_err(query_id, exc.dns_code, str(exc))
+            self._perform(self.session.lookup_done(action.query_id, action.name,
+                                                   error=(exc.dns_code, str(exc))))
             return
-        addresses = self.security.egress.filter_dns(
-            name, list(dict.fromkeys(address_bytes(e) for e in endpoints)))
-        if not addresses:
-            self._dns_err(query_id, DnsErrCode.REFUSED, "every address is denied by policy")
-            return
-        metrics.child(metrics.DNS_QUERIES, "ok").inc()
-        self.send_frame(FrameType.DNS_RESULT, query_id, payloads.encode_dns_result(addresses))
+        self._perform(self.session.lookup_done(action.query_id, action.name,
+                                               [address_bytes(e) for e in endpoints]))
 
-    def _dns_err(self, query_id: int, code: DnsErrCode, message: str) -> None:
-        metrics.child(metrics.DNS_QUERIES, code.name.lower()).inc()
-        if code == DnsErrCode.REFUSED:
-            metrics.child(metrics.POLICY_DENIALS, "dns").inc()
-        self.send_frame(FrameType.DNS_ERR, query_id, payloads.encode_dns_err(code, message))
+    # -- PKCS#11 ---------------------------------------------------------------------------
 
-    # -- PKCS#11 ----------------------------------------------------------------------
-
-    def _on_pkcs11_request(self, flags: int, query_id: int, payload: bytes) -> None:
-        try:
-            request = payloads.decode_pkcs11_request(payload)
-        except MalformedPayload as exc:
-            self._pkcs11_reply(*wire.protocol_error(f"malformed request: {exc}"), query_id)
-            return
-        try:
-            allowed = self._authorize().allows_pkcs11
-        except AuthError as exc:
-            metrics.AUTH_FAILURES.labels(exc.kind).inc()
-            allowed = False
-            reason = f"token {exc.kind}"
-        else:
-            reason = "the token does not allow PKCS#11"
-        if not allowed:
-            self._pkcs11_reply(*wire.auth_denied(reason), query_id)
-            return
-        if len(self._calls) >= self.config.pkcs11.max_calls:
-            # bounds what answers may pile up: max_calls x max_out bytes (spec §6 spirit)
-            metrics.child(metrics.LIMITS, "pkcs11_calls").inc()
-            self._pkcs11_reply(*wire.internal(
-                f"more than {self.config.pkcs11.max_calls} PKCS#11 calls in flight"), query_id)
-            return
+    def _call(self, action: Call) -> None:
         # the built-in agents answer with a plain future: no task per call on this path
-        answer = asyncio.ensure_future(self.pkcs11.handle(request.fn_id, request.args))
+        answer = asyncio.ensure_future(self.pkcs11.handle(action.fn_id, action.args))
         self._calls[answer] = None
-        answer.add_done_callback(partial(self._pkcs11_done, query_id, request.fn_id,
-                                         time.monotonic()))
+        answer.add_done_callback(partial(self._call_done, action, time.monotonic()))
 
-    def _pkcs11_done(self, query_id: int, fn_id: int, started: float,
-                     answer: "asyncio.Future[tuple[int, bytes]]") -> None:
+    def _call_done(self, action: Call, started: float,
+                   answer: "asyncio.Future[tuple[int, bytes]]") -> None:
         self._calls.pop(answer, None)
         if answer.cancelled():
             return  # the connection is gone
         if answer.exception() is not None:  # a custom backend's bug: this call fails only
-            log.error("PKCS#11 backend failed peer=%s fn=0x%04x: %r", self.peer, fn_id,
+            log.error("PKCS#11 backend failed peer=%s fn=0x%04x: %r", self.peer, action.fn_id,
                       answer.exception())
             status, body = wire.internal(f"backend failure: {answer.exception()}")
         else:
             status, body = answer.result()
         metrics.PKCS11_SECONDS.observe(time.monotonic() - started)
-        metrics.PKCS11_CALLS.labels(wire.FUNCTIONS.get(fn_id, "unknown"),
+        metrics.PKCS11_CALLS.labels(wire.FUNCTIONS.get(action.fn_id, "unknown"),
                                     _status_name(status)).inc()
-        self._pkcs11_reply(status, body, query_id)
+        self._perform(self.session.call_done(action.query_id, status, body))
 
     def count_bytes(self) -> None:
         """Add what the streams relayed since the last look to the byte counters."""
@@ -500,21 +341,6 @@ class Connection(relaying.GatewayListener):  # type: ignore[misc, name-defined]
         if not final and (stream.bytes_in or stream.bytes_out):  # idle streams cost nothing
             self._counted[stream] = (stream.bytes_in, stream.bytes_out)
 
-    def _pkcs11_reply(self, status: int, body: bytes, query_id: int) -> None:
-        if self.ws is not None and not self.ws.is_disconnected:
-            self.send_frame(FrameType.PKCS11_RESPONSE, query_id,
-                            payloads.encode_pkcs11_response(status, body))
-
-
-_HANDLERS: dict[int, Callable[[Connection, int, int, bytes], None]] = {
-    FrameType.HELLO: Connection._on_duplicate_hello,
-    FrameType.OPEN: Connection._on_open,
-    FrameType.CLOSE: Connection._on_close,
-    FrameType.DATA_ACK: Connection._on_data_ack,
-    FrameType.DNS_QUERY: Connection._on_dns_query,
-    FrameType.PKCS11_REQUEST: Connection._on_pkcs11_request,
-    FrameType.PING: Connection._on_ping,
-}
 
 _tasks_alive: set[asyncio.Task] = set()
 
