@@ -27,7 +27,8 @@ from ksw1fast.protocol.constants import (DEFAULT_INITIAL_CREDIT, DEFAULT_MAX_PAY
                                 Flag, FrameType, Proto)
 from ksw1fast.protocol.errors import DnsError, FrameError, OpenError
 from ksw1fast.protocol.messages import HelloAck, OpenOkInfo, Pkcs11Response
-from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason, reply_to_close
+from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason
+from ksw1fast.wsclose import answer_close, send_close
 
 # What the polyfill asks for without flow control (spec §3).
 POLYFILL_FEATURES = Feature.HALF_CLOSE | Feature.DNS | Feature.UDP | Feature.PKCS11
@@ -115,6 +116,9 @@ class _Flow:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def _feed(self, data: Any, flags: int) -> None:
+        """Data from the gateway (each kind of flow keeps it its own way)."""
+
     def _on_closed(self, reason: int) -> None:
         self._closed = True
         self.close_reason = reason
@@ -177,7 +181,7 @@ class Stream(_Flow):
         return data
 
     async def read_until_eof(self) -> bytes:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             chunk = await self.read()
             if not chunk:
@@ -417,11 +421,7 @@ class KSW1Client:
         assert self.ws is not None
         if frame.msg_type == WSMsgType.CLOSE:
             if not self.ws.is_close_frame_sent:  # else this answers ours
-                reply = reply_to_close(frame.get_payload_as_bytes())
-                if reply.code is None:  # picows' send_close always writes a code
-                    self.ws.send(WSMsgType.CLOSE, b"")
-                else:
-                    self.ws.send_close(reply.code, reply.reason)
+                answer_close(self.ws, frame.get_payload_as_bytes())
             self.ws.disconnect()
             return
         if frame.msg_type not in (WSMsgType.BINARY, WSMsgType.CONTINUATION):
@@ -429,7 +429,7 @@ class KSW1Client:
         try:
             frames = self._parser.feed(frame.get_payload_as_memoryview())
         except FrameError as exc:
-            self.ws.send_close(exc.close_code, close_reason(exc.reason))
+            send_close(self.ws, exc.close_code, close_reason(exc.reason))
             self.ws.disconnect()
             return
         for f in frames:

@@ -2,7 +2,8 @@
 # The whole test suite, run against the INSTALLED package: builds the sdist and a wheel
 # from it, checks and repairs the wheel with auditwheel, installs it into a fresh
 # virtual environment and runs pytest from outside the source tree, so a file missing
-# from the wheel or a build step missing from the sdist fails here.
+# from the wheel or a build step missing from the sdist fails here. Before the tests,
+# mypy checks the package's types.
 # Usage: ./scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,9 @@ scripts/softhsm.sh >/dev/null
 scripts/lb.sh
 scripts/chromium.sh
 scripts/node.sh
+
+# the package's types, as pyproject.toml's [tool.mypy] configures the check
+.venv-test/bin/python -m mypy
 
 cd "$(mktemp -d)"  # where the source tree's ksw1fast/ is not importable
 "$root/.venv-test/bin/python" -c 'import ksw1fast, sys; f = ksw1fast.__file__; \

@@ -50,7 +50,7 @@ class FakeTarget:
 
 
 class FakeConnection:
-    ws: Any = None
+    ws: Any = object()  # the relay only passes it on
 
     def __init__(self, targets_paused: bool = False) -> None:
         self.targets_paused = targets_paused

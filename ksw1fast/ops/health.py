@@ -41,7 +41,7 @@ class OpsServer:
                  health: Callable[[], dict[str, Any]] = process_health) -> None:
         self._is_ready = is_ready
         self._health = health
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._server: Optional[asyncio.Server] = None
 
     async def start(self, host: str, port: int) -> "OpsServer":
         """Listen; ListenError (one line: the address and the cause) when it cannot."""

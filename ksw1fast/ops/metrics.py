@@ -7,14 +7,21 @@ here runs per frame: bytes are harvested from the streams' own counters once a s
 """
 from __future__ import annotations
 
+import importlib
 import os
 from functools import lru_cache
-from typing import Any
+from types import ModuleType
+from typing import Any, Optional
 
-try:
-    import prometheus_client as prom
-except ImportError:  # pragma: no cover - exercised by installs without the extra
-    prom = None
+
+def _prometheus_client() -> Optional[ModuleType]:
+    try:
+        return importlib.import_module("prometheus_client")
+    except ImportError:  # an install without the extra
+        return None
+
+
+prom = _prometheus_client()
 
 AVAILABLE = prom is not None
 
@@ -98,6 +105,7 @@ def _registry() -> Any:
 def render() -> tuple[bytes, str]:
     """The exposition text of this process, or of all workers in multiprocess mode."""
     registry = _registry()
+    assert prom is not None  # _registry refused already
     return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST
 
 

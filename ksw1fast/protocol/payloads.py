@@ -26,8 +26,8 @@ _OPEN_HEAD = struct.Struct("<BBH")  # proto, addr_kind, port; addr and token fol
 _SOCKADDR_HEAD = struct.Struct("<BHH")  # addr_kind, port, len
 _ERROR_HEAD = struct.Struct("<BH")  # code, msg_len
 _U16_MAX = 0xFFFF
-_IP_LEN = {AddrKind.IPV4: 4, AddrKind.IPV6: 16}
-_IP_FAMILY = {AddrKind.IPV4: socket.AF_INET, AddrKind.IPV6: socket.AF_INET6}
+_IP_LEN: dict[int, int] = {AddrKind.IPV4: 4, AddrKind.IPV6: 16}
+_IP_FAMILY: dict[int, int] = {AddrKind.IPV4: socket.AF_INET, AddrKind.IPV6: socket.AF_INET6}
 
 
 # -- payload decoding helpers ------------------------------------------------------

@@ -16,7 +16,7 @@ tokens and the egress policy, ksw1fast.security.gate.Security) and a request `Ra
 from __future__ import annotations
 
 import ipaddress
-from typing import NamedTuple, Optional, Protocol, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Union
 
 from ksw1fast.protocol import payloads
 from ksw1fast.protocol.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CREDIT,
@@ -39,8 +39,11 @@ _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
 class Grant(Protocol):
     """What a verified token allows (ksw1fast.security.tokens.Grant)."""
 
-    allows_udp: bool
-    allows_pkcs11: bool
+    @property
+    def allows_udp(self) -> bool: ...
+
+    @property
+    def allows_pkcs11(self) -> bool: ...
 
     def allows_open(self, host: str, port: int, proto: str) -> bool: ...
 
@@ -50,14 +53,18 @@ class Grant(Protocol):
 
 
 class Decision(Protocol):
-    allowed: bool
-    reason: str
+    @property
+    def allowed(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...
 
 
 class Authority(Protocol):
     """Tokens and the egress policy (ksw1fast.security.gate.Security)."""
 
-    open_token: bool
+    @property
+    def open_token(self) -> bool: ...
 
     def verify(self, token: bytes) -> Grant:
         """The grant of a token carried in a frame; AuthError when it grants nothing."""
@@ -388,7 +395,7 @@ class Session:
                      payloads.encode_pkcs11_response(status, body))]
 
 
-_HANDLERS = {
+_HANDLERS: dict[int, Callable[[Session, int, bytes], list[Action]]] = {
     FrameType.HELLO: Session._second_hello,
     FrameType.OPEN: Session._open,
     FrameType.CLOSE: Session._close,

@@ -184,6 +184,13 @@ def normalize_proto(proto: str | int | None) -> str | None:
     return name
 
 
+def _inside(net: IPNetwork, special: IPNetwork) -> bool:
+    """Whether `net` lies inside the special range `special` (of the same version)."""
+    return (net.version == special.version
+            and int(special.network_address) <= int(net.network_address)
+            and int(net.broadcast_address) <= int(special.broadcast_address))
+
+
 def _special(ip: IPAddress) -> tuple[IPNetwork, str] | None:
     value = int(ip)
     for low, high, net, what in _SPECIAL_BOUNDS[ip.version]:
@@ -475,7 +482,7 @@ class EgressPolicy:
             if special is not None and rule.action == "allow":
                 net = rule.network
                 return (net is not None and net.version == addr.version and addr in net
-                        and net.subnet_of(special[0]))  # type: ignore[arg-type]
+                        and _inside(net, special[0]))
             return rule._host_matches(addr, norm, embedded)
 
         dest = _dest(addr, port, proto) + (f" ({norm})" if norm else "")

@@ -8,7 +8,7 @@ from typing import Optional
 from ksw1fast.security.tokens import Grant, TokenVerifier, secret_from_env
 from ksw1fast.protocol.errors import AuthError, KSW1Error
 from ksw1fast.config import GatewayConfig
-from ksw1fast.security.handshake import OriginPolicy, find_token, header_values
+from ksw1fast.security.handshake import Headers, OriginPolicy, find_token, header_values
 from ksw1fast.security.egress import Decision, EgressPolicy, is_loopback_host
 
 
@@ -43,15 +43,15 @@ class Security:
                 "(--token-file / --token-secret-env) or pass --insecure if something in "
                 "front of the gateway already authenticates")
 
-    def admit(self, path: str, headers: object) -> tuple[Optional[Grant], Optional[str]]:
+    def admit(self, path: str, headers: Headers) -> tuple[Optional[Grant], Optional[str]]:
         """Check an upgrade request: the connection's grant (None when tokens are to come
         per frame) and the subprotocol to echo; HandshakeRefused otherwise."""
-        origins = header_values(headers, "origin")  # type: ignore[arg-type]
+        origins = header_values(headers, "origin")
         if len(origins) > 1:  # no browser sends two; which one would count is anyone's guess
             raise HandshakeRefused(403, "origin", "more than one Origin header")
         if not self.origins.allowed(origins[0] if origins else None):
             raise HandshakeRefused(403, "origin", "origin not allowed")
-        offer = find_token(path, headers)  # type: ignore[arg-type]
+        offer = find_token(path, headers)
         # echoed even with auth off: a browser drops a connection whose offer is unanswered
         subprotocol = offer.subprotocol if offer is not None else None
         if not self.tokens.enabled:

@@ -18,7 +18,6 @@ decides which address to believe.
 """
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
 from typing import Iterable, NamedTuple, Optional
@@ -28,6 +27,7 @@ from proxyprotocol.detect import ProxyProtocolDetect
 
 from ksw1fast.security.handshake import Headers, header_values
 from ksw1fast.security.egress import IPNetwork, to_address
+from ksw1fast.security.readiness import readable
 
 V1_MAX_LINE = 107  # the longest v1 header, CRLF included (the protocol's own bound)
 _DETECT = ProxyProtocolDetect()
@@ -71,17 +71,11 @@ async def read_proxy_header(sock: socket.socket) -> Optional[Peer]:
 
 
 async def _recv(sock: socket.socket, size: int, flags: int = 0) -> bytes:
-    loop = asyncio.get_running_loop()
     while True:
         try:
             data = sock.recv(size, flags)
         except (BlockingIOError, InterruptedError):
-            readable = loop.create_future()
-            loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
-            try:
-                await readable
-            finally:
-                loop.remove_reader(sock.fileno())
+            await readable(sock)
             continue
         if not data:
             raise ProxyHeaderError("connection closed before the PROXY protocol header ended")

@@ -12,6 +12,7 @@ import aiodns
 
 from ksw1fast.protocol.constants import DnsErrCode, OpenErrCode
 from ksw1fast.security.egress import EgressPolicy, IPAddress
+from ksw1fast.security.readiness import writable
 
 _FAMILIES = {0: socket.AF_UNSPEC, 4: socket.AF_INET, 6: socket.AF_INET6}
 _NO_NAME = {socket.EAI_NONAME} | {getattr(socket, n) for n in ("EAI_NODATA", "EAI_ADDRFAMILY")
@@ -144,14 +145,7 @@ async def _sock_connect(sock: socket.socket, address: tuple) -> None:
         return
     except (BlockingIOError, InterruptedError):
         pass
-    loop = asyncio.get_running_loop()
-    writable = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
-    try:
-        await writable
-    finally:
-        loop.remove_writer(fd)
+    await writable(sock)
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))

@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, SupportsInt, Union, cast
 
 from picows import WSTransport
 
@@ -39,7 +39,7 @@ from ksw1fast.server.tuning import INITIAL_CREDIT
 
 log = logging.getLogger("ksw1fast")
 refusals = Throttled(log)  # what a client can cause at will: bounded
-_STREAM_CLASSES = {False: relaying.TcpStream, True: relaying.UdpStream}
+Target = Union[relaying.TcpStream, relaying.UdpStream]
 
 
 class Connection(relaying.GatewayListener):
@@ -101,8 +101,8 @@ class Connection(relaying.GatewayListener):
         handshake = transport.close_handshake
         sent = recv = None
         if handshake is not None:
-            sent = None if handshake.sent is None else int(handshake.sent.code)
-            recv = None if handshake.recv is None else int(handshake.recv.code)
+            sent = None if handshake.sent is None else _code(handshake.sent.code)
+            recv = None if handshake.recv is None else _code(handshake.recv.code)
         code = closed_code(sent, recv)
         log.info("connection closed peer=%s open_streams=%d close_code=%d", self.peer,
                  self._streams_at_end, code)
@@ -182,13 +182,13 @@ class Connection(relaying.GatewayListener):
     # -- streams ---------------------------------------------------------------------------
 
     def _connect(self, action: Connect) -> None:
-        stream = _STREAM_CLASSES[action.udp](self, action.stream_id, action.flow_control,
-                                             INITIAL_CREDIT)
+        kind = relaying.UdpStream if action.udp else relaying.TcpStream
+        stream: Target = kind(self, action.stream_id, action.flow_control, INITIAL_CREDIT)
         self.streams[action.stream_id] = stream
         self._tasks[action.stream_id] = asyncio.get_running_loop().create_task(
             self._open_target(stream, action))
 
-    async def _open_target(self, stream: relaying.Stream, action: Connect) -> None:
+    async def _open_target(self, stream: Target, action: Connect) -> None:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
@@ -313,6 +313,7 @@ class Connection(relaying.GatewayListener):
     def _call_done(self, action: Call, started: float,
                    answer: "asyncio.Future[tuple[int, bytes]]") -> None:
         self._calls.pop(answer, None)
+        status: int
         if answer.cancelled():
             return  # the connection is gone
         if answer.exception() is not None:  # a custom backend's bug: this call fails only
@@ -357,6 +358,11 @@ def _status_name(status: int) -> str:
         return Pkcs11Status(status).name.lower()
     except ValueError:
         return "invalid"
+
+
+def _code(code: object) -> int:
+    """A close code as picows reports it: its enum when it names the code, else an int."""
+    return int(cast(SupportsInt, code))
 
 
 def _sockaddr(addr: tuple) -> SockAddr:

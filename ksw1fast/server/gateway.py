@@ -12,7 +12,8 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
-from picows.picows import _validate_upgrade_request
+from picows.picows import _validate_upgrade_request  # type: ignore[attr-defined]  # not in
+                                                     # picows' stubs; picows is pinned
 
 from ksw1fast.ops import metrics
 from ksw1fast.extensions import CODEC
@@ -90,8 +91,9 @@ class Gateway:
         cfg = self.config
         if cfg.proxy_protocol:
             try:
-                peer = await asyncio.wait_for(read_proxy_header(sock),
-                                              cfg.handshake_timeout) or peer
+                proxied = await asyncio.wait_for(read_proxy_header(sock), cfg.handshake_timeout)
+                if proxied is not None:  # else the proxy's own check: its socket's address
+                    peer = proxied
             except (ProxyHeaderError, asyncio.TimeoutError) as exc:
                 refusals.info("connection refused peer=%s reason=%s", peer,
                               exc or "no PROXY protocol header in time")

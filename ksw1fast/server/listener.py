@@ -14,7 +14,8 @@ import logging
 import socket
 from typing import Callable
 
-from picows.picows import WSAutoPingStrategy, WSProtocol
+from picows.picows import WSAutoPingStrategy
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in picows' stubs
 
 log = logging.getLogger("ksw1fast")
 

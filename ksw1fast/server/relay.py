@@ -19,7 +19,9 @@ from ksw1fast.server.tuning import (ACK_STEP, FC_HIGH_WATER, HIGH_WATER, INITIAL
                                     PAUSE_CONNECTING, PAUSE_CREDIT, PAUSE_WEBSOCKET,
                                     WS_HEADROOM)
 from ksw1fast.protocol.errors import FrameError
-from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason, reply_to_close
+from ksw1fast.protocol.messages import Payload
+from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason
+from ksw1fast.wsclose import answer_close, send_close
 
 _DATA = int(FrameType.DATA)
 _DATA_ACK = int(FrameType.DATA_ACK)
@@ -33,6 +35,7 @@ class Stream:
                  credit: int = INITIAL_CREDIT) -> None:
         self.conn = conn
         self.stream_id = stream_id
+        assert conn.ws is not None  # streams exist once the WebSocket is connected
         self.ws: WSTransport = conn.ws
         self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
         self.paused = PAUSE_CONNECTING | (PAUSE_WEBSOCKET if conn.targets_paused else 0)
@@ -49,7 +52,7 @@ class Stream:
         self.bytes_out = 0
         self.dropped = 0
 
-    def client_data(self, data: memoryview, flags: int) -> None:
+    def client_data(self, data: Payload, flags: int) -> None:
         """Data from the client; `data` is only valid during this call."""
         if self.forgotten or self.client_eof:
             return
@@ -270,6 +273,17 @@ class GatewayListener(WSListener):
         self.frames_in = 0    # WebSocket frames received (keepalive)
         self._close_timer: Optional[asyncio.TimerHandle] = None
 
+    # -- what a subclass provides (ksw1fast.server.connection.Connection) ------------
+
+    def on_control(self, type: int, flags: int, stream_id: int, payload: bytes) -> None:
+        """Every frame but Data of a known stream."""
+
+    def stream_ended(self, stream: Stream, exc: Optional[BaseException]) -> None:
+        """The target of `stream` closed (or failed) on its own."""
+
+    def stream_failed(self, stream: Stream, reason: str) -> None:
+        """The client broke `stream`'s rules (overran its credit...)."""
+
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.ws = transport
         transport.underlying_transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
@@ -282,33 +296,33 @@ class GatewayListener(WSListener):
         elif self.closing:
             return  # after our Close only the peer's answer matters
         elif msg_type == WSMsgType.BINARY or msg_type == WSMsgType.CONTINUATION:
-            try:
-                frames = self.parser.feed(frame.get_payload_as_memoryview())
-            except FrameError as exc:
-                self.fail(exc.close_code, exc.reason)
-                return
-            for f in frames:
-                if f.type == _DATA:
-                    stream = self.streams.get(f.stream_id)
-                    if stream is not None:
-                        stream.client_data(f.payload, f.flags)
-                        continue
-                self.on_control(f.type, f.flags, f.stream_id, bytes(f.payload))
-                if self.closing:
-                    return  # that frame ended the session: the rest is not read
+            self._feed(frame.get_payload_as_memoryview())
         elif msg_type == WSMsgType.TEXT:
             self.fail(WSClose.UNSUPPORTED_DATA, "KSW1 is carried in binary messages only")
+
+    def _feed(self, data: memoryview) -> None:
+        """The KSW1 frames of one binary WebSocket message."""
+        try:
+            frames = self.parser.feed(data)
+        except FrameError as exc:
+            self.fail(exc.close_code, exc.reason)
+            return
+        for f in frames:
+            if f.type == _DATA:
+                stream = self.streams.get(f.stream_id)
+                if stream is not None:
+                    stream.client_data(f.payload, f.flags)
+                    continue
+            self.on_control(f.type, f.flags, f.stream_id, bytes(f.payload))
+            if self.closing:
+                return  # that frame ended the session: the rest is not read
 
     def _on_close_frame(self, payload: bytes) -> None:
         """The peer's Close: answer it (unless it answers ours) and close the socket."""
         assert self.ws is not None
         if not self.closing:
             self.closing = True
-            reply = reply_to_close(payload)
-            if reply.code is None:  # picows' send_close always writes a code
-                self.ws.send(WSMsgType.CLOSE, b"")
-            else:
-                self.ws.send_close(reply.code, reply.reason)
+            answer_close(self.ws, payload)
             self.end_session()
         self.ws.disconnect()
 
@@ -349,7 +363,7 @@ class GatewayListener(WSListener):
         if self.closing:
             return
         self.closing = True
-        self.ws.send_close(code, close_reason(reason))
+        send_close(self.ws, code, close_reason(reason))
         self.end_session()
         self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT,
                                                                   self.ws.disconnect)
@@ -368,7 +382,7 @@ class GatewayListener(WSListener):
     def _pause_targets(self, on: bool) -> None:
         self.targets_paused = on
         for stream in self.streams.values():
-            stream.set_paused(PAUSE_WEBSOCKET, on)  # type: ignore[attr-defined]
+            stream.set_paused(PAUSE_WEBSOCKET, on)
 
     def _check_budget(self) -> None:
         """Targets are paused, so what still grows our queue to the client is what we
