@@ -4,9 +4,10 @@ from __future__ import annotations
 import importlib
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from ksw1fast.protocol.constants import DEFAULT_MAX_PAYLOAD
+from ksw1fast.security.egress import Rule
 from ksw1fast.security.peers import FORWARDED_HEADERS
 from ksw1fast.errors import AT_LEAST_1, NOT_NEGATIVE, POSITIVE, MissingExtra, SettingCheck, check_settings
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
@@ -46,7 +47,9 @@ class GatewayConfig:
     open_token: bool = False               # upgrade without a handshake token; each Open
                                            # must then carry one (OpenToken)
     allow_origins: tuple[str, ...] = ()    # Origin patterns; empty = none or localhost only
-    egress: tuple[str, ...] = ()           # egress rules, first match wins (ksw1fast.security.egress)
+    # egress rules, first match wins (ksw1fast.security.egress): strings from flags, the
+    # rules the config file parsed
+    egress: tuple[Union[Rule, str], ...] = ()
     insecure: bool = False                 # listen beyond loopback without auth
     # -- operators' limits and the real client address (README "Operating") --
     max_connections: int = 4096            # upgraded connections per worker

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from ksw1fast.config import GatewayConfig
 from ksw1fast.errors import MissingExtra, SettingError
+from ksw1fast.protocol.errors import KSW1Error
 from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 from ksw1fast.security.egress import Rule, parse_rule
 
@@ -31,7 +32,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(KSW1Error, ValueError):
     """A configuration file that cannot be used; the message says where and why."""
 
 
@@ -77,12 +78,13 @@ def _items(values: list, check: Callable[[Any], Any]) -> tuple:
     return tuple(checked)
 
 
-def _rule(item: Any) -> Any:
-    """An egress rule given as a string or an inline table, checked and kept as a string
-    (anything else is left for the type check)."""
+def _rule(item: Any) -> Rule:
+    """An egress rule given as a string or an inline table, parsed once, here."""
     if isinstance(item, Mapping):
-        return str(Rule.from_mapping(item))
-    return str(parse_rule(item)) if isinstance(item, str) else item
+        return Rule.from_mapping(item)
+    if isinstance(item, str):
+        return parse_rule(item)
+    raise TypeError(f"expected a rule string or table, got {type(item).__name__}")
 
 
 def _workers(value: str) -> Any:
@@ -102,7 +104,7 @@ def _value(table: str, name: str, value: Any) -> Any:
     if not table and name == "workers" and isinstance(value, str):
         value = _workers(value)
     if not table and name == "egress" and isinstance(value, list):
-        value = list(_items(value, _rule))
+        return _items(value, _rule)
     return _check(value, hints[name])
 
 

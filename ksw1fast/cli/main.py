@@ -18,6 +18,7 @@ from ksw1fast.pkcs11.supervisor import Pkcs11Settings
 from ksw1fast.ops.logs import configure as configure_logging
 from ksw1fast.cli.token import add_token_commands
 from ksw1fast.ops.workers import SERVING, Supervisor, report, worker_count
+from ksw1fast.security.gate import Security
 from ksw1fast.security.peers import FORWARDED_HEADERS
 
 log = logging.getLogger("ksw1fast")
@@ -232,7 +233,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         raise
 
 
-async def serve(config: GatewayConfig, status_fd: Optional[int] = None) -> None:
+async def serve(config: GatewayConfig, security: Security,
+                status_fd: Optional[int] = None) -> None:
     """Run one gateway process until SIGINT or SIGTERM, then drain it; StartError when it
     cannot listen.  A supervisor's worker says on `status_fd` once it serves."""
     from ksw1fast.server.gateway import Gateway
@@ -242,7 +244,7 @@ async def serve(config: GatewayConfig, status_fd: Optional[int] = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(config)
+    gateway = Gateway(config, security=security)
     ops = None
     try:
         if config.metrics_port is not None:  # /readyz answers 503 until the gateway listens
@@ -270,22 +272,21 @@ def _check_config(path: str) -> int:
     return 0
 
 
-def _serve_config(args: argparse.Namespace) -> GatewayConfig:
-    """The settings to serve, refused (exit 2) before anything listens when they cannot
-    serve: a bad value or combination with serve's usage, a missing package in one line."""
-    from ksw1fast.security.gate import Security
-
+def _serve_config(args: argparse.Namespace) -> tuple[GatewayConfig, Security]:
+    """The settings to serve and what they enforce (built once: it reads the token
+    file), refused (exit 2) before anything listens when they cannot serve: a bad value
+    or combination with serve's usage, a missing package in one line."""
     parser: argparse.ArgumentParser = args.parser
     try:
         config = config_from_args(args)
-        Security(config)
+        security = Security(config)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     try:
         config.require_extras()
     except MissingExtra as exc:  # nothing was mistyped: no usage
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    return config
+    return config, security
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -294,7 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(args.run(args))
     if args.command == "check-config":
         sys.exit(_check_config(args.file))
-    config = _serve_config(args)
+    config, security = _serve_config(args)
     configure_logging(args.log_level, config.log_format)
     try:
         if config.workers > 1:
@@ -302,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             sys.exit(Supervisor(config, serve_argv[serve_argv.index("serve") + 1:]).run())
         import uvloop
 
-        uvloop.run(serve(config, args.worker_process))
+        uvloop.run(serve(config, security, args.worker_process))
     except StartError as exc:
         if args.worker_process is None:
             sys.exit(f"ksw1fast: {exc}")  # one line, exit 1

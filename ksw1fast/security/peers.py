@@ -26,6 +26,7 @@ from proxyprotocol import ProxyProtocolIncompleteError
 from proxyprotocol.detect import ProxyProtocolDetect
 
 from ksw1fast.security.handshake import Headers, header_values
+from ksw1fast.protocol.errors import KSW1Error
 from ksw1fast.security.egress import IPNetwork, to_address
 from ksw1fast.security.readiness import readable
 
@@ -45,7 +46,7 @@ class Peer(NamedTuple):
         return host if self.port is None else f"{host}:{self.port}"
 
 
-class ProxyHeaderError(Exception):
+class ProxyHeaderError(KSW1Error):
     """The connection did not start with a valid PROXY protocol header."""
 
 

@@ -11,6 +11,7 @@ from typing import Any, Iterable, NamedTuple, Optional
 import aiodns
 
 from ksw1fast.protocol.constants import DnsErrCode, OpenErrCode
+from ksw1fast.protocol.errors import KSW1Error
 from ksw1fast.security.egress import EgressPolicy, IPAddress
 from ksw1fast.security.readiness import writable
 
@@ -21,7 +22,7 @@ _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH}
 _LITERAL_CHARS = frozenset("0123456789abcdefABCDEF.:")
 
 
-class ResolveError(Exception):
+class ResolveError(KSW1Error):
     """A lookup failed; `dns_code` says how, as a DnsErr code."""
 
     def __init__(self, dns_code: DnsErrCode, message: str) -> None:
@@ -29,7 +30,7 @@ class ResolveError(Exception):
         self.dns_code = dns_code
 
 
-class Blocked(Exception):
+class Blocked(KSW1Error):
     """The egress policy denies the destination (OpenErr Blocked)."""
 
 

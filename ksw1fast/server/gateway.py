@@ -37,12 +37,15 @@ RETRY_AFTER = 5  # seconds, in the 503 of a handshake over a connection limit
 class Gateway:
     """A running KSW1 gateway; `await close()` (or `async with`) stops it."""
 
-    def __init__(self, config: GatewayConfig, pkcs11_backend: Any = None) -> None:
+    def __init__(self, config: GatewayConfig, pkcs11_backend: Any = None,
+                 security: Optional[Security] = None) -> None:
         """`pkcs11_backend`: see `ksw1fast.pkcs11.supervisor` (a backend shared by every
         connection, or a provider with `for_connection()`); default: agents for
-        `config.pkcs11`, or a backend answering "no PKCS#11 module configured"."""
+        `config.pkcs11`, or a backend answering "no PKCS#11 module configured".
+        `security`: what `config` enforces, when the caller built it already."""
         self.config = config
-        self.security = Security(config)  # ValueError for settings that do not fit
+        # ValueError for settings that do not fit
+        self.security = security if security is not None else Security(config)
         self.resolver = Resolver(config.max_lookups, config.dns_timeout)
         self._pkcs11 = pkcs11_backend or make_provider(config.pkcs11) or NoModule()
         self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
