@@ -343,7 +343,7 @@ def native_value(attr: wire.Attribute) -> bytes:
     """
     if attr.tag not in _NUMERIC_TAGS:
         value = attr.value
-        return value.encode("utf-8") if isinstance(value, str) else bytes(value)  # type: ignore[arg-type]
+        return value.encode("utf-8") if isinstance(value, str) else bytes(value)
     number = int(attr.value)
     if attr_kind(attr.type) is AttrKind.BOOL:
         return b"\x01" if number else b"\x00"
