@@ -16,7 +16,7 @@ import psutil
 
 import ksw1fast
 from benchmarks import report
-from benchmarks.context import FULL, QUICK, Context, Sizes
+from benchmarks.context import FULL, QUICK, Context, Sizes, gateway_impls
 from benchmarks.goals import goals, ratios
 from benchmarks.procs import raise_fd_limit
 from benchmarks.progress import Progress
@@ -36,7 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="NAME",
                      help=f"run only these scenarios ({', '.join(SCENARIOS)})")
     run.add_argument("--repeat", type=int, help="runs per measurement (default: 1 quick, 3 full)")
+    run.add_argument("--against", type=_source_tree, metavar="DIR",
+                     help="also measure the compiled gateway of another source tree (its "
+                          "extensions built in place), e.g. a worktree of the commit before a "
+                          "change; the ratios then include compiled ÷ against")
     return parser
+
+
+def _source_tree(text: str) -> Path:
+    tree = Path(text).resolve()
+    if not (tree / "ksw1fast" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{tree} has no ksw1fast/ package")
+    return tree
 
 
 def _cpu_model() -> str:
@@ -60,13 +71,15 @@ def machine_info(fd_limit: int) -> dict[str, Any]:
     }
 
 
-def run(names: Sequence[str], sizes: Sizes, quick: bool, out: Optional[Path]) -> dict[str, Any]:
+def run(names: Sequence[str], sizes: Sizes, quick: bool, out: Optional[Path],
+        against: Optional[Path] = None) -> dict[str, Any]:
     machine = machine_info(raise_fd_limit())  # before: children inherit the raised limit
     chosen = [SCENARIOS[name] for name in names]
-    progress = Progress(sum(module.steps(sizes) for module in chosen))
+    progress = Progress(sum(module.steps(sizes, len(gateway_impls(against)))
+                            for module in chosen))
     started = time.monotonic()
     scenarios: dict[str, list[dict[str, Any]]] = {}
-    with Context(sizes, progress) as ctx:
+    with Context(sizes, progress, against) as ctx:
         try:
             for module in chosen:
                 scenarios[module.NAME] = module.run(ctx)
@@ -74,6 +87,7 @@ def run(names: Sequence[str], sizes: Sizes, quick: bool, out: Optional[Path]) ->
             progress.close()
     ratio_of = ratios(scenarios)
     doc = {"machine": machine, "quick": quick, "sizes": dataclasses.asdict(sizes),
+           "against": str(against) if against else None,
            "duration_s": round(time.monotonic() - started, 1), "scenarios": scenarios,
            "ratios": ratio_of, "goals": [g.as_dict() for g in goals(scenarios, ratio_of)]}
     print(report.write(doc, out))
@@ -93,4 +107,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sizes = dataclasses.replace(sizes, repeat=args.repeat)
     # SIGTERM (a CI timeout) unwinds like an error, so every server and process is stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    run(args.only or list(SCENARIOS), sizes, args.quick, args.out)
+    run(args.only or list(SCENARIOS), sizes, args.quick, args.out, args.against)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from benchmarks.baselines.socat import SocatRelay
@@ -40,11 +41,19 @@ FULL = Sizes(transfer=2 * GIB, websockify_transfer=1 * GIB, repeat=5, echo_secon
 LOADGEN_PROCESSES = 2  # one per core of the 2-core target machine
 
 
+def gateway_impls(against: Optional[Path]) -> tuple[str, ...]:
+    return ("compiled", "pure") + (("against",) if against else ())
+
+
 class Context:
     """Use as `with Context(sizes, progress) as ctx:`; scenarios ask it for servers."""
 
-    def __init__(self, sizes: Sizes, progress: Progress) -> None:
+    def __init__(self, sizes: Sizes, progress: Progress, against: Optional[Path] = None
+                 ) -> None:
         self.sizes = sizes
+        self.against = against
+        # the gateways every KSW1 scenario compares; "against" is another tree's compiled one
+        self.gateway_impls = gateway_impls(against)
         self.progress = progress
         self.pool = ClientPool(LOADGEN_PROCESSES)
         self._stack = contextlib.ExitStack()
@@ -74,13 +83,17 @@ class Context:
     def gateway(self, impl: str, *flags: str, workers: int = 1) -> GatewayProcess:
         """A shared gateway subprocess, one per (impl, flags, workers)."""
         return self._service(("gateway", impl, flags, workers),
-                             lambda: GatewayProcess(impl, *flags, workers=workers))
+                             lambda: self._new_gateway(impl, flags, workers))
 
     def fresh_gateway(self, impl: str, *flags: str, workers: int = 1) -> GatewayProcess:
         """A gateway of its own (memory scenarios); the caller stops it, or we do at exit."""
-        gateway = GatewayProcess(impl, *flags, workers=workers)
+        gateway = self._new_gateway(impl, flags, workers)
         self._stack.callback(gateway.stop)
         return gateway
+
+    def _new_gateway(self, impl: str, flags: tuple[str, ...], workers: int) -> GatewayProcess:
+        tree = self.against if impl == "against" else None
+        return GatewayProcess(impl, *flags, workers=workers, tree=tree)
 
     def socat(self, target_port: int) -> SocatRelay:
         return self._service(("socat", target_port), lambda: SocatRelay(target_port))

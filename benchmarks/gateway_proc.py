@@ -5,6 +5,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 import psutil
 
@@ -27,20 +28,24 @@ def _is_agent(proc: psutil.Process) -> bool:
 
 
 class GatewayProcess(Service):
-    """A gateway subprocess; `impl` is "compiled" or "pure" (KSW1FAST_NO_EXTENSIONS=1).
+    """A gateway subprocess; `impl` is "compiled", "pure" (KSW1FAST_NO_EXTENSIONS=1) or
+    "against": compiled, run from the source tree `tree` (`run --against DIR`).
 
     `flags` go to `ksw1fast serve` as they are (e.g. --pkcs11-lib PATH, --workers 2); with
     several workers, it is ready once each of them logged its address.
     """
 
-    def __init__(self, impl: str, *flags: str, workers: int = 1) -> None:
+    def __init__(self, impl: str, *flags: str, workers: int = 1,
+                 tree: Optional[Path] = None) -> None:
         self.impl = impl
         env = dict(os.environ)
         env.pop("KSW1FAST_NO_EXTENSIONS", None)
         if impl == "pure":
             env["KSW1FAST_NO_EXTENSIONS"] = "1"
+        else:  # a compiled run that silently fell back to pure Python would measure that
+            env["KSW1FAST_REQUIRE_EXTENSIONS"] = "1"
         env["PYTHONFAULTHANDLER"] = "1"  # a crash in C code leaves a traceback in our stderr
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(KSW1FAST_PARENT),
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree or KSW1FAST_PARENT),
                                                           env.get("PYTHONPATH")]))
         if workers > 1:
             flags = ("--workers", str(workers), *flags)

@@ -14,17 +14,17 @@ from benchmarks.measure import alternate, runner, summarize
 
 NAME = "dns"
 DEPTH = 32
-IMPLS = ("compiled", "pure", "direct")
+BASELINES = ("direct",)
 
 
-def steps(sizes: Sizes) -> int:
-    return sizes.repeat * len(IMPLS)
+def steps(sizes: Sizes, gateways: int) -> int:
+    return sizes.repeat * (gateways + len(BASELINES))
 
 
 def run(ctx: Context) -> list[dict[str, Any]]:
     base = Spec(kind="dns", via="ksw1", seconds=ctx.sizes.cycle_seconds, depth=DEPTH)
     variants = {}
-    for impl in ("compiled", "pure"):
+    for impl in ctx.gateway_impls:
         gateway = ctx.gateway(impl)
         variants[impl] = runner(ctx, [replace(base, url=gateway.address)], gateway)
     variants["direct"] = runner(ctx, [replace(base, via="direct")], None)

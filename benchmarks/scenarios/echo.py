@@ -17,11 +17,11 @@ from benchmarks.measure import Run, alternate, percentiles, runner, summarize
 NAME = "echo"
 STREAMS = (16, 256)
 MESSAGE = 64
-IMPLS = ("compiled", "pure", "socat")
+BASELINES = ("socat",)
 
 
-def steps(sizes: Sizes) -> int:
-    return sizes.repeat * len(IMPLS) * len(STREAMS)
+def steps(sizes: Sizes, gateways: int) -> int:
+    return sizes.repeat * (gateways + len(BASELINES)) * len(STREAMS)
 
 
 def echo_spec(ctx: Context, via: str, url: str, port: int, websockets: int = 1,
@@ -44,7 +44,7 @@ def run(ctx: Context) -> list[dict[str, Any]]:
     rows = []
     for streams in STREAMS:
         variants: dict[str, Callable[[], Run]] = {}
-        for impl in ("compiled", "pure"):
+        for impl in ctx.gateway_impls:
             gateway = ctx.gateway(impl)
             variants[impl] = runner(ctx, [echo_spec(ctx, "ksw1", gateway.address, port,
                                                     streams=streams)], gateway)

@@ -23,7 +23,7 @@ WARMUP = 20
 FD_MARGIN = 256  # listeners, pipes, epoll, stdio and the like of one gateway process
 
 
-def steps(sizes: Sizes) -> int:
+def steps(sizes: Sizes, gateways: int) -> int:
     return len(sizes.idle_connections)
 
 

@@ -13,16 +13,15 @@ from benchmarks.measure import alternate, runner, summarize
 
 NAME = "opens"
 DEPTH = 32
-IMPLS = ("compiled", "pure")
 
 
-def steps(sizes: Sizes) -> int:
-    return sizes.repeat * len(IMPLS)
+def steps(sizes: Sizes, gateways: int) -> int:
+    return sizes.repeat * gateways
 
 
 def run(ctx: Context) -> list[dict[str, Any]]:
     variants = {}
-    for impl in IMPLS:
+    for impl in ctx.gateway_impls:
         gateway = ctx.gateway(impl)
         spec = Spec(kind="opens", via="ksw1", url=gateway.address, port=ctx.targets.hold_port,
                     seconds=ctx.sizes.cycle_seconds, depth=DEPTH)

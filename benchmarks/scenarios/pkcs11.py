@@ -160,8 +160,8 @@ def _wait_for_no_agents(gateway: GatewayProcess, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def steps(sizes: Sizes) -> int:
-    return len(OPS) * len(CONNECTIONS)
+def steps(sizes: Sizes, gateways: int) -> int:
+    return len(OPS) * len(CONNECTIONS) * (gateways - 1)  # every gateway but the pure one
 
 
 def run(ctx: Context) -> list[dict[str, Any]]:
@@ -170,23 +170,33 @@ def run(ctx: Context) -> list[dict[str, Any]]:
     rows = []
     try:
         module = make_token(store)
-        # no pool: agents start with the connections, outside the timed part
-        gateway = ctx.fresh_gateway("compiled", "--pkcs11-lib", module,
-                                    "--pkcs11-pool-size", "0")
-        try:
-            for op in OPS:
-                for n in CONNECTIONS:
-                    ctx.progress.step(f"PKCS#11 {op} x{n}")
-                    direct = direct_ops(module, op, n, seconds)
-                    through, cores = uvloop.run(gateway_ops(gateway.address, op, n, seconds,
-                                                            gateway.cpu_seconds))
-                    _wait_for_no_agents(gateway)
-                    rows.append({"op": op, "connections": n, "direct_ops_per_s": round(direct),
-                                 "gateway_ops_per_s": round(through),
-                                 "ratio": round(through / direct, 3),
-                                 **{f"gateway_{k}": v for k, v in cores.items()}})
-        finally:
-            gateway.stop()
+        for impl in ctx.gateway_impls:
+            if impl == "pure":  # the agent is the same Python code either way
+                continue
+            rows += _measure(ctx, impl, module, seconds)
     finally:
         shutil.rmtree(store, ignore_errors=True)
+    return rows
+
+
+def _measure(ctx: Context, impl: str, module: str, seconds: float) -> list[dict[str, Any]]:
+    """Every op and connection count through one gateway, each next to direct PyKCS11."""
+    rows = []
+    # no pool: agents start with the connections, outside the timed part
+    gateway = ctx.fresh_gateway(impl, "--pkcs11-lib", module, "--pkcs11-pool-size", "0")
+    try:
+        for op in OPS:
+            for n in CONNECTIONS:
+                ctx.progress.step(f"PKCS#11 {op} x{n} ({impl})")
+                direct = direct_ops(module, op, n, seconds)
+                through, cores = uvloop.run(gateway_ops(gateway.address, op, n, seconds,
+                                                        gateway.cpu_seconds))
+                _wait_for_no_agents(gateway)
+                rows.append({"impl": impl, "op": op, "connections": n,
+                             "direct_ops_per_s": round(direct),
+                             "gateway_ops_per_s": round(through),
+                             "ratio": round(through / direct, 3),
+                             **{f"gateway_{k}": v for k, v in cores.items()}})
+    finally:
+        gateway.stop()
     return rows

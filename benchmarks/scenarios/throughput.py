@@ -1,8 +1,8 @@
 """Bulk download and upload × streams {1, 16, 64, 256} × WebSockets {1, 8}.
 
 Streams are the total, spread evenly over the WebSockets (so 8 WebSockets start at 16
-streams).  Every combination runs through the compiled gateway, the pure-Python one and
-the socat relay (the same number of plain TCP connections, from the same load-generator
+streams).  Every combination runs through the compiled gateway, the pure-Python one (and with
+`--against DIR` another tree's compiled one) and the socat relay (the same number of plain TCP connections, from the same load-generator
 processes); the single stream also through websockify.  Each stream moves
 `transfer / streams` bytes; set-up (WebSockets, Opens) is outside the clock.
 """
@@ -19,13 +19,13 @@ NAME = "throughput"
 DIRECTIONS = {"download": "source_port", "upload": "sink_port"}  # -> the target it uses
 STREAMS = (1, 16, 64, 256)
 WEBSOCKETS = (1, 8)
-IMPLS = ("compiled", "pure", "socat")
+BASELINES = ("socat",)  # next to every KSW1 gateway of Context.gateway_impls
 COMBOS = [(direction, streams, websockets) for direction in DIRECTIONS
           for websockets in WEBSOCKETS for streams in STREAMS if streams >= websockets]
 
 
-def steps(sizes: Sizes) -> int:
-    return sizes.repeat * (len(COMBOS) * len(IMPLS) + len(DIRECTIONS))
+def steps(sizes: Sizes, gateways: int) -> int:
+    return sizes.repeat * (len(COMBOS) * (gateways + len(BASELINES)) + len(DIRECTIONS))
 
 
 def variants(ctx: Context, direction: str, streams: int, websockets: int
@@ -37,7 +37,7 @@ def variants(ctx: Context, direction: str, streams: int, websockets: int
                 nbytes=nbytes)
 
     out = {}
-    for impl in ("compiled", "pure"):
+    for impl in ctx.gateway_impls:
         gateway = ctx.gateway(impl)
         out[impl] = runner(ctx, split(replace(base, url=gateway.address), LOADGEN_PROCESSES),
                            gateway)

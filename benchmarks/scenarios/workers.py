@@ -20,7 +20,7 @@ WORKERS = (1, 2)
 LOADS = ("download", "echo")
 
 
-def steps(sizes: Sizes) -> int:
+def steps(sizes: Sizes, gateways: int) -> int:
     return sizes.repeat * len(WORKERS) * len(LOADS)
 
 
