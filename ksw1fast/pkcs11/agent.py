@@ -1,7 +1,7 @@
 """A PKCS#11 agent process: loads the module and runs calls, outside the relay's event loop.
 
 Started by the gateway as `python -m ksw1fast.pkcs11.agent --lib PATH ...` would run it,
-but on the gateway's own package (ksw1fast/children.py); speaks the framing of `ipc.py`
+but on the gateway's own package (ksw1fast/ops/children.py); speaks the framing of `ipc.py`
 on stdin/stdout, answering each burst of pipelined requests with one write.  PyKCS11
 holds the GIL for the whole of each C call, so a slow call (RSA-4096 generation) would
 freeze every stream of a relay process: here it freezes only this agent.  Calls run one

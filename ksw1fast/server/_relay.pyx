@@ -16,7 +16,7 @@ collects the frames of one loop iteration into one WebSocket message, sent when
 the iteration's I/O callbacks are done (one send(2) instead of one per frame).
 Every frame of a connection goes through that batch, so order is kept.
 
-`ksw1fast/relay.py` is the pure-Python twin of this module.
+`ksw1fast/server/relay.py` is the pure-Python twin of this module.
 """
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize

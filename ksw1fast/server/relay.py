@@ -1,4 +1,4 @@
-"""Pure-Python twin of `ksw1fast/_relay.pyx`: the same classes and rules, readable.
+"""Pure-Python twin of `ksw1fast/server/_relay.pyx`: the same classes and rules, readable.
 
 It runs when KSW1FAST_NO_EXTENSIONS=1 (with the pure-Python codec) and is the
 baseline the benchmarks compare the compiled path against.  Unlike the compiled
