@@ -45,16 +45,18 @@ class GatewayProcess(Service):
         else:  # a compiled run that silently fell back to pure Python would measure that
             env["KSW1FAST_REQUIRE_EXTENSIONS"] = "1"
         env["PYTHONFAULTHANDLER"] = "1"  # a crash in C code leaves a traceback in our stderr
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree or KSW1FAST_PARENT),
-                                                          env.get("PYTHONPATH")]))
+        home = str(tree or KSW1FAST_PARENT)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, env.get("PYTHONPATH")]))
         if workers > 1:
             flags = ("--workers", str(workers), *flags)
         # capacity is measured without the per-connection request rate an operator sets
         argv = [sys.executable, "-m", "ksw1fast", "serve", "--host", "127.0.0.1", "--port", "0",
                 "--log-level", "info", "--max-open-rate", "0", *flags]
         label = f"gateway {impl}" + (f" x{workers}" if workers > 1 else "")
+        # run from `home`: `python -m` puts the working directory first on sys.path, so
+        # a gateway started from another checkout would import that checkout's ksw1fast
         super().__init__(label, argv, env=env, ready=lambda line: bool(_SERVING.search(line)),
-                         ready_lines=workers, quiet=_QUIET)
+                         ready_lines=workers, quiet=_QUIET, cwd=home)
         self.address = next(m.group(1) for m in map(_SERVING.search, self.log) if m)
 
     def rss(self) -> int:

@@ -76,7 +76,8 @@ class Service:
 
     def __init__(self, name: str, argv: Sequence[str], env: Optional[dict[str, str]] = None,
                  ready: Optional[Callable[[str], bool]] = None, ready_lines: int = 1,
-                 timeout: float = 30.0, quiet: Sequence[str] = (), forward: bool = True) -> None:
+                 timeout: float = 30.0, quiet: Sequence[str] = (), forward: bool = True,
+                 cwd: Optional[str] = None) -> None:
         """`quiet`: log lines containing any of these are not forwarded to our stderr;
         `forward=False` keeps the whole log to itself (in `log`)."""
         self.name = name
@@ -88,7 +89,7 @@ class Service:
         self._started = threading.Event()
         self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     env=env, text=True)
+                                     env=env, cwd=cwd, text=True)
         assert self.proc.stderr is not None
         threading.Thread(target=self._read, args=(self.proc.stderr,), daemon=True).start()
         if self._needed and not self._started.wait(timeout):

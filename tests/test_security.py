@@ -210,7 +210,7 @@ async def test_embedded_ipv4_through_the_gateway(monkeypatch) -> None:
                      family: int = 0) -> list[resolve.Endpoint]:
         return [resolve.Endpoint(socket.AF_INET6, (a, port, 0, 0)) for a in answers]
 
-    async def connect(endpoints: list, kind: int = socket.SOCK_STREAM) -> None:
+    async def connect(endpoints: list, udp: bool, factory: object) -> None:
         raise ConnectionRefusedError(f"this test connects nowhere: {endpoints}")
 
     monkeypatch.setattr(resolve.Resolver, "lookup", lookup)

@@ -4,16 +4,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
-import os
 import socket
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import aiodns
 
 from ksw1fast.protocol.constants import DnsErrCode, OpenErrCode
 from ksw1fast.protocol.errors import KSW1Error
 from ksw1fast.security.egress import EgressPolicy, IPAddress
-from ksw1fast.security.readiness import writable
 
 _FAMILIES = {0: socket.AF_UNSPEC, 4: socket.AF_INET, 6: socket.AF_INET6}
 _NO_NAME = {socket.EAI_NONAME} | {getattr(socket, n) for n in ("EAI_NODATA", "EAI_ADDRFAMILY")
@@ -138,54 +136,23 @@ def address_bytes(endpoint: Endpoint) -> bytes:
     return socket.inet_pton(endpoint.family, _strip_scope(endpoint.sockaddr[0]))
 
 
-async def _sock_connect(sock: socket.socket, address: tuple) -> None:
-    """A non-blocking connect to a resolved address, completed on the loop's own poller:
-    the loop's sock_connect may send even a literal address through getaddrinfo."""
-    try:
-        sock.connect(address)
-        return
-    except (BlockingIOError, InterruptedError):
-        pass
-    await writable(sock)
-    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if error:
-        raise OSError(error, os.strerror(error))
+async def open_target(resolver: Resolver, host: str, port: int, udp: bool,
+                      policy: Optional[EgressPolicy],
+                      factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.BaseTransport:
+    """The transport of one Open: `host` resolved, checked and connected (`connect`)."""
+    return await connect(await destinations(resolver, host, port, "udp" if udp else "tcp",
+                                            policy), udp, factory)
 
 
-async def connect(endpoints: list[Endpoint], kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """Connect a socket of `kind` to the first endpoint that accepts, trying them in order.
+async def destinations(resolver: Resolver, host: str, port: int, proto: str = "tcp",
+                       policy: Optional[EgressPolicy] = None) -> list[Endpoint]:
+    """Where an Open of `host` may connect, in the order to try.
 
-    For UDP, connecting only fixes the peer: it succeeds unless the address is unusable.
+    With a policy, the name is checked first, then every resolved address; the caller
+    connects to these addresses themselves, so nothing resolves the name again between
+    the check and the connect (DNS rebinding).  An IP literal without zone id is checked
+    once (its name check judges that very address) and is parsed, never resolved.
     """
-    last: OSError = OSError("no endpoint")
-    for endpoint in endpoints:
-        sock = socket.socket(endpoint.family, kind)
-        try:
-            sock.setblocking(False)
-            if kind == socket.SOCK_STREAM:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await _sock_connect(sock, endpoint.sockaddr)
-            return sock
-        except OSError as exc:
-            sock.close()
-            last = exc
-        except BaseException:  # cancelled: the client closed the stream
-            sock.close()
-            raise
-    raise last
-
-
-async def open_socket(resolver: Resolver, host: str, port: int, kind: int = socket.SOCK_STREAM,
-                      policy: Optional[EgressPolicy] = None) -> socket.socket:
-    """Resolve `host` and connect a socket of `kind` to it: the socket of one Open.
-
-    With a policy, the name is checked first, then every resolved address, and the
-    socket connects to a checked address itself: nothing resolves the name again
-    between the check and the connect (DNS rebinding).  An IP literal without zone id
-    is checked once: its name check judges that very address, and it is parsed, never
-    resolved.
-    """
-    proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
     address = _parse_literal(_strip_scope(host))  # None for a name
     zoned = "%" in host
     if policy is not None:
@@ -194,8 +161,10 @@ async def open_socket(resolver: Resolver, host: str, port: int, kind: int = sock
                     if address is not None and not zoned else policy.check_name(host, port, proto))
         if not decision.allowed:
             raise Blocked(decision.reason)
+    if address is not None and not zoned:
+        return [_endpoint(address, port)]
     endpoints = await resolver.lookup(host, port)
-    if policy is not None and (address is None or zoned):
+    if policy is not None:
         name = None if address is not None else host
         decisions = [policy.check_address(e.sockaddr[0], port, proto, name=name)
                      for e in endpoints]
@@ -203,7 +172,45 @@ async def open_socket(resolver: Resolver, host: str, port: int, kind: int = sock
         if not allowed:
             raise Blocked(decisions[0].reason)
         endpoints = allowed
-    return await connect(endpoints, kind)
+    return endpoints
+
+
+async def connect(endpoints: list[Endpoint], udp: bool,
+                  factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.BaseTransport:
+    """A transport to the first endpoint that accepts, trying them in order.
+
+    TCP goes through the loop's own connect with the address as text: uvloop parses a
+    numeric address itself and connects in libuv, with no thread and no Python
+    readiness wait (about 40 % less CPU per Open than connecting a socket here).  UDP
+    connects its socket here: connecting a datagram socket only fixes its peer, so it
+    never waits, and uvloop's remote_addr path costs more than this.
+    """
+    loop = asyncio.get_running_loop()
+    last: OSError = OSError("no endpoint")
+    for endpoint in endpoints:
+        try:
+            if not udp:
+                transport, _ = await loop.create_connection(
+                    factory, endpoint.sockaddr[0], endpoint.sockaddr[1], family=endpoint.family)
+                return transport
+            sock = socket.socket(endpoint.family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.connect(endpoint.sockaddr)
+                transport, _ = await loop.create_datagram_endpoint(factory, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+            return transport
+        except OSError as exc:
+            last = exc
+    raise last
+
+
+def _endpoint(address: IPAddress, port: int) -> Endpoint:
+    if address.version == 4:
+        return Endpoint(socket.AF_INET, (str(address), port))
+    return Endpoint(socket.AF_INET6, (str(address), port, 0, 0))
 
 
 def _parse_literal(host: str) -> Optional[IPAddress]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from functools import partial
 from typing import Any, Callable, Optional, SupportsInt, Union, cast
@@ -31,7 +30,7 @@ from ksw1fast.protocol.session import (Abort, Action, Call, Connect, Credit, Fai
 from ksw1fast.security.gate import Security
 from ksw1fast.security.peers import Peer
 from ksw1fast.security.resolve import (ResolveError, Resolver, address_bytes, open_error,
-                                       open_socket)
+                                       open_target)
 from ksw1fast.security.tokens import Grant
 from ksw1fast.server import relaying
 from ksw1fast.server.limits import Rate
@@ -193,13 +192,13 @@ class Connection(relaying.GatewayListener):
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        # one timer, not wait_for: that would run open_socket in a second task
+        # one timer, not wait_for: that would run open_target in a second task
         timer = loop.call_later(self.config.connect_timeout, self._connect_timed_out, stream,
                                 task, action.dest)
+        transport: Any
         try:
-            sock = await open_socket(self.resolver, action.host, action.port,
-                                     socket.SOCK_DGRAM if action.udp else socket.SOCK_STREAM,
-                                     self.egress)
+            transport = await open_target(self.resolver, action.host, action.port, action.udp,
+                                          self.egress, lambda: stream)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -212,16 +211,6 @@ class Connection(relaying.GatewayListener):
                 del self._tasks[stream.stream_id]
                 if not self._tasks:  # a dict keeps its grown table after pops: start afresh
                     self._tasks = {}
-        transport: Any
-        try:
-            if action.udp:
-                transport, _ = await loop.create_datagram_endpoint(lambda: stream, sock=sock)
-            else:
-                transport, _ = await loop.create_connection(lambda: stream, sock=sock)
-        except OSError as exc:
-            sock.close()
-            self._fail_open(stream, OpenErrCode.INTERNAL, str(exc), action.dest)
-            return
         if self.streams.get(stream.stream_id) is not stream:  # closed while we connected
             transport.abort()
             return
