@@ -190,18 +190,18 @@ async def connect(endpoints: list[Endpoint], udp: bool,
     for endpoint in endpoints:
         try:
             if not udp:
-                transport, _ = await loop.create_connection(
+                stream, _ = await loop.create_connection(
                     factory, endpoint.sockaddr[0], endpoint.sockaddr[1], family=endpoint.family)
-                return transport
+                return stream
             sock = socket.socket(endpoint.family, socket.SOCK_DGRAM)
             try:
                 sock.setblocking(False)
                 sock.connect(endpoint.sockaddr)
-                transport, _ = await loop.create_datagram_endpoint(factory, sock=sock)
+                datagrams, _ = await loop.create_datagram_endpoint(factory, sock=sock)
             except BaseException:
                 sock.close()
                 raise
-            return transport
+            return datagrams
         except OSError as exc:
             last = exc
     raise last
