@@ -3,6 +3,8 @@
 opens: Open -> OpenOk -> Close -> CloseAck, then the next Open (a new stream id).
 dns:   DnsQuery("localhost") -> DnsResult, then the next query.
 direct_dns: the same lookups with the event loop's getaddrinfo, no gateway (the ceiling).
+direct_opens: TCP connect -> close to the Opens' target from here, no gateway: the
+    baseline of the opens rate (the same connects a gateway makes for its Opens).
 """
 from __future__ import annotations
 
@@ -94,6 +96,23 @@ async def direct_dns(depth: int, seconds: float) -> int:
         nonlocal count
         while time.perf_counter() < deadline:
             await loop.getaddrinfo(DNS_NAME, 0, family=socket.AF_INET, type=socket.SOCK_STREAM)
+            count += 1
+
+    await asyncio.gather(*(lane() for _ in range(depth)))
+    return count
+
+
+async def direct_opens(port: int, depth: int, seconds: float) -> int:
+    """Connect to 127.0.0.1:`port` and close, `depth` in flight, as the gateway connects."""
+    loop = asyncio.get_running_loop()
+    deadline = time.perf_counter() + seconds
+    count = 0
+
+    async def lane() -> None:
+        nonlocal count
+        while time.perf_counter() < deadline:
+            transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+            transport.abort()
             count += 1
 
     await asyncio.gather(*(lane() for _ in range(depth)))

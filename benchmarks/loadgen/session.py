@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Iterable, Optional, Sequence, TypeVar
 
 from benchmarks.loadgen import tcp
-from benchmarks.loadgen.cycles import DnsCycle, OpenCycle, direct_dns
+from benchmarks.loadgen.cycles import DnsCycle, OpenCycle, direct_dns, direct_opens
 from benchmarks.loadgen.ksw1 import Ksw1Connection
 from benchmarks.loadgen.lanes import Echo, Greeted, Job, Lane, make_job
 from benchmarks.loadgen.rawws import RawWsConnection
@@ -28,7 +28,7 @@ class Spec:
     """A job for one load-generator process (picklable: it crosses a pipe)."""
 
     kind: str                 # download | upload | echo | opens | dns | hold
-    via: str                  # ksw1 | tcp (socat) | rawws (websockify) | direct (dns only)
+    via: str                  # ksw1 | tcp (socat) | rawws (websockify) | direct (dns, opens)
     url: str = ""             # the WebSocket URL (ksw1, rawws)
     port: int = 0             # the target (ksw1 Opens) or the relay (tcp)
     websockets: int = 1
@@ -102,6 +102,8 @@ class Session:
             await job.done
         elif spec.kind == "dns" and spec.via == "direct":
             count = await direct_dns(spec.depth, spec.seconds)
+        elif spec.kind == "opens" and spec.via == "direct":
+            count = await direct_opens(spec.port, spec.depth, spec.seconds)
         elif spec.kind in ("opens", "dns"):
             cycle = OpenCycle if spec.kind == "opens" else DnsCycle
             count = sum(await asyncio.gather(*(

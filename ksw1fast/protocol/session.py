@@ -16,6 +16,7 @@ tokens and the egress policy, ksw1fast.security.gate.Security) and a request `Ra
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Union
 
 from ksw1fast.protocol import payloads
@@ -419,7 +420,9 @@ def target_host(req: OpenRequest) -> str:
     size = 4 if req.addr_kind == AddrKind.IPV4 else 16
     if len(req.addr) != size:
         raise ValueError(f"IPv{4 if size == 4 else 6} address must be {size} bytes")
-    return str(ipaddress.ip_address(req.addr))
+    if size == 4:  # dotted quad either way; inet_ntoa skips ipaddress' objects (per Open)
+        return socket.inet_ntoa(req.addr)
+    return str(ipaddress.IPv6Address(req.addr))
 
 
 def _open_err(stream_id: int, code: OpenErrCode, message: str, dest: str = "?") -> list[Action]:

@@ -161,8 +161,10 @@ async def destinations(resolver: Resolver, host: str, port: int, proto: str = "t
                     if address is not None and not zoned else policy.check_name(host, port, proto))
         if not decision.allowed:
             raise Blocked(decision.reason)
-    if address is not None and not zoned:
-        return [_endpoint(address, port)]
+    if address is not None and not zoned:  # connect parses the text itself
+        if address.version == 4:
+            return [Endpoint(socket.AF_INET, (host, port))]
+        return [Endpoint(socket.AF_INET6, (host, port, 0, 0))]
     endpoints = await resolver.lookup(host, port)
     if policy is not None:
         name = None if address is not None else host
@@ -205,12 +207,6 @@ async def connect(endpoints: list[Endpoint], udp: bool,
         except OSError as exc:
             last = exc
     raise last
-
-
-def _endpoint(address: IPAddress, port: int) -> Endpoint:
-    if address.version == 4:
-        return Endpoint(socket.AF_INET, (str(address), port))
-    return Endpoint(socket.AF_INET6, (str(address), port, 0, 0))
 
 
 def _parse_literal(host: str) -> Optional[IPAddress]:
