@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from ksw1fast import _codec as ccodec
 from ksw1fast.protocol import frames as pycodec
 from ksw1fast.protocol import payloads
-from ksw1fast.protocol.constants import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, AddrKind, FrameType
+from ksw1fast.protocol.constants import (DEFAULT_MAX_PAYLOAD, HEADER_SIZE, AddrKind, FrameType,
+                                         Pkcs11Status)
 from ksw1fast.protocol.errors import FrameError, MalformedPayload
 from ksw1fast.protocol.messages import (
     DnsQuery,
@@ -528,3 +529,13 @@ def test_open_ok_packs_what_ipaddress_reads(host: str) -> None:
         payload = payloads.encode_open_ok(info)  # kind u8, port u16, length u16, address
         assert payload[0] == (AddrKind.IPV4 if len(expected) == 4 else AddrKind.IPV6)
         assert payload[5:5 + len(expected)] == expected
+
+
+@pytest.mark.parametrize("status", [Pkcs11Status.PROTOCOL_ERROR, Pkcs11Status.INTERNAL,
+                                    Pkcs11Status.AUTH_DENIED])
+def test_a_refusal_reads_back_as_the_rpc_error_it_is(status) -> None:
+    """The session's own answers (no module asked) decode as the RPC's error bodies."""
+    from ksw1fast.pkcs11 import wire
+    answer = payloads.decode_pkcs11_response(payloads.encode_pkcs11_refusal(status, "nö"))
+    assert answer.status == status
+    assert wire.error_of(answer.status, answer.body) == (None, "nö")

@@ -19,6 +19,7 @@ from enum import IntEnum
 from typing import Callable, Iterable, TypeVar, Union
 
 from ksw1fast.protocol.constants import Pkcs11Status
+from ksw1fast.protocol.payloads import pkcs11_message
 
 T = TypeVar("T")
 
@@ -450,7 +451,7 @@ def ok(body: bytes = b"") -> Response:
 
 
 def protocol_error(message: str) -> Response:
-    return Pkcs11Status.PROTOCOL_ERROR, Writer().string(message).getvalue()
+    return Pkcs11Status.PROTOCOL_ERROR, pkcs11_message(message)
 
 
 def ck_error(ckr: int, message: str) -> Response:
@@ -459,11 +460,11 @@ def ck_error(ckr: int, message: str) -> Response:
 
 
 def internal(message: str) -> Response:
-    return Pkcs11Status.INTERNAL, Writer().string(message).getvalue()
+    return Pkcs11Status.INTERNAL, pkcs11_message(message)
 
 
 def auth_denied(message: str) -> Response:
-    return Pkcs11Status.AUTH_DENIED, Writer().string(message).getvalue()
+    return Pkcs11Status.AUTH_DENIED, pkcs11_message(message)
 
 
 def error_of(status: int, body: bytes) -> tuple[int | None, str]:

@@ -286,6 +286,18 @@ def encode_pkcs11_response(status: int, body: Buffer = b"") -> bytes:
     return b"".join((_U8.pack(uint(status, 8, "status")), body))
 
 
+def pkcs11_message(message: str) -> bytes:
+    """The body of a ProtocolError, Internal or AuthDenied Pkcs11Response: the message as
+    a u32-length-prefixed UTF-8 string (pkcs11-rpc)."""
+    text = message.encode("utf-8")
+    return _U32.pack(len(text)) + text
+
+
+def encode_pkcs11_refusal(status: int, message: str) -> bytes:
+    """A Pkcs11Response the gateway answers itself, without asking a module."""
+    return encode_pkcs11_response(status, pkcs11_message(message))
+
+
 def decode_pkcs11_response(payload: Buffer) -> Pkcs11Response:
     with _Reader(payload, "Pkcs11Response") as r:
         status = r.u8()

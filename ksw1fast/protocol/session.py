@@ -22,10 +22,9 @@ from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Union
 from ksw1fast.protocol import payloads
 from ksw1fast.protocol.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CREDIT,
                                          AddrKind, CloseReason, DnsErrCode, Feature, FrameType,
-                                         OpenErrCode, Proto, WSClose)
+                                         OpenErrCode, Pkcs11Status, Proto, WSClose)
 from ksw1fast.protocol.errors import AuthError, MalformedPayload
 from ksw1fast.protocol.messages import OpenOkInfo, OpenRequest
-from ksw1fast.pkcs11 import wire
 
 # What this server implements; a HelloAck carries the intersection with the client's.
 # Pkcs11 is granted even without a module: calls then get a clear Internal error.
@@ -375,18 +374,21 @@ class Session:
         try:
             request = payloads.decode_pkcs11_request(payload)
         except MalformedPayload as exc:
-            return _pkcs11_answer(query_id, wire.protocol_error(f"malformed request: {exc}"))
+            return _pkcs11_refusal(query_id, Pkcs11Status.PROTOCOL_ERROR,
+                                   f"malformed request: {exc}")
         try:
             allowed = self._authorize().allows_pkcs11
         except AuthError as exc:
             return [Note("auth_failure", exc.kind),
-                    *_pkcs11_answer(query_id, wire.auth_denied(f"token {exc.kind}"))]
+                    *_pkcs11_refusal(query_id, Pkcs11Status.AUTH_DENIED, f"token {exc.kind}")]
         if not allowed:
-            return _pkcs11_answer(query_id, wire.auth_denied("the token does not allow PKCS#11"))
+            return _pkcs11_refusal(query_id, Pkcs11Status.AUTH_DENIED,
+                                   "the token does not allow PKCS#11")
         if self.calls >= self._limits.max_calls:
             # bounds the answers that may pile up: max_calls x max_out bytes
-            return [Note("limit", "pkcs11_calls"), *_pkcs11_answer(query_id, wire.internal(
-                f"more than {self._limits.max_calls} PKCS#11 calls in flight"))]
+            return [Note("limit", "pkcs11_calls"), *_pkcs11_refusal(
+                query_id, Pkcs11Status.INTERNAL,
+                f"more than {self._limits.max_calls} PKCS#11 calls in flight")]
         self.calls += 1
         return [Call(query_id, request.fn_id, request.args)]
 
@@ -435,7 +437,8 @@ def _dns_err(query_id: int, code: DnsErrCode, message: str) -> list[Action]:
             Send(FrameType.DNS_ERR, query_id, payloads.encode_dns_err(code, message))]
 
 
-def _pkcs11_answer(query_id: int, answer: tuple[int, bytes]) -> list[Action]:
-    """An answer made here, without asking a module (wire.protocol_error and the like)."""
-    return [Send(FrameType.PKCS11_RESPONSE, query_id, payloads.encode_pkcs11_response(*answer))]
+def _pkcs11_refusal(query_id: int, status: Pkcs11Status, message: str) -> list[Action]:
+    """An answer made here, without asking a module."""
+    return [Send(FrameType.PKCS11_RESPONSE, query_id,
+                 payloads.encode_pkcs11_refusal(status, message))]
 
