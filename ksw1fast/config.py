@@ -10,7 +10,7 @@ from ksw1fast.protocol.constants import DEFAULT_MAX_PAYLOAD
 from ksw1fast.security.egress import Rule
 from ksw1fast.security.peers import FORWARDED_HEADERS
 from ksw1fast.errors import AT_LEAST_1, NOT_NEGATIVE, POSITIVE, MissingExtra, SettingCheck, check_settings
-from ksw1fast.pkcs11.supervisor import Pkcs11Settings
+from ksw1fast.pkcs11.settings import Pkcs11Settings
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 from ksw1fast.config import GatewayConfig
 from ksw1fast.errors import MissingExtra, SettingError
 from ksw1fast.protocol.errors import KSW1Error
-from ksw1fast.pkcs11.supervisor import Pkcs11Settings
+from ksw1fast.pkcs11.settings import Pkcs11Settings
 from ksw1fast.security.egress import Rule, parse_rule
 
 if sys.version_info >= (3, 11):

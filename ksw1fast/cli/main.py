@@ -14,7 +14,7 @@ from ksw1fast.config import GatewayConfig
 from ksw1fast.cli.config_file import (ConfigError, check_config_file, located, make_config,
                                   read_config_file)
 from ksw1fast.errors import MissingExtra, SettingError, StartError
-from ksw1fast.pkcs11.supervisor import Pkcs11Settings
+from ksw1fast.pkcs11.settings import Pkcs11Settings
 from ksw1fast.ops.logs import configure as configure_logging
 from ksw1fast.cli.token import add_token_commands
 from ksw1fast.ops.workers import SERVING, Supervisor, report, worker_count

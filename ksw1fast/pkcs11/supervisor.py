@@ -14,7 +14,7 @@ gets its backend from a *provider* (`for_connection()`), and closes it with its 
 - `NoModule`: no module configured; every call answers Internal.
 
 A provider may also have `async start()`, `drain()` (the gateway drains: start nothing
-new) and `async close()`; the gateway calls each it has.
+new) and `async close()`; the gateway calls each it has (ksw1fast.pkcs11.backend).
 """
 from __future__ import annotations
 
@@ -23,16 +23,15 @@ import logging
 import signal
 import struct
 import time
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Awaitable, Callable, Optional, Protocol
+from typing import Any, Awaitable, Callable, Optional
 
 from ksw1fast.ops import children
 from ksw1fast.ops import metrics
 from ksw1fast.ops.backoff import Backoff
-from ksw1fast.errors import AT_LEAST_1, NOT_NEGATIVE, SettingCheck, check_settings
 from ksw1fast.pkcs11 import ipc, wire
 from ksw1fast.pkcs11.args import check as layout_error
+from ksw1fast.pkcs11.settings import Pkcs11Settings
 
 log = logging.getLogger("ksw1fast.pkcs11")
 
@@ -44,54 +43,6 @@ START_TIMEOUT = 30.0  # loading a module and C_Initialize
 # an agent asked to stop by a signal, as a service manager or a terminal sends one to
 # every process of the service when it drains: a normal end, like closing its stdin
 _STOP_STATUSES = (-signal.SIGTERM, -signal.SIGINT)
-
-
-class Pkcs11Backend(Protocol):
-    async def handle(self, fn_id: int, args: bytes) -> tuple[int, bytes]: ...
-
-
-@dataclass(frozen=True)
-class Pkcs11Settings:
-    lib: Optional[str] = None              # module path; None = no module configured
-    isolation: str = "connection"          # "connection" or "worker"
-    pool_size: int = 2                     # pre-started agents (isolation "connection")
-    pin_env: Optional[str] = None          # env var holding a gateway-held user PIN
-    allow_admin: bool = False              # token administration despite a gateway PIN
-    allow: Optional[tuple[str, ...]] = None  # fn names allowed (None = all)
-    deny: tuple[str, ...] = field(default_factory=tuple)
-    max_out: int = 1 << 20                 # cap on client-given output sizes
-    max_calls: int = 16                    # calls in flight per connection; their answers
-                                           # are at most max_calls x max_out bytes
-    max_agents: int = 8                    # agent processes per worker, starting or running,
-                                           # the pool included (README: sizing)
-
-    def __post_init__(self) -> None:
-        check_settings(self, _CHECKS, prefix="pkcs11.")
-        if self.isolation == "worker" and not self.pin_env:
-            raise ValueError("pkcs11 isolation 'worker' shares one login between "
-                             "connections: it needs a gateway-held PIN (pin_env)")
-
-    def agent_args(self, shared: bool) -> list[str]:
-        """Arguments of `ksw1fast.pkcs11.agent`."""
-        args = ["--lib", str(self.lib), "--max-out", str(self.max_out)]
-        if self.pin_env:
-            args += ["--pin-env", self.pin_env]
-        if self.allow_admin:
-            args.append("--allow-admin")
-        for name in self.allow or ():
-            args += ["--allow", name]
-        for name in self.deny:
-            args += ["--deny", name]
-        if shared:
-            args.append("--shared")
-        return args
-
-
-_CHECKS: dict[str, SettingCheck] = {
-    "isolation": (lambda v: v in ("connection", "worker"), "must be 'connection' or 'worker'"),
-    "pool_size": NOT_NEGATIVE, "max_out": AT_LEAST_1, "max_calls": AT_LEAST_1,
-    "max_agents": AT_LEAST_1,
-}
 
 
 class AgentError(Exception):

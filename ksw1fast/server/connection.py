@@ -21,7 +21,7 @@ from ksw1fast.config import GatewayConfig
 from ksw1fast.ops import metrics
 from ksw1fast.ops.logs import Throttled
 from ksw1fast.pkcs11 import wire
-from ksw1fast.pkcs11.supervisor import Pkcs11Backend
+from ksw1fast.pkcs11.backend import Closable, Pkcs11Backend
 from ksw1fast.protocol.close import closed_code
 from ksw1fast.protocol.constants import OpenErrCode, Pkcs11Status, WSClose
 from ksw1fast.protocol.messages import OpenOkInfo, SockAddr
@@ -91,9 +91,8 @@ class Connection(relaying.GatewayListener):
         for task in (*self._tasks.values(), *self._lookups, *self._calls):
             task.cancel()
         self._tasks.clear()
-        close = getattr(self.pkcs11, "close", None)
-        if close is not None:  # ends this connection's agent and its sessions
-            _background(close())
+        if isinstance(self.pkcs11, Closable):  # ends this connection's agent and its sessions
+            _background(self.pkcs11.close())
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         super().on_ws_disconnected(transport)

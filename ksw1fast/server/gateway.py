@@ -8,7 +8,7 @@ import logging
 import socket
 import ssl
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Optional, Union
 from urllib.parse import urlsplit
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
@@ -25,6 +25,7 @@ from ksw1fast.errors import ListenError
 from ksw1fast.server.limits import ConnectionLimits
 from ksw1fast.server.listener import Listener, bind, ws_protocol
 from ksw1fast.security.peers import Peer, ProxyHeaderError, TrustedProxies, read_proxy_header
+from ksw1fast.pkcs11.backend import Closable, Drainable, Pkcs11Backend, Provider, Startable
 from ksw1fast.pkcs11.supervisor import NoModule, make_provider
 from ksw1fast.security.resolve import Resolver
 from ksw1fast.security.gate import HandshakeRefused, Security
@@ -47,7 +48,8 @@ class Gateway:
         # ValueError for settings that do not fit
         self.security = security if security is not None else Security(config)
         self.resolver = Resolver(config.max_lookups, config.dns_timeout)
-        self._pkcs11 = pkcs11_backend or make_provider(config.pkcs11) or NoModule()
+        self._pkcs11: Union[Pkcs11Backend, Provider] = (
+            pkcs11_backend or make_provider(config.pkcs11) or NoModule())
         self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
         self.proxies = TrustedProxies(config.trusted_proxies, config.forwarded_header)
         # upgraded connections: an upgrade request is checked before its Connection exists,
@@ -65,9 +67,8 @@ class Gateway:
         """Listen; ListenError (one line: the address and the cause) when it cannot."""
         cfg = self.config
         self._tls = self._tls_context()  # before listening: a bad certificate is no bind error
-        start = getattr(self._pkcs11, "start", None)
-        if start is not None:
-            await start()
+        if isinstance(self._pkcs11, Startable):
+            await self._pkcs11.start()
         try:
             sock = bind(cfg.host, cfg.port, cfg.reuse_port)
         except OSError as exc:
@@ -140,9 +141,8 @@ class Gateway:
         self.draining = True
         if self._listener is not None:
             self._listener.close()  # the listening socket only: open connections carry on
-        drain = getattr(self._pkcs11, "drain", None)
-        if drain is not None:  # e.g. a shared PKCS#11 agent that dies now stays dead
-            drain()
+        if isinstance(self._pkcs11, Drainable):  # e.g. a shared agent that dies stays dead
+            self._pkcs11.drain()
         deadline = asyncio.get_running_loop().time() + timeout
         while self.connections and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
@@ -201,8 +201,8 @@ class Gateway:
             elif exc.status in (401, 403):
                 metrics.AUTH_FAILURES.labels(exc.kind).inc()
             return _refuse(client, exc)
-        for_connection = getattr(self._pkcs11, "for_connection", None)
-        backend = for_connection() if for_connection is not None else self._pkcs11
+        backend = (self._pkcs11.for_connection() if isinstance(self._pkcs11, Provider)
+                   else self._pkcs11)
         conn = Connection(self.config, self._closed, backend, self.security, self.resolver,
                           grant, client)
         self.connections.add(conn)
@@ -233,9 +233,8 @@ class Gateway:
         await self._close_pkcs11()
 
     async def _close_pkcs11(self) -> None:
-        close = getattr(self._pkcs11, "close", None)
-        if close is not None:
-            await close()
+        if isinstance(self._pkcs11, Closable):
+            await self._pkcs11.close()
 
     async def __aenter__(self) -> "Gateway":
         return self

@@ -6,7 +6,7 @@ import pytest
 import trustme
 
 import ksw1fast
-from ksw1fast.pkcs11.supervisor import Pkcs11Settings
+from ksw1fast.pkcs11.settings import Pkcs11Settings
 
 from .page_server import serve_pages
 

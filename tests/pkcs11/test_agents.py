@@ -18,7 +18,8 @@ from ksw1fast import client as kclient
 from ksw1fast.protocol.constants import Pkcs11Status
 from ksw1fast.protocol.messages import Pkcs11Response
 from ksw1fast.pkcs11.agent import MAX_WAITS
-from ksw1fast.pkcs11.supervisor import RESTARTED, AgentProcess, Pkcs11Settings
+from ksw1fast.pkcs11.settings import Pkcs11Settings
+from ksw1fast.pkcs11.supervisor import RESTARTED, AgentProcess
 from ksw1fast.pkcs11.wire import (FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer,
                                   error_of)
 
