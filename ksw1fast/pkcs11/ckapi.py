@@ -30,6 +30,7 @@ from typing import Any, Sequence
 from PyKCS11 import CKA, CKM, CKR
 
 from ksw1fast.pkcs11 import wire
+from ksw1fast.protocol.errors import KSW1Error
 
 CK_ULONG = c_ulong
 CK_ULONG_MAX = (1 << (8 * ctypes.sizeof(CK_ULONG))) - 1
@@ -107,7 +108,7 @@ def ckr_name(rv: int) -> str:
     return name if isinstance(name, str) else f"CKR 0x{rv:08X}"
 
 
-class CkrError(Exception):
+class CkrError(KSW1Error):
     """A PKCS#11 call answered something other than CKR_OK."""
 
     def __init__(self, rv: int, function: str) -> None:
@@ -123,7 +124,7 @@ def check(rv: int, function: str) -> None:
 Buffer = bytes | bytearray
 
 
-class OutputTooLarge(Exception):
+class OutputTooLarge(KSW1Error):
     """The module wants to return more than the Module's max_output bytes."""
 
 

@@ -6,15 +6,14 @@ right, `ckapi.Module` (ctypes, same dlopen handle) the rest; ckapi.py says
 which and why.
 
 Every call is synchronous and answers a `(status, body)` pair, never an
-exception. Each client (one browser connection) has its own handle tables:
-u32 row ids from 1, never reused, so a foreign or stale id is "unknown".
+exception. Each client (one browser connection) has its own handle tables
+(handles.py). A call's args are read by its spec (argspecs.py), its values
+made PyKCS11's (adaptors.py); the operation families live in operations.py,
+and the handlers here are registered by function name (`_fn`).
 
 The hot calls (the one-shots, the Inits, GenerateRandom) first try a
 struct-only decode of their args (hotargs); whatever it does not accept
 goes through the generic spec-driven parse, which also words every refusal.
-Per call, PyKCS11 wrappers of parameterless mechanisms and of object
-handles are reused rather than rebuilt, and byte strings cross SWIG in one
-copy (ckbytes): the agent spends its time in the module, not in Python.
 
 Threads: the module is initialised by PyKCS11 with NULL arguments, which
 promises it one thread at a time, so every module call and table change
@@ -28,17 +27,21 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
-from functools import lru_cache, partial
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from functools import partial
+from typing import Any, Callable, Iterable
 
 import PyKCS11.LowLevel as LL
 from PyKCS11 import CKF, CKR, CKU
 
 from ksw1fast.pkcs11 import ckapi, ckbytes, hotargs, wire
-from ksw1fast.pkcs11.args import ARGS, CHECK, OPS, SIZED, Op, malformed, unknown_fn
+from ksw1fast.pkcs11.adaptors import (PkMechanism, Template, bytes_body, pk_bytes, pk_object,
+                                      pk_template, u32_list, u64_list, version)
+from ksw1fast.pkcs11.args import ARGS, OPS, malformed, unknown_fn
+from ksw1fast.pkcs11.argspecs import compile_spec, parse
 from ksw1fast.pkcs11.ckapi import CkrError, NativeParameter, check
-from ksw1fast.pkcs11.wire import FUNCTION_IDS, FUNCTIONS, U32, HandleKind, Reader, Response, WireError, Writer
+from ksw1fast.pkcs11.handles import Client, Cursor, ObjectRow, Refusal, SessionRow
+from ksw1fast.pkcs11.operations import Operations
+from ksw1fast.pkcs11.wire import FUNCTION_IDS, FUNCTIONS, HandleKind, Reader, Response, WireError, Writer
 
 DEFAULT_MAX_OUT = 1 << 20
 DEFAULT_WAIT_CAP = 300.0
@@ -56,197 +59,18 @@ CKU_VENDOR_DEFINED = 0x80000000
 _CKR_OK = CKR["CKR_OK"]
 
 
-class _Refusal(Exception):
-    """Ends a call with a non-CkError answer (ProtocolError, AuthDenied, Internal)."""
+FastParser = Callable[[Client, bytes], "list[Any] | None"]  # hotargs decoders
 
-    def __init__(self, response: Response) -> None:
-        super().__init__(response)
-        self.response = response
-
-
-R = TypeVar("R", bound="_Row")
-
-
-@dataclass
-class _Row:
-    id: int = field(default=0, init=False)
-
-
-@dataclass
-class _Session(_Row):
-    pk: Any  # PyKCS11's CK_SESSION_HANDLE
-    slot: int
-    handle: int = field(init=False)  # pk's value, read once rather than through SWIG per call
-
-    def __post_init__(self) -> None:
-        self.handle = self.pk.value()
-
-
-@dataclass
-class _Object(_Row):
-    handle: int
-    sessions: list[int]  # row ids: the one it came through, then ObjectBind's
-    refs: int = 1
-
-
-@dataclass
-class _Cursor(_Row):
-    session: int  # row id
-
-
-class _Table(Generic[R]):
-    """One client's rows of one kind."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.rows: dict[int, R] = {}
-        self._next = 1
-
-    def add(self, row: R) -> int:
-        if self._next > 0xFFFFFFFF:
-            raise _Refusal(wire.internal(f"{self.kind} handles exhausted"))
-        row.id = self._next
-        self.rows[row.id] = row
-        self._next += 1
-        return row.id
-
-    def get(self, rid: int) -> R:
-        try:
-            return self.rows[rid]
-        except KeyError:
-            raise _Refusal(wire.protocol_error(f"unknown {self.kind} handle")) from None
-
-    def pop(self, rid: int) -> R:
-        row = self.get(rid)
-        del self.rows[rid]
-        return row
-
-
-class _Client:
-    """One browser connection: its handles and the signal that ends its waits."""
-
-    def __init__(self) -> None:
-        self.sessions: _Table[_Session] = _Table("session")
-        self.objects: _Table[_Object] = _Table("object")
-        self.cursors: _Table[_Cursor] = _Table("cursor")
-        self.object_ids: dict[int, int] = {}  # module object handle -> row id
-        self.closed = threading.Event()
-
-
-# --- argument specs --------------------------------------------------------------------
-# A handler declares its args as words: Reader methods (u8, u32, u64, bool, bytes,
-# string), or one of these, which also resolve handles and check sizes.
-
-def _size(d: "Dispatcher", c: _Client, r: Reader) -> int:
-    size = r.u32()
-    if size > d.max_out:
-        raise _Refusal(wire.protocol_error(
-            f"requested size {size} exceeds the cap of {d.max_out}"))
-    return size
-
-
-def _key(d: "Dispatcher", c: _Client, r: Reader) -> int:
-    return c.objects.get(r.u32()).handle
-
-
-Template = list[tuple[int, bytes]]  # (CKA, the value as the module's C type)
-
-_RESOLVERS: dict[str, Callable[["Dispatcher", _Client, Reader], Any]] = {
-    "-": lambda d, c, r: None,  # an argument this variant does not have
-    "session": lambda d, c, r: c.sessions.get(r.u32()),
-    "object": lambda d, c, r: c.objects.get(r.u32()),
-    "cursor": lambda d, c, r: c.cursors.get(r.u32()),
-    "key": _key,
-    "opt_key": lambda d, c, r: r.option(partial(_key, d, c)) or 0,  # 0: CK_INVALID_HANDLE
-    "size": _size,
-    "mechanism": lambda d, c, r: NativeParameter(r.mechanism()),
-    "template": lambda d, c, r: [(a.type, ckapi.native_value(a)) for a in r.attributes()],
-    "types": lambda d, c, r: r.list(Reader.u32),
-    "opt_string": lambda d, c, r: r.option(Reader.string),
-}
-
-
-_Parser = Callable[["Dispatcher", _Client, Reader], Any]
-_FastParser = Callable[[_Client, bytes], "list[Any] | None"]
-
-
-def _compile(spec: str) -> tuple[_Parser, ...]:
-    """The readers of an args spec, looked up once rather than on every call."""
-    return tuple(_RESOLVERS[word] if word in _RESOLVERS
-                 else (lambda d, c, r, read=getattr(Reader, word): read(r))
-                 for word in spec.split())
-
-
-def _parse(d: "Dispatcher", c: _Client, parsers: tuple[_Parser, ...], args: bytes) -> list[Any]:
-    reader = Reader(args)
-    values = [parse(d, c, reader) for parse in parsers]
-    reader.end()
-    return values
+_HANDLERS: dict[str, str] = {}  # fn name (wire.FUNCTIONS) -> the Dispatcher method's name
 
 
 def _fn(name: str) -> Callable[[Callable[..., bytes]], Callable[..., bytes]]:
     """Registers a Dispatcher method as the handler of the fn `name` (wire.FUNCTIONS);
     its args are the words of args.ARGS for each fn id of that name."""
     def register(method: Callable[..., bytes]) -> Callable[..., bytes]:
-        method._pkcs11_fn = name  # type: ignore[attr-defined]
+        _HANDLERS[name] = method.__name__
         return method
     return register
-
-
-def _rv(function: Callable[..., object], *args: Any) -> int:
-    """The CKR a ckapi call answers, for calls whose failure is expected."""
-    try:
-        function(*args)
-    except CkrError as exc:
-        return exc.rv
-    return _CKR_OK
-
-
-def _bytes_body(data: bytes) -> bytes:
-    return U32.pack(len(data)) + data
-
-
-@lru_cache(maxsize=4096)
-def _pk_object(handle: int) -> Any:
-    """PyKCS11's wrapper of an object handle, an input only: built once, not per call."""
-    obj = LL.CK_OBJECT_HANDLE()
-    obj.assign(handle)
-    return obj
-
-
-_pk_bytes = ckbytes.from_bytes
-
-
-def _pk_template(template: Template) -> Any:
-    """A PyKCS11 template of the values as they are: native_value already made them C."""
-    attrs = LL.ckattrlist(len(template))
-    for index, (cka, value) in enumerate(template):
-        attrs[index].SetBin(cka, _pk_bytes(value))  # indexing gives the element, iterating a copy
-    return attrs
-
-
-class _PkMechanism:
-    """A CK_MECHANISM for PyKCS11 (`.ck`), holding the parameter buffers it points to:
-    keep this object, not just `.ck`, alive for the whole call. `of` reuses the one of a
-    mechanism without a parameter: the module only reads it."""
-
-    def __init__(self, native: NativeParameter) -> None:
-        self._native = native
-        self.ck = LL.CK_MECHANISM()
-        self.ck.mechanism = native.type
-        if native.blob:
-            self._param = _pk_bytes(native.blob)
-            self.ck.pParameter = self._param
-            self.ck.ulParameterLen = len(native.blob)
-
-    @staticmethod
-    def of(native: NativeParameter) -> "_PkMechanism":
-        return _PkMechanism(native) if native.blob else _bare_mechanism(native.type)
-
-
-@lru_cache(maxsize=256)
-def _bare_mechanism(mechanism: int) -> _PkMechanism:
-    return _PkMechanism(NativeParameter(wire.Mechanism(mechanism)))
 
 
 class Dispatcher:
@@ -284,29 +108,27 @@ class Dispatcher:
             raise OSError(f"cannot load PKCS#11 module {lib_path}: {ckapi.ckr_name(rv)}")
         self._ck = ckapi.Module(lib_path, max_out)
         self._lock = threading.Lock()
-        self._clients: dict[int, _Client] = {}
+        self._clients: dict[int, Client] = {}
         self._last_client = 0
         self._closed = False
-        handlers: dict[str, Callable[..., bytes]] = {}
-        for name in dir(type(self)):
-            method = getattr(self, name)
-            if hasattr(method, "_pkcs11_fn"):
-                handlers[method._pkcs11_fn] = method
+        handlers: dict[str, Callable[..., bytes]] = {
+            fn: getattr(self, method) for fn, method in _HANDLERS.items()}
+        self._ops = Operations(self._lib, self._ck, max_out)
         # the hot calls' struct-only decoders (hotargs); the rest take the generic parse
-        self._fast: dict[int, _FastParser] = {GENERATE_RANDOM: self._fast_random}
+        self._fast: dict[int, FastParser] = {GENERATE_RANDOM: self._fast_random}
         self._add_operations(handlers)
-        self._handlers = {fn_id: (_compile(spec), handlers[FUNCTIONS[fn_id]])
+        self._handlers = {fn_id: (compile_spec(spec), handlers[FUNCTIONS[fn_id]])
                           for fn_id, spec in ARGS.items()}
 
     def _add_operations(self, handlers: dict[str, Callable[..., bytes]]) -> None:
         for op in OPS:
-            handlers[op.kind] = partial(self._one_shot, op)
+            handlers[op.kind] = partial(self._ops.one_shot, op)
             self._fast[op.one_shot] = partial(self._fast_mechanism, op.keyed, True, op.tail)
             if op.multipart:
-                handlers[f"{op.kind}Init"] = partial(self._op_init, op)
-                handlers[f"{op.kind}Update"] = partial(self._op_update, op)
-                handlers[f"{op.kind}Final"] = partial(self._op_final, op)
-                handlers[f"{op.kind}Abort"] = partial(self._op_abort, op)
+                handlers[f"{op.kind}Init"] = partial(self._ops.init_op, op)
+                handlers[f"{op.kind}Update"] = partial(self._ops.update, op)
+                handlers[f"{op.kind}Final"] = partial(self._ops.final, op)
+                handlers[f"{op.kind}Abort"] = partial(self._ops.abort, op)
                 self._fast[op.multipart[0]] = partial(self._fast_mechanism, op.keyed, False,
                                                       hotargs.NO_TAIL)
 
@@ -316,7 +138,7 @@ class Dispatcher:
         """A new client id: the handle space of one browser connection."""
         with self._lock:
             self._last_client += 1
-            self._clients[self._last_client] = _Client()
+            self._clients[self._last_client] = Client()
             return self._last_client
 
     def is_blocking(self, fn_id: int, args: bytes) -> bool:
@@ -341,16 +163,16 @@ class Dispatcher:
                 self._check_admin(name)
             parsers, handler = self._handlers[fn_id]
             if fn_id == WAIT_FOR_SLOT_EVENT:  # locks for each poll only
-                return wire.ok(handler(state, *_parse(self, state, parsers, args)))
+                return wire.ok(handler(state, *parse(self, state, parsers, args)))
             with self._lock:
                 if state.closed.is_set():
                     return wire.internal("unknown or closed PKCS#11 client")
                 fast = self._fast.get(fn_id)
                 values = fast(state, args) if fast is not None else None
                 if values is None:
-                    values = _parse(self, state, parsers, args)
+                    values = parse(self, state, parsers, args)
                 return wire.ok(handler(state, *values))
-        except _Refusal as refusal:
+        except Refusal as refusal:
             return refusal.response
         except WireError as exc:
             return wire.protocol_error(malformed(fn_id, exc))
@@ -379,12 +201,12 @@ class Dispatcher:
                 self._lib.Unload()
 
     # --- the hot calls' args without the generic parse -----------------------------------
-    # The values _parse would give, or None whenever it would refuse the call (a malformed
+    # The values parse would give, or None whenever it would refuse the call (a malformed
     # arg, an unknown handle, a size over the cap): it then runs and says why. Handles
     # resolve in the order of the spec words, so an error it raises (a WireError from a
-    # mechanism parameter) is the one _parse would raise at the same point.
+    # mechanism parameter) is the one parse would raise at the same point.
 
-    def _fast_mechanism(self, keyed: bool, data: bool, tail: str, c: _Client,
+    def _fast_mechanism(self, keyed: bool, data: bool, tail: str, c: Client,
                         args: bytes) -> list[Any] | None:
         """`session mechanism key|- [bytes tail]`: the Init and one-shot calls."""
         raw = hotargs.mechanism_call(args, keyed, data, tail)
@@ -405,7 +227,7 @@ class Dispatcher:
             return None
         return [session, native, key, payload, end] if data else [session, native, key]
 
-    def _fast_random(self, c: _Client, args: bytes) -> list[Any] | None:
+    def _fast_random(self, c: Client, args: bytes) -> list[Any] | None:
         """`session size`: GenerateRandom."""
         raw = hotargs.session_u32(args)
         if raw is None:
@@ -419,15 +241,15 @@ class Dispatcher:
 
     def _check_admin(self, what: str) -> None:
         if self._pin is not None and not self._allow_admin:
-            raise _Refusal(wire.auth_denied(f"fn {what} not allowed with a gateway-held PIN"))
+            raise Refusal(wire.auth_denied(f"fn {what} not allowed with a gateway-held PIN"))
 
-    def _drop_client(self, c: _Client) -> None:
+    def _drop_client(self, c: Client) -> None:
         for sid in list(c.sessions.rows):
             self._close_session(c, sid, check_rv=False)
         c.objects.rows.clear()
         c.object_ids.clear()
 
-    def _close_session(self, c: _Client, sid: int, check_rv: bool = True) -> None:
+    def _close_session(self, c: Client, sid: int, check_rv: bool = True) -> None:
         session = c.sessions.pop(sid)
         for cid in [cid for cid, cursor in c.cursors.rows.items() if cursor.session == sid]:
             del c.cursors.rows[cid]
@@ -435,11 +257,11 @@ class Dispatcher:
         if check_rv:
             check(rv, "C_CloseSession")
 
-    def _mint_object(self, c: _Client, session: _Session, handle: int) -> int:
+    def _mint_object(self, c: Client, session: SessionRow, handle: int) -> int:
         """The client's row for a module object: a new one, or one more reference."""
         rid = c.object_ids.get(handle)
         if rid is None:
-            rid = c.objects.add(_Object(handle, [session.id]))
+            rid = c.objects.add(ObjectRow(handle, [session.id]))
             c.object_ids[handle] = rid
             return rid
         obj = c.objects.rows[rid]
@@ -448,17 +270,17 @@ class Dispatcher:
             obj.sessions.append(session.id)
         return rid
 
-    def _forget_object(self, c: _Client, obj: _Object) -> None:
+    def _forget_object(self, c: Client, obj: ObjectRow) -> None:
         del c.objects.rows[obj.id]
         del c.object_ids[obj.handle]
 
-    def _object_session(self, c: _Client, obj: _Object) -> _Session:
+    def _object_session(self, c: Client, obj: ObjectRow) -> SessionRow:
         for sid in obj.sessions:
             if sid in c.sessions.rows:
                 return c.sessions.rows[sid]
-        raise _Refusal(wire.protocol_error("object handle has no open session"))
+        raise Refusal(wire.protocol_error("object handle has no open session"))
 
-    def _new_object(self, c: _Client, session: _Session, make: Callable[[Any], int],
+    def _new_object(self, c: Client, session: SessionRow, make: Callable[[Any], int],
                     function: str) -> bytes:
         """Runs a PyKCS11 call that creates one object; its u32 handle as the body."""
         out = LL.CK_OBJECT_HANDLE()
@@ -468,21 +290,21 @@ class Dispatcher:
     # --- slot and token ------------------------------------------------------------------
 
     @_fn("GetSlotList")
-    def _get_slot_list(self, c: _Client, token_present: bool) -> bytes:
+    def _get_slot_list(self, c: Client, token_present: bool) -> bytes:
         slots = LL.ckulonglist()
         check(self._lib.C_GetSlotList(token_present, slots), "C_GetSlotList")
-        return _u64_list(list(slots))
+        return u64_list(list(slots))
 
     @_fn("GetSlotInfo")
-    def _get_slot_info(self, c: _Client, slot: int) -> bytes:
+    def _get_slot_info(self, c: Client, slot: int) -> bytes:
         info = LL.CK_SLOT_INFO()
         check(self._lib.C_GetSlotInfo(slot, info), "C_GetSlotInfo")
         return Writer().slot_info(wire.SlotInfo(
             info.GetSlotDescription(), info.GetManufacturerID(), info.flags,
-            _version(info.hardwareVersion), _version(info.firmwareVersion))).getvalue()
+            version(info.hardwareVersion), version(info.firmwareVersion))).getvalue()
 
     @_fn("GetTokenInfo")
-    def _get_token_info(self, c: _Client, slot: int) -> bytes:
+    def _get_token_info(self, c: Client, slot: int) -> bytes:
         t = LL.CK_TOKEN_INFO()
         check(self._lib.C_GetTokenInfo(slot, t), "C_GetTokenInfo")
         clock = t.flags & CKF["CKF_CLOCK_ON_TOKEN"]
@@ -490,60 +312,60 @@ class Dispatcher:
             t.GetLabel(), t.GetManufacturerID(), t.GetModel(), t.GetSerialNumber(), t.flags,
             t.ulMaxSessionCount, t.ulSessionCount, t.ulMaxRwSessionCount, t.ulRwSessionCount,
             t.ulMaxPinLen, t.ulMinPinLen, t.ulTotalPublicMemory, t.ulFreePublicMemory,
-            t.ulTotalPrivateMemory, t.ulFreePrivateMemory, _version(t.hardwareVersion),
-            _version(t.firmwareVersion), t.GetUtcTime() if clock else None)).getvalue()
+            t.ulTotalPrivateMemory, t.ulFreePrivateMemory, version(t.hardwareVersion),
+            version(t.firmwareVersion), t.GetUtcTime() if clock else None)).getvalue()
 
     @_fn("InitToken")
-    def _init_token(self, c: _Client, slot: int, so_pin: str | None, label: str) -> bytes:
+    def _init_token(self, c: Client, slot: int, so_pin: str | None, label: str) -> bytes:
         raw = label.encode("utf-8")
         if len(raw) > 32:
-            raise _Refusal(wire.protocol_error("token label longer than 32 bytes"))
+            raise Refusal(wire.protocol_error("token label longer than 32 bytes"))
         # C_InitToken reads exactly 32 bytes, blank padded
         padded = (raw + b" " * (32 - len(raw))).decode("utf-8")
-        pin = _pk_bytes(so_pin.encode("utf-8") if so_pin is not None else b"")
+        pin = pk_bytes(so_pin.encode("utf-8") if so_pin is not None else b"")
         check(self._lib.C_InitToken(slot, pin, padded), "C_InitToken")
         return b""
 
     @_fn("OpenSession")
-    def _open_session(self, c: _Client, slot: int, flags: int) -> bytes:
+    def _open_session(self, c: Client, slot: int, flags: int) -> bytes:
         if flags & ~0x3:
-            raise _Refusal(wire.protocol_error(f"unknown OpenSession flags 0x{flags:x}"))
+            raise Refusal(wire.protocol_error(f"unknown OpenSession flags 0x{flags:x}"))
         ck_flags = CKF["CKF_SERIAL_SESSION"] | (CKF["CKF_RW_SESSION"] if flags & OPEN_RW else 0)
         pk = LL.CK_SESSION_HANDLE()
         check(self._lib.C_OpenSession(slot, ck_flags, pk), "C_OpenSession")
-        return Writer().u32(c.sessions.add(_Session(pk, slot))).getvalue()
+        return Writer().u32(c.sessions.add(SessionRow(pk, slot))).getvalue()
 
     @_fn("GetMechanismList")
-    def _get_mechanism_list(self, c: _Client, slot: int) -> bytes:
+    def _get_mechanism_list(self, c: Client, slot: int) -> bytes:
         mechanisms = LL.ckulonglist()
         check(self._lib.C_GetMechanismList(slot, mechanisms), "C_GetMechanismList")
-        return _u64_list(list(mechanisms))
+        return u64_list(list(mechanisms))
 
     @_fn("Initialize")
-    def _initialize(self, c: _Client, config: str | None) -> bytes:
+    def _initialize(self, c: Client, config: str | None) -> bytes:
         return b""  # the agent initialised the module once for every client; config unused
 
     @_fn("Finalize")
-    def _finalize(self, c: _Client) -> bytes:
+    def _finalize(self, c: Client) -> bytes:
         self._drop_client(c)  # this client's handles only: the module stays initialised
         return b""
 
     @_fn("CloseAllSessions")
-    def _close_all_sessions(self, c: _Client, slot: int) -> bytes:
+    def _close_all_sessions(self, c: Client, slot: int) -> bytes:
         for sid in [sid for sid, s in c.sessions.rows.items() if s.slot == slot]:
             self._close_session(c, sid, check_rv=False)
         return b""
 
     @_fn("GetInfo")
-    def _get_info(self, c: _Client) -> bytes:
+    def _get_info(self, c: Client) -> bytes:
         info = LL.CK_INFO()
         check(self._lib.C_GetInfo(info), "C_GetInfo")
         return Writer().module_info(wire.ModuleInfo(
-            _version(info.cryptokiVersion), info.GetManufacturerID(), info.flags,
-            info.GetLibraryDescription(), _version(info.libraryVersion))).getvalue()
+            version(info.cryptokiVersion), info.GetManufacturerID(), info.flags,
+            info.GetLibraryDescription(), version(info.libraryVersion))).getvalue()
 
     @_fn("WaitForSlotEvent")
-    def _wait_for_slot_event(self, c: _Client, flags: int) -> bytes:
+    def _wait_for_slot_event(self, c: Client, flags: int) -> bytes:
         deadline = time.monotonic() + self._wait_cap
         while True:
             with self._lock:
@@ -567,7 +389,7 @@ class Dispatcher:
         return Writer().u32(slot).bool(present).getvalue()
 
     @_fn("GetMechanismInfo")
-    def _get_mechanism_info(self, c: _Client, slot: int, mechanism: int) -> bytes:
+    def _get_mechanism_info(self, c: Client, slot: int, mechanism: int) -> bytes:
         info = LL.CK_MECHANISM_INFO()
         check(self._lib.C_GetMechanismInfo(slot, mechanism, info), "C_GetMechanismInfo")
         return Writer().mechanism_info(wire.MechanismInfo(
@@ -576,78 +398,78 @@ class Dispatcher:
     # --- session, login ------------------------------------------------------------------
 
     @_fn("Login")
-    def _login(self, c: _Client, s: _Session, user_type: int, pin: bytes) -> bytes:
+    def _login(self, c: Client, s: SessionRow, user_type: int, pin: bytes) -> bytes:
         if self._pin is not None and user_type in _GATEWAY_PIN_USERS:
-            rv = self._lib.C_Login(s.pk, user_type, _pk_bytes(self._pin))
+            rv = self._lib.C_Login(s.pk, user_type, pk_bytes(self._pin))
             if rv != CKR["CKR_USER_ALREADY_LOGGED_IN"] or user_type != CKU["CKU_USER"]:
                 check(rv, "C_Login")
             return b""
         if self._pin is not None:  # the SO, or a vendor's user type
             self._check_admin("Login as SO" if user_type == CKU["CKU_SO"]
                               else f"Login as user type 0x{user_type:x}")
-        check(self._lib.C_Login(s.pk, user_type, _pk_bytes(pin)), "C_Login")
+        check(self._lib.C_Login(s.pk, user_type, pk_bytes(pin)), "C_Login")
         return b""
 
     @_fn("LoginVendor")
-    def _login_vendor(self, c: _Client, s: _Session, user_type: int, pin: bytes) -> bytes:
+    def _login_vendor(self, c: Client, s: SessionRow, user_type: int, pin: bytes) -> bytes:
         if user_type < CKU_VENDOR_DEFINED:
-            raise _Refusal(wire.protocol_error(
+            raise Refusal(wire.protocol_error(
                 "LoginVendor takes a vendor-defined user type (0x80000000 and up)"))
-        check(self._lib.C_Login(s.pk, user_type, _pk_bytes(pin)), "C_Login")
+        check(self._lib.C_Login(s.pk, user_type, pk_bytes(pin)), "C_Login")
         return b""
 
     @_fn("Logout")
-    def _logout(self, c: _Client, s: _Session) -> bytes:
+    def _logout(self, c: Client, s: SessionRow) -> bytes:
         if not self._shared:  # shared: the login is every client's; see the class docstring
             check(self._lib.C_Logout(s.pk), "C_Logout")
         return b""
 
     @_fn("CloseSession")
-    def _close_session_fn(self, c: _Client, s: _Session) -> bytes:
+    def _close_session_fn(self, c: Client, s: SessionRow) -> bytes:
         self._close_session(c, s.id)
         return b""
 
     @_fn("InitPIN")
-    def _init_pin(self, c: _Client, s: _Session, pin: bytes) -> bytes:
-        check(self._lib.C_InitPIN(s.pk, _pk_bytes(pin)), "C_InitPIN")
+    def _init_pin(self, c: Client, s: SessionRow, pin: bytes) -> bytes:
+        check(self._lib.C_InitPIN(s.pk, pk_bytes(pin)), "C_InitPIN")
         return b""
 
     @_fn("SetPIN")
-    def _set_pin(self, c: _Client, s: _Session, old: bytes, new: bytes) -> bytes:
-        check(self._lib.C_SetPIN(s.pk, _pk_bytes(old), _pk_bytes(new)), "C_SetPIN")
+    def _set_pin(self, c: Client, s: SessionRow, old: bytes, new: bytes) -> bytes:
+        check(self._lib.C_SetPIN(s.pk, pk_bytes(old), pk_bytes(new)), "C_SetPIN")
         return b""
 
     @_fn("GetSessionInfo")
-    def _get_session_info(self, c: _Client, s: _Session) -> bytes:
+    def _get_session_info(self, c: Client, s: SessionRow) -> bytes:
         info = LL.CK_SESSION_INFO()
         check(self._lib.C_GetSessionInfo(s.pk, info), "C_GetSessionInfo")
         return Writer().session_info(wire.SessionInfo(
             info.slotID, info.state, info.flags, info.ulDeviceError)).getvalue()
 
     @_fn("CancelFunction")
-    def _cancel_function(self, c: _Client, s: _Session) -> bytes:
+    def _cancel_function(self, c: Client, s: SessionRow) -> bytes:
         self._ck.call("C_CancelFunction", s.handle)
         return b""
 
     # --- find ----------------------------------------------------------------------------
 
     @_fn("FindObjectsInit")
-    def _find_objects_init(self, c: _Client, s: _Session, template: Template) -> bytes:
-        check(self._lib.C_FindObjectsInit(s.pk, _pk_template(template)), "C_FindObjectsInit")
-        return Writer().u32(c.cursors.add(_Cursor(s.id))).getvalue()
+    def _find_objects_init(self, c: Client, s: SessionRow, template: Template) -> bytes:
+        check(self._lib.C_FindObjectsInit(s.pk, pk_template(template)), "C_FindObjectsInit")
+        return Writer().u32(c.cursors.add(Cursor(s.id))).getvalue()
 
     @_fn("FindObjects")
-    def _find_objects(self, c: _Client, cursor: _Cursor, count: int) -> bytes:
+    def _find_objects(self, c: Client, cursor: Cursor, count: int) -> bytes:
         session = c.sessions.get(cursor.session)
         if count == 0:  # PyKCS11 would answer CKR_ARGUMENTS_BAD itself
-            return _u32_list([])
+            return u32_list([])
         found = LL.ckulonglist(count)
         check(self._lib.C_FindObjects(session.pk, found), "C_FindObjects")
         ids = [self._mint_object(c, session, handle) for handle in found]
-        return _u32_list(ids)
+        return u32_list(ids)
 
     @_fn("FindObjectsFinal")
-    def _find_objects_final(self, c: _Client, cursor: _Cursor) -> bytes:
+    def _find_objects_final(self, c: Client, cursor: Cursor) -> bytes:
         c.cursors.pop(cursor.id)
         session = c.sessions.get(cursor.session)
         check(self._lib.C_FindObjectsFinal(session.pk), "C_FindObjectsFinal")
@@ -656,103 +478,103 @@ class Dispatcher:
     # --- objects and keys ----------------------------------------------------------------
 
     @_fn("CreateObject")
-    def _create_object(self, c: _Client, s: _Session, template: Template) -> bytes:
+    def _create_object(self, c: Client, s: SessionRow, template: Template) -> bytes:
         return self._new_object(
-            c, s, lambda out: self._lib.C_CreateObject(s.pk, _pk_template(template), out),
+            c, s, lambda out: self._lib.C_CreateObject(s.pk, pk_template(template), out),
             "C_CreateObject")
 
     @_fn("CopyObject")
-    def _copy_object(self, c: _Client, s: _Session, source: int, template: Template) -> bytes:
+    def _copy_object(self, c: Client, s: SessionRow, source: int, template: Template) -> bytes:
         handle = self._ck.copy_object(s.handle, source, template)
         return Writer().u32(self._mint_object(c, s, handle)).getvalue()
 
     @_fn("GenerateKey")
-    def _generate_key(self, c: _Client, s: _Session, mech: NativeParameter,
+    def _generate_key(self, c: Client, s: SessionRow, mech: NativeParameter,
                       template: Template) -> bytes:
-        m = _PkMechanism.of(mech)
+        m = PkMechanism.of(mech)
         return self._new_object(
-            c, s, lambda out: self._lib.C_GenerateKey(s.pk, m.ck, _pk_template(template), out),
+            c, s, lambda out: self._lib.C_GenerateKey(s.pk, m.ck, pk_template(template), out),
             "C_GenerateKey")
 
     @_fn("GenerateKeyPair")
-    def _generate_key_pair(self, c: _Client, s: _Session, mech: NativeParameter,
+    def _generate_key_pair(self, c: Client, s: SessionRow, mech: NativeParameter,
                            public: Template, private: Template) -> bytes:
         pub, priv = LL.CK_OBJECT_HANDLE(), LL.CK_OBJECT_HANDLE()
-        m = _PkMechanism.of(mech)
-        check(self._lib.C_GenerateKeyPair(s.pk, m.ck, _pk_template(public),
-                                          _pk_template(private), pub, priv),
+        m = PkMechanism.of(mech)
+        check(self._lib.C_GenerateKeyPair(s.pk, m.ck, pk_template(public),
+                                          pk_template(private), pub, priv),
               "C_GenerateKeyPair")
         return (Writer().u32(self._mint_object(c, s, pub.value()))
                 .u32(self._mint_object(c, s, priv.value())).getvalue())
 
     @_fn("DeriveKey")
-    def _derive_key(self, c: _Client, s: _Session, base: int, mech: NativeParameter,
+    def _derive_key(self, c: Client, s: SessionRow, base: int, mech: NativeParameter,
                     template: Template) -> bytes:
-        m = _PkMechanism.of(mech)
+        m = PkMechanism.of(mech)
         return self._new_object(
-            c, s, lambda out: self._lib.C_DeriveKey(s.pk, m.ck, _pk_object(base),
-                                                    _pk_template(template), out),
+            c, s, lambda out: self._lib.C_DeriveKey(s.pk, m.ck, pk_object(base),
+                                                    pk_template(template), out),
             "C_DeriveKey")
 
     @_fn("WrapKey")
-    def _wrap_key(self, c: _Client, s: _Session, mech: NativeParameter, wrapping: int,
+    def _wrap_key(self, c: Client, s: SessionRow, mech: NativeParameter, wrapping: int,
                   key: int) -> bytes:
-        m = _PkMechanism.of(mech)
+        m = PkMechanism.of(mech)
         wrapped = LL.ckbytelist()
         for _ in range(2):  # an empty buffer is PyKCS11's length query; then the real call
-            check(self._lib.C_WrapKey(s.pk, m.ck, _pk_object(wrapping), _pk_object(key),
+            check(self._lib.C_WrapKey(s.pk, m.ck, pk_object(wrapping), pk_object(key),
                                       wrapped), "C_WrapKey")
-        return _bytes_body(ckbytes.to_bytes(wrapped))
+        return bytes_body(ckbytes.to_bytes(wrapped))
 
     @_fn("UnwrapKey")
-    def _unwrap_key(self, c: _Client, s: _Session, mech: NativeParameter, unwrapping: int,
+    def _unwrap_key(self, c: Client, s: SessionRow, mech: NativeParameter, unwrapping: int,
                     wrapped: bytes, template: Template) -> bytes:
-        m = _PkMechanism.of(mech)
+        m = PkMechanism.of(mech)
         return self._new_object(
-            c, s, lambda out: self._lib.C_UnwrapKey(s.pk, m.ck, _pk_object(unwrapping),
-                                                    _pk_bytes(wrapped),
-                                                    _pk_template(template), out),
+            c, s, lambda out: self._lib.C_UnwrapKey(s.pk, m.ck, pk_object(unwrapping),
+                                                    pk_bytes(wrapped),
+                                                    pk_template(template), out),
             "C_UnwrapKey")
 
     @_fn("DigestKey")
-    def _digest_key(self, c: _Client, s: _Session, key: int) -> bytes:
-        check(self._lib.C_DigestKey(s.pk, _pk_object(key)), "C_DigestKey")
+    def _digest_key(self, c: Client, s: SessionRow, key: int) -> bytes:
+        check(self._lib.C_DigestKey(s.pk, pk_object(key)), "C_DigestKey")
         return b""
 
     @_fn("GetAttributeValue")
-    def _get_attribute_value(self, c: _Client, obj: _Object, types: list[int]) -> bytes:
+    def _get_attribute_value(self, c: Client, obj: ObjectRow, types: list[int]) -> bytes:
         session = self._object_session(c, obj)
         values = self._ck.get_attribute_value(session.handle, obj.handle, types)
         return Writer().attributes(ckapi.wire_attribute(t, raw) for t, raw in values).getvalue()
 
     @_fn("DestroyObject")
-    def _destroy_object(self, c: _Client, obj: _Object) -> bytes:
+    def _destroy_object(self, c: Client, obj: ObjectRow) -> bytes:
         session = self._object_session(c, obj)
-        check(self._lib.C_DestroyObject(session.pk, _pk_object(obj.handle)), "C_DestroyObject")
+        check(self._lib.C_DestroyObject(session.pk, pk_object(obj.handle)), "C_DestroyObject")
         self._forget_object(c, obj)  # every reference: the object is gone
         return b""
 
     @_fn("GetObjectSize")
-    def _get_object_size(self, c: _Client, obj: _Object) -> bytes:
+    def _get_object_size(self, c: Client, obj: ObjectRow) -> bytes:
         session = self._object_session(c, obj)
         return Writer().u64(self._ck.object_size(session.handle, obj.handle)).getvalue()
 
     @_fn("SetAttributeValue")
-    def _set_attribute_value(self, c: _Client, obj: _Object, template: Template) -> bytes:
+    def _set_attribute_value(self, c: Client, obj: ObjectRow, template: Template) -> bytes:
         session = self._object_session(c, obj)
-        check(self._lib.C_SetAttributeValue(session.pk, _pk_object(obj.handle),
-                                            _pk_template(template)), "C_SetAttributeValue")
+        check(self._lib.C_SetAttributeValue(session.pk, pk_object(obj.handle),
+                                            pk_template(template)), "C_SetAttributeValue")
         return b""
 
     @_fn("ObjectBind")
-    def _object_bind(self, c: _Client, s: _Session, obj: _Object) -> bytes:
+    def _object_bind(self, c: Client, s: SessionRow, obj: ObjectRow) -> bytes:
         obj.refs += 1
         if s.id not in obj.sessions:
             obj.sessions.append(s.id)
         return Writer().u32(obj.id).getvalue()
 
     @_fn("HandleDrop")
-    def _handle_drop(self, c: _Client, kind: int, rid: int) -> bytes:
+    def _handle_drop(self, c: Client, kind: int, rid: int) -> bytes:
         if kind == HandleKind.SESSION:
             self._close_session(c, rid)
         elif kind == HandleKind.OBJECT:
@@ -763,122 +585,31 @@ class Dispatcher:
         elif kind == HandleKind.CURSOR:
             self._find_objects_final(c, c.cursors.get(rid))
         else:
-            raise _Refusal(wire.protocol_error(f"unknown handle kind {kind}"))
+            raise Refusal(wire.protocol_error(f"unknown handle kind {kind}"))
         return b""
 
     # --- random and operation state ------------------------------------------------------
 
     @_fn("SeedRandom")
-    def _seed_random(self, c: _Client, s: _Session, seed: bytes) -> bytes:
-        check(self._lib.C_SeedRandom(s.pk, _pk_bytes(seed)), "C_SeedRandom")
+    def _seed_random(self, c: Client, s: SessionRow, seed: bytes) -> bytes:
+        check(self._lib.C_SeedRandom(s.pk, pk_bytes(seed)), "C_SeedRandom")
         return b""
 
     @_fn("GenerateRandom")
-    def _generate_random(self, c: _Client, s: _Session, length: int) -> bytes:
+    def _generate_random(self, c: Client, s: SessionRow, length: int) -> bytes:
         if length == 0:  # PyKCS11 would pass the module a NULL buffer
-            return _bytes_body(b"")
+            return bytes_body(b"")
         data = LL.ckbytelist(length)
         check(self._lib.C_GenerateRandom(s.pk, data), "C_GenerateRandom")
-        return _bytes_body(ckbytes.to_bytes(data))
+        return bytes_body(ckbytes.to_bytes(data))
 
     @_fn("GetOperationState")
-    def _get_operation_state(self, c: _Client, s: _Session, size: int) -> bytes:
-        return _bytes_body(self._ck.output("C_GetOperationState", s.handle, size=size))
+    def _get_operation_state(self, c: Client, s: SessionRow, size: int) -> bytes:
+        return bytes_body(self._ck.output("C_GetOperationState", s.handle, size=size))
 
     @_fn("SetOperationState")
-    def _set_operation_state(self, c: _Client, s: _Session, state: bytes, encryption_key: int,
+    def _set_operation_state(self, c: Client, s: SessionRow, state: bytes, encryption_key: int,
                              authentication_key: int) -> bytes:
         self._ck.call("C_SetOperationState", s.handle, state, len(state), encryption_key,
                       authentication_key)
         return b""
-
-    # --- encrypt, decrypt, sign, verify, digest (driven by args.OPS) -------------------------
-
-    def _init(self, op: Op, s: _Session, mech: NativeParameter, key: int | None) -> None:
-        name = op.init_name
-        pk_init = getattr(self._lib, name, None)
-        if pk_init is None:  # the Recover kinds: PyKCS11 lacks them
-            self._ck.recover_init(name, s.handle, mech, key)  # type: ignore[arg-type]
-            return
-        m = _PkMechanism.of(mech)
-        rv = (pk_init(s.pk, m.ck) if key is None  # None: DigestInit takes no key
-              else pk_init(s.pk, m.ck, _pk_object(key)))
-        check(rv, name)
-
-    def _finish(self, op: Op, session: int, stage: str, inputs: tuple[bytes, ...],
-                tail: int | bytes | None) -> bytes:
-        """The call that ends an operation (one-shot or Final) and its Ok body."""
-        name = f"C_{op.kind}{stage}"
-        if op.result == CHECK:
-            self._ck.feed(name, session, *inputs, tail)  # type: ignore[arg-type]
-            return b""
-        return _bytes_body(self._ck.output(name, session, *inputs, size=tail))  # type: ignore
-
-    def _discard(self, op: Op, session: int, stage: str, inputs: tuple[bytes, ...]) -> None:
-        """Drives an operation to its end, ignoring result and error: PKCS#11 ends it at
-        any call but a length query or one answering CKR_BUFFER_TOO_SMALL, so the call
-        gets max_out bytes of room (no length query: see ckapi.Module) and a
-        verification an empty signature."""
-        name = f"C_{op.kind}{stage}"
-        if op.result == CHECK:
-            _rv(self._ck.feed, name, session, *inputs, b"")
-        else:
-            _rv(partial(self._ck.output, size=self.max_out), name, session, *inputs)
-
-    def _active(self, op: Op, session: int) -> bool:
-        """Whether an operation of this kind is active: an empty Update does nothing
-        to one (or ends it with an error) and answers NOT_INITIALIZED without one.
-        (Any other answer, CKR_BUFFER_TOO_SMALL for the empty output buffer included,
-        means there is one.)"""
-        name = f"C_{op.kind}Update"
-        call = partial(self._ck.output, size=0) if op.result == SIZED else self._ck.feed
-        return _rv(call, name, session, b"") != CKR["CKR_OPERATION_NOT_INITIALIZED"]
-
-    def _one_shot(self, op: Op, c: _Client, s: _Session, mech: NativeParameter,
-                  key: int | None, data: bytes, tail: int | bytes | None) -> bytes:
-        self._init(op, s, mech, key)
-        try:
-            return self._finish(op, s.handle, "", (data,), tail)
-        except CkrError as exc:
-            if exc.rv == CKR["CKR_BUFFER_TOO_SMALL"]:  # the one failure that keeps it active
-                self._discard(op, s.handle, "", (data,))
-            raise
-
-    def _op_init(self, op: Op, c: _Client, s: _Session, mech: NativeParameter,
-                 key: int | None) -> bytes:
-        self._init(op, s, mech, key)
-        return b""
-
-    def _op_update(self, op: Op, c: _Client, s: _Session, part: bytes, last_hint: bool) -> bytes:
-        # last_hint is advisory: PKCS#11 has no such argument
-        name = f"C_{op.kind}Update"
-        if op.result == SIZED:
-            return _bytes_body(self._ck.output(name, s.handle, part))
-        self._ck.feed(name, s.handle, part)
-        return b""
-
-    def _op_final(self, op: Op, c: _Client, s: _Session, tail: int | bytes | None) -> bytes:
-        return self._finish(op, s.handle, "Final", (), tail)
-
-    def _op_abort(self, op: Op, c: _Client, s: _Session) -> bytes:
-        """PKCS#11 v2.40 has no abort: end the operation by finishing it (Final,
-        then the one-shot call on empty data) until none of this kind is active."""
-        for stage, inputs in (("Final", ()), ("", (b"",))):
-            if not self._active(op, s.handle):
-                return b""
-            self._discard(op, s.handle, stage, inputs)
-        if self._active(op, s.handle):
-            raise CkrError(CKR["CKR_OPERATION_ACTIVE"], f"{op.kind}Abort")
-        return b""
-
-
-def _version(version: Any) -> wire.Version:
-    return version.major, version.minor
-
-
-def _u64_list(values: list[int]) -> bytes:
-    return Writer().list(values, Writer.u64).getvalue()
-
-
-def _u32_list(values: list[int]) -> bytes:
-    return Writer().list(values, Writer.u32).getvalue()

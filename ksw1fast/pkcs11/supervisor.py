@@ -32,6 +32,7 @@ from ksw1fast.ops.backoff import Backoff
 from ksw1fast.pkcs11 import ipc, wire
 from ksw1fast.pkcs11.args import check as layout_error
 from ksw1fast.pkcs11.settings import Pkcs11Settings
+from ksw1fast.protocol.errors import KSW1Error
 
 log = logging.getLogger("ksw1fast.pkcs11")
 
@@ -45,7 +46,7 @@ START_TIMEOUT = 30.0  # loading a module and C_Initialize
 _STOP_STATUSES = (-signal.SIGTERM, -signal.SIGINT)
 
 
-class AgentError(Exception):
+class AgentError(KSW1Error):
     """The agent could not start, or died."""
 
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, TypeVar, Union
 
 from ksw1fast.protocol.constants import Pkcs11Status
 from ksw1fast.protocol.payloads import pkcs11_message
+from ksw1fast.protocol.errors import KSW1Error
 
 T = TypeVar("T")
 
@@ -203,7 +204,7 @@ class SessionInfo:
     device_error: int
 
 
-class WireError(ValueError):
+class WireError(KSW1Error, ValueError):
     """Malformed or truncated wire data."""
 
 
