@@ -7,7 +7,7 @@ the data calls go through ckapi, which sizes outputs without a length query.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import PyKCS11.LowLevel as LL
 from PyKCS11 import CKR
@@ -51,10 +51,11 @@ class Operations:
                 tail: int | bytes | None) -> bytes:
         """The call that ends an operation (one-shot or Final) and its Ok body."""
         name = f"C_{op.kind}{stage}"
+        # the op's kind says what its tail is: the signature (CHECK) or an output size
         if op.result == CHECK:
-            self.ck.feed(name, session, *inputs, tail)  # type: ignore[arg-type]
+            self.ck.feed(name, session, *inputs, cast(bytes, tail))
             return b""
-        return bytes_body(self.ck.output(name, session, *inputs, size=tail))  # type: ignore
+        return bytes_body(self.ck.output(name, session, *inputs, size=cast("int | None", tail)))
 
     def discard(self, op: Op, session: int, stage: str, inputs: tuple[bytes, ...]) -> None:
         """Drives an operation to its end, ignoring result and error: PKCS#11 ends it at
