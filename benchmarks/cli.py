@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="directory for results.json, summary.md and the PNG plots")
     run.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="NAME",
                      help=f"run only these scenarios ({', '.join(SCENARIOS)})")
-    run.add_argument("--repeat", type=int, help="runs per measurement (default: 1 quick, 3 full)")
+    run.add_argument("--repeat", type=int, help="runs per measurement (default: "
+                     f"{QUICK.repeat} quick, {FULL.repeat} full)")
     run.add_argument("--against", type=_source_tree, metavar="DIR",
                      help="also measure the compiled gateway of another source tree (its "
                           "extensions built in place), e.g. a worktree of the commit before a "
