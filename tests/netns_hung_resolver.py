@@ -93,7 +93,12 @@ async def over_the_cap(resolver: ksw1fast.security.resolve.Resolver) -> None:
     """MAX_LOOKUPS hung lookups take every slot: one more fails at once."""
     hung = [asyncio.ensure_future(resolver.lookup(f"cap-{i}.example"))
             for i in range(MAX_LOOKUPS)]
-    await asyncio.sleep(0.1)
+    # each takes its slot on its first step; c-ares gives them up after DNS_TIMEOUT, so
+    # ask the one more as soon as the slots are taken, not after a guessed pause
+    deadline = time.monotonic() + DNS_TIMEOUT / 2
+    while resolver.in_flight < MAX_LOOKUPS and time.monotonic() < deadline:
+        await asyncio.sleep(0)
+    check(resolver.in_flight == MAX_LOOKUPS, f"{resolver.in_flight} lookups took a slot")
     started = time.monotonic()
     try:
         await resolver.lookup("one-more.example")
