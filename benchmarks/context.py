@@ -52,13 +52,16 @@ class Context:
                  ) -> None:
         self.sizes = sizes
         self.against = against
-        # the gateways every KSW1 scenario compares; "against" is another tree's compiled one
-        self.gateway_impls = gateway_impls(against)
         self.progress = progress
         self.pool = ClientPool(LOADGEN_PROCESSES)
         self._stack = contextlib.ExitStack()
         self._services: dict[tuple, object] = {}
         self._targets: Optional[Targets] = None
+
+    @property
+    def gateway_impls(self) -> tuple[str, ...]:
+        """The gateways every KSW1 scenario compares; "against" is another tree's."""
+        return gateway_impls(self.against)
 
     def __enter__(self) -> "Context":
         self._stack.callback(self.pool.close)

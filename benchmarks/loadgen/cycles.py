@@ -2,7 +2,7 @@
 
 opens: Open -> OpenOk -> Close -> CloseAck, then the next Open (a new stream id).
 dns:   DnsQuery("localhost") -> DnsResult, then the next query.
-direct_dns: the same lookups with the event loop's getaddrinfo, no gateway (the ceiling).
+direct_dns: the same name with the event loop's getaddrinfo, no gateway (a ceiling).
 direct_opens: TCP connect -> close to the Opens' target from here, no gateway: the
     baseline of the opens rate (the same connects a gateway makes for its Opens).
 """
@@ -12,6 +12,8 @@ import asyncio
 from abc import abstractmethod
 import socket
 import time
+from functools import partial
+from typing import Awaitable, Callable
 
 from benchmarks.loadgen.ksw1 import Control, Ksw1Connection
 from ksw1fast.protocol import payloads
@@ -86,34 +88,36 @@ class DnsCycle(Cycle):
             self.fail(f"DnsErr for query {stream_id}")
 
 
-async def direct_dns(depth: int, seconds: float) -> int:
-    """getaddrinfo on this process's loop (uvloop's thread pool, as in the gateway)."""
-    loop = asyncio.get_running_loop()
+async def _repeat(request: Callable[[], Awaitable[object]], depth: int,
+                  seconds: float) -> int:
+    """`request` again and again, `depth` in flight, until `seconds` pass: how many ended."""
     deadline = time.perf_counter() + seconds
     count = 0
 
     async def lane() -> None:
         nonlocal count
         while time.perf_counter() < deadline:
-            await loop.getaddrinfo(DNS_NAME, 0, family=socket.AF_INET, type=socket.SOCK_STREAM)
+            await request()
             count += 1
 
     await asyncio.gather(*(lane() for _ in range(depth)))
     return count
+
+
+async def direct_dns(depth: int, seconds: float) -> int:
+    """getaddrinfo on this process's loop (uvloop's thread pool): a ceiling for lookups
+    of a name in /etc/hosts, not the gateway's resolver (c-ares)."""
+    loop = asyncio.get_running_loop()
+    return await _repeat(partial(loop.getaddrinfo, DNS_NAME, 0, family=socket.AF_INET,
+                                 type=socket.SOCK_STREAM), depth, seconds)
 
 
 async def direct_opens(port: int, depth: int, seconds: float) -> int:
     """Connect to 127.0.0.1:`port` and close, `depth` in flight, as the gateway connects."""
     loop = asyncio.get_running_loop()
-    deadline = time.perf_counter() + seconds
-    count = 0
 
-    async def lane() -> None:
-        nonlocal count
-        while time.perf_counter() < deadline:
-            transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
-            transport.abort()
-            count += 1
+    async def cycle() -> None:
+        transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        transport.abort()
 
-    await asyncio.gather(*(lane() for _ in range(depth)))
-    return count
+    return await _repeat(cycle, depth, seconds)

@@ -1,7 +1,7 @@
 """DNS queries per second: DnsQuery("localhost", IPv4) -> DnsResult, DEPTH in flight.
 
-The gateway resolves with getaddrinfo on uvloop's thread pool; "direct" makes the same
-calls the same way in the load-generator process, without a gateway: the ceiling.
+The gateway resolves with c-ares; "direct" looks the same name up with getaddrinfo on
+uvloop's thread pool in the load-generator process, without a gateway: a ceiling.
 """
 from __future__ import annotations
 

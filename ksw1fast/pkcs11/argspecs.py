@@ -55,6 +55,6 @@ def compile_spec(spec: str) -> tuple[Parser, ...]:
 
 def parse(d: Capped, c: Client, parsers: tuple[Parser, ...], args: bytes) -> list[Any]:
     reader = Reader(args)
-    values = [parse(d, c, reader) for parse in parsers]
+    values = [read(d, c, reader) for read in parsers]
     reader.end()
     return values

@@ -120,15 +120,29 @@ def _unique(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
 def _numeric(host: str, port: int, family: int) -> Optional[list[Endpoint]]:
     """The endpoint of an IP literal (zone id allowed), parsed without any resolver; None
     for a name.  ResolveError when the literal is not of `family`."""
-    if _parse_literal(_strip_scope(host)) is None:
+    address = _parse_literal(_strip_scope(host))
+    if address is None:
         return None
-    try:
+    if "%" not in host:
+        if family and address.version != family:
+            raise ResolveError(DnsErrCode.NX_DOMAIN,
+                               f"{host!r} is not an IPv{family} address")
+        return [_literal_endpoint(address, host, port)]
+    try:  # a zone id: the system maps its name to the scope id
         infos = socket.getaddrinfo(host, port, _FAMILIES[family], socket.SOCK_STREAM,
                                    socket.IPPROTO_TCP, socket.AI_NUMERICHOST)
     except socket.gaierror as exc:
         code = DnsErrCode.NX_DOMAIN if exc.errno in _NO_NAME else DnsErrCode.FORMAT_ERROR
         raise ResolveError(code, f"cannot resolve {host!r}: {exc.strerror}") from None
     return _unique(Endpoint(fam, sockaddr) for fam, _type, _proto, _canon, sockaddr in infos)
+
+
+def _literal_endpoint(address: IPAddress, host: str, port: int) -> Endpoint:
+    """The endpoint of `host`, the text of `address` (no zone id): connect parses the
+    text itself, so it is kept as the client wrote it."""
+    if address.version == 4:
+        return Endpoint(socket.AF_INET, (host, port))
+    return Endpoint(socket.AF_INET6, (host, port, 0, 0))
 
 
 def address_bytes(endpoint: Endpoint) -> bytes:
@@ -161,10 +175,8 @@ async def destinations(resolver: Resolver, host: str, port: int, proto: str = "t
                     if address is not None and not zoned else policy.check_name(host, port, proto))
         if not decision.allowed:
             raise Blocked(decision.reason)
-    if address is not None and not zoned:  # connect parses the text itself
-        if address.version == 4:
-            return [Endpoint(socket.AF_INET, (host, port))]
-        return [Endpoint(socket.AF_INET6, (host, port, 0, 0))]
+    if address is not None and not zoned:
+        return [_literal_endpoint(address, host, port)]
     endpoints = await resolver.lookup(host, port)
     if policy is not None:
         name = None if address is not None else host
