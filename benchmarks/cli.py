@@ -37,11 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"run only these scenarios ({', '.join(SCENARIOS)})")
     run.add_argument("--repeat", type=int, help="runs per measurement (default: "
                      f"{QUICK.repeat} quick, {FULL.repeat} full)")
+    run.add_argument("--workers", type=_counts, metavar="N,N,...",
+                     help="the worker counts the workers scenario compares (default "
+                          f"{','.join(map(str, FULL.workers))}), e.g. 1,2,4,8 on a machine "
+                          "with the cores for it; the report states the cores it had")
     run.add_argument("--against", type=_source_tree, metavar="DIR",
                      help="also measure the compiled gateway of another source tree (its "
                           "extensions built in place), e.g. a worktree of the commit before a "
                           "change; the ratios then include compiled ÷ against")
     return parser
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        counts = ()
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of worker counts like 1,2,4")
+    return counts
 
 
 def _source_tree(text: str) -> Path:
@@ -76,8 +90,9 @@ def run(names: Sequence[str], sizes: Sizes, quick: bool, out: Optional[Path],
         against: Optional[Path] = None) -> dict[str, Any]:
     machine = machine_info(raise_fd_limit())  # before: children inherit the raised limit
     chosen = [SCENARIOS[name] for name in names]
-    progress = Progress(sum(module.steps(sizes, len(gateway_impls(against)))
-                            for module in chosen))
+    gateways = len(gateway_impls(against))
+    progress = Progress([(module.steps(sizes, gateways), module.step_seconds(sizes))
+                         for module in chosen])
     started = time.monotonic()
     scenarios: dict[str, list[dict[str, Any]]] = {}
     with Context(sizes, progress, against) as ctx:
@@ -90,7 +105,8 @@ def run(names: Sequence[str], sizes: Sizes, quick: bool, out: Optional[Path],
     doc = {"machine": machine, "quick": quick, "sizes": dataclasses.asdict(sizes),
            "against": str(against) if against else None,
            "duration_s": round(time.monotonic() - started, 1), "scenarios": scenarios,
-           "ratios": ratio_of, "goals": [g.as_dict() for g in goals(scenarios, ratio_of)]}
+           "ratios": ratio_of, "goals": [g.as_dict() for g in goals(scenarios, ratio_of, quick)],
+           "ratios_not_judged": ratio_of.bound}
     print(report.write(doc, out))
     print(f"{len(chosen)} scenarios in {doc['duration_s']:g} s"
           + (f"; results in {out}" if out else ""), file=sys.stderr)
@@ -106,6 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sizes = QUICK if args.quick else FULL
     if args.repeat:
         sizes = dataclasses.replace(sizes, repeat=args.repeat)
+    if args.workers:
+        sizes = dataclasses.replace(sizes, workers=args.workers)
     # SIGTERM (a CI timeout) unwinds like an error, so every server and process is stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run(args.only or list(SCENARIOS), sizes, args.quick, args.out, args.against)

@@ -30,6 +30,7 @@ class Sizes:
     peak_bytes: int            # the bounded-memory download
     pkcs11_seconds: float
     timeout: float             # one run; beyond it the measurement is recorded as failed
+    workers: tuple[int, ...] = (1, 2)  # the worker counts the workers scenario compares
 
 
 QUICK = Sizes(transfer=4 * MIB, websockify_transfer=4 * MIB, repeat=1, echo_seconds=0.3,
@@ -39,6 +40,8 @@ FULL = Sizes(transfer=2 * GIB, websockify_transfer=1 * GIB, repeat=5, echo_secon
              cycle_seconds=3.0, idle_connections=(1000, 10000), peak_bytes=2 * GIB,
              pkcs11_seconds=3.0, timeout=120.0)
 LOADGEN_PROCESSES = 2  # one per core of the 2-core target machine
+# roughly what a relay moves on loopback here: only for the progress bar's time estimate
+RELAY_BYTES_PER_S = 1.5 * GIB
 
 
 def gateway_impls(against: Optional[Path]) -> tuple[str, ...]:
@@ -96,10 +99,10 @@ class Context:
 
     def _new_gateway(self, impl: str, flags: tuple[str, ...], workers: int) -> GatewayProcess:
         tree = self.against if impl == "against" else None
-        return GatewayProcess(impl, *flags, workers=workers, tree=tree)
+        return GatewayProcess(impl, *flags, workers=workers, tree=tree, echo=self.progress.note)
 
     def socat(self, target_port: int) -> SocatRelay:
-        return self._service(("socat", target_port), lambda: SocatRelay(target_port))
+        return self._service(("socat", target_port), lambda: SocatRelay(target_port, self.progress.note))
 
     def websockify(self, target_port: int) -> Websockify:
         return self._service(("websockify", target_port), lambda: Websockify(target_port))

@@ -5,7 +5,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 
@@ -36,7 +36,8 @@ class GatewayProcess(Service):
     """
 
     def __init__(self, impl: str, *flags: str, workers: int = 1,
-                 tree: Optional[Path] = None) -> None:
+                 tree: Optional[Path] = None, echo: Optional[Callable[[str], None]] = None
+                 ) -> None:
         self.impl = impl
         env = dict(os.environ)
         env.pop("KSW1FAST_NO_EXTENSIONS", None)
@@ -56,7 +57,7 @@ class GatewayProcess(Service):
         # run from `home`: `python -m` puts the working directory first on sys.path, so
         # a gateway started from another checkout would import that checkout's ksw1fast
         super().__init__(label, argv, env=env, ready=lambda line: bool(_SERVING.search(line)),
-                         ready_lines=workers, quiet=_QUIET, cwd=home)
+                         ready_lines=workers, quiet=_QUIET, cwd=home, echo=echo)
         self.address = next(m.group(1) for m in map(_SERVING.search, self.log) if m)
 
     def rss(self) -> int:

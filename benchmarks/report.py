@@ -8,13 +8,15 @@ from typing import Any, Optional
 Column = tuple[str, str]  # (header, row key)
 Rows = list[dict[str, Any]]
 
+GENERATOR: Column = ("busiest load generator, cores", "generator_core")
 CPU_BYTES: list[Column] = [("server CPU-s/GiB", "server_cpu_s_per_gib"),
                            ("client CPU-s/GiB", "client_cpu_s_per_gib"),
                            ("server cores", "server_cores"), ("client cores", "client_cores"),
-                           ("target cores", "target_cores")]
+                           ("target cores", "target_cores"), GENERATOR]
 CPU_OPS: list[Column] = [("server CPU µs/op", "server_cpu_us_per_op"),
                          ("client CPU µs/op", "client_cpu_us_per_op"),
-                         ("server cores", "server_cores"), ("client cores", "client_cores")]
+                         ("server cores", "server_cores"), ("client cores", "client_cores"),
+                         GENERATOR]
 LATENCY: list[Column] = [("p50 µs", "p50_us"), ("p99 µs", "p99_us"), ("p99.9 µs", "p999_us")]
 TABLES: dict[str, list[Column]] = {
     "throughput": [("direction", "direction"), ("streams", "streams"), ("WS", "websockets"),
@@ -29,15 +31,15 @@ TABLES: dict[str, list[Column]] = {
     "peak_rss": [("impl", "impl"), ("streams", "streams"), ("MiB/s", "mib_per_s"),
                  ("RSS before MiB", "rss_base_mib"), ("peak MiB", "rss_peak_mib"),
                  ("growth MiB", "rss_growth_mib"), ("server cores", "server_cores"),
-                 ("client cores", "client_cores")],
+                 ("client cores", "client_cores"), GENERATOR],
     "pkcs11": [("impl", "impl"), ("op", "op"), ("connections", "connections"),
                ("direct ops/s", "direct_ops_per_s"),
                ("gateway ops/s", "gateway_ops_per_s"), ("gateway ÷ direct", "ratio"),
                ("server cores", "gateway_server_cores"),
                ("client cores", "gateway_client_cores")],
-    "workers": [("load", "load"), ("workers", "workers"), ("MiB/s", "mib_per_s"),
+    "workers": [("load", "load"), ("workers", "workers"), ("machine cores", "cores"), ("MiB/s", "mib_per_s"),
                 ("msgs/s", "ops_per_s"), ("p99 µs", "p99_us"), ("server cores", "server_cores"),
-                ("client cores", "client_cores")],
+                ("client cores", "client_cores"), GENERATOR],
 }
 
 
@@ -61,7 +63,9 @@ def table(rows: Rows, columns: list[Column]) -> str:
             cells = ident + [f"**failed**: {row['error']}"]
             cells += [""] * (len(columns) - len(cells))
         else:
-            cells = [_cell(row.get(k)) for _, k in columns]
+            cells = [_cell(row.get(k)) + (" ⚠" if k == GENERATOR[1] and
+                                          row.get("generator_bound") else "")
+                     for _, k in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -70,18 +74,37 @@ def goals_table(goals: list[dict[str, Any]]) -> str:
     lines = ["| goal | measured | target | met |", "|---|---|---|---|"]
     for g in goals:
         sign = "≥" if g["higher_is_better"] else "≤"
-        met = {True: "met", False: "**not met**", None: "not measured"}[g["met"]]
+        met = (f"not judged: {g['why_not_judged']}" if g.get("why_not_judged") else
+               {True: "met", False: "**not met**", None: "not measured"}[g["met"]])
         lines.append(f"| {g['name']} | {_cell(g['value'])} | {sign} {g['goal']:g} | {met} |")
     return "\n".join(lines)
 
 
+QUICK_BANNER = ("**A quick run** (`--quick`: tiny sizes, one run each). It checks that "
+                "every scenario works; its figures measure nothing and no goal is judged.")
+NOTES = ("⚠: the busiest load-generator process used more than 70 % of a core, so the "
+         "row measures the load generator, not the server; no goal is judged on it. "
+         "–: not measured (CPU over less than 1 s of runs is too coarse to be a figure).")
+
+
+def header(doc: dict[str, Any]) -> str:
+    """What ran where: the lines every summary starts with."""
+    m = doc["machine"]
+    lines = [f"Machine: {m['cpu_count']} cores ({m['cpu_model']}), {m['ram_gib']} GiB, "
+             f"Python {m['python']}, ksw1fast {m['ksw1fast']}, "
+             f"load average {m['load_average_at_start'][0]:.2f} at the start, {m['date']}."]
+    if doc.get("quick"):
+        lines.insert(0, QUICK_BANNER)
+    return "\n\n".join(lines)
+
+
 def markdown(doc: dict[str, Any]) -> str:
-    parts = ["## Goals", goals_table(doc["goals"])]
+    parts = [header(doc), "## Goals", goals_table(doc["goals"])]
     for name, rows in doc["scenarios"].items():
         parts += [f"## {name}", table(rows, TABLES[name])]
     parts += ["## Ratios (compiled ÷ baseline, same run)",
               table([{"ratio": k, "value": v} for k, v in doc["ratios"].items()],
-                    [("ratio", "ratio"), ("value", "value")])]
+                    [("ratio", "ratio"), ("value", "value")]), NOTES]
     return "\n\n".join(parts) + "\n"
 
 
@@ -90,7 +113,12 @@ def markdown(doc: dict[str, Any]) -> str:
 STYLE = {"compiled": "C0", "pure": "C1", "socat": "C2", "websockify": "C3", "direct": "C4"}
 
 
-def _plot_throughput(plt: Any, rows: Rows, path: Path) -> None:
+def _title(fig: Any, text: str, quick: bool) -> None:
+    fig.suptitle(text + ("\nQUICK RUN: tiny sizes, not a measurement" if quick else ""),
+                 color="C3" if quick else "k")
+
+
+def _plot_throughput(plt: Any, rows: Rows, path: Path, quick: bool) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, direction in zip(axes, ("download", "upload")):
         mine = [r for r in rows if r["direction"] == direction and "error" not in r]
@@ -113,12 +141,12 @@ def _plot_throughput(plt: Any, rows: Rows, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("MiB/s")
     axes[1].legend(fontsize=8)
-    fig.suptitle("Bulk throughput on loopback (same run)")
+    _title(fig, "Bulk throughput on loopback (same run)", quick)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def _plot_latency(plt: Any, rows: Rows, path: Path) -> None:
+def _plot_latency(plt: Any, rows: Rows, path: Path, quick: bool) -> None:
     keys = [("p50", "p50_us"), ("p90", "p90_us"), ("p99", "p99_us"), ("p99.9", "p999_us")]
     streams = min((r["streams"] for r in rows), default=0)  # the latency-bound case
     ok = [r for r in rows if "error" not in r and r["streams"] == streams]
@@ -132,14 +160,15 @@ def _plot_latency(plt: Any, rows: Rows, path: Path) -> None:
                   [name for name, _ in keys])
     ax.set_yscale("log")
     ax.set_ylabel("round trip, µs")
-    ax.set_title(f"64-byte echo latency percentiles ({streams} streams, 1 in flight each)")
+    _title(fig, f"64-byte echo latency percentiles ({streams} streams, 1 in flight each)",
+           quick)
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def _plot_memory(plt: Any, idle: Rows, peak: Rows, path: Path) -> None:
+def _plot_memory(plt: Any, idle: Rows, peak: Rows, path: Path, quick: bool) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     ok = [r for r in idle if "error" not in r]
     left.bar([f"{r['connections']:,}" for r in ok], [r["rss_per_connection_kib"] for r in ok],
@@ -162,6 +191,7 @@ def _plot_memory(plt: Any, idle: Rows, peak: Rows, path: Path) -> None:
     right.legend()
     for ax in (left, right):
         ax.grid(alpha=0.3)
+    _title(fig, "Gateway memory", quick)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -173,13 +203,14 @@ def plots(doc: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     s = doc["scenarios"]
+    quick = bool(doc.get("quick"))
     made = []
     for name, needs, draw in (
             ("throughput.png", ("throughput",),
-             lambda p: _plot_throughput(plt, s["throughput"], p)),
-            ("latency.png", ("echo",), lambda p: _plot_latency(plt, s["echo"], p)),
+             lambda p: _plot_throughput(plt, s["throughput"], p, quick)),
+            ("latency.png", ("echo",), lambda p: _plot_latency(plt, s["echo"], p, quick)),
             ("memory.png", ("idle", "peak_rss"),
-             lambda p: _plot_memory(plt, s["idle"], s["peak_rss"], p))):
+             lambda p: _plot_memory(plt, s["idle"], s["peak_rss"], p, quick))):
         if all(n in s for n in needs):  # `--only` may have left a scenario out
             draw(out / name)
             plt.close("all")

@@ -32,6 +32,8 @@ from typing import Any, Optional, cast
 import psutil
 import uvloop
 
+from benchmarks.procs import CpuSnapshot, tree_cpu
+
 COUNT = struct.Struct("<Q")
 GREETING = b"\x01"
 CHUNK = 1024 * 1024                  # bytes per sendall
@@ -138,10 +140,9 @@ class Targets:
         self.hold_port = 0
         self._ps: Optional[psutil.Process] = None
 
-    def cpu_seconds(self) -> float:
+    def cpu(self) -> CpuSnapshot:
         assert self._ps is not None, "targets not started"
-        times = self._ps.cpu_times()
-        return times.user + times.system
+        return tree_cpu(self._ps)
 
     def __enter__(self) -> "Targets":
         self._proc.start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from typing import Callable, Optional
 
 from benchmarks.procs import REPO_ROOT, Service, free_port
 
@@ -27,10 +28,10 @@ def ensure_socat() -> str:
 class SocatRelay(Service):
     """A socat relay from a free loopback port to 127.0.0.1:target_port."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, echo: Optional[Callable[[str], None]] = None) -> None:
         self.port = free_port()
         super().__init__(f"socat :{target_port}", [
             ensure_socat(), f"-b{BUFFER}",
             f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,backlog=1024",
-            f"TCP:127.0.0.1:{target_port}"])
+            f"TCP:127.0.0.1:{target_port}"], echo=echo)
         self.wait_listening(self.port)

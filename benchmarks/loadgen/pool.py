@@ -19,7 +19,7 @@ import psutil
 import uvloop
 
 from benchmarks.loadgen.session import Session, Spec
-from benchmarks.procs import tree_cpu_seconds
+from benchmarks.procs import CpuSnapshot, tree_cpu
 
 SAMPLE_EVERY = 0.05
 
@@ -97,8 +97,9 @@ class ClientPool:
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
 
-    def cpu_seconds(self) -> float:
-        return sum(tree_cpu_seconds(w.ps) for w in self._workers)
+    def cpu(self) -> CpuSnapshot:
+        """Every load-generator process (each its own key: the busiest one can be told)."""
+        return sum((tree_cpu(w.ps) for w in self._workers), CpuSnapshot())
 
     def run(self, specs: list[Spec], on_ready: Callable[[], None], timeout: float,
             sample: Optional[Callable[[], None]] = None) -> tuple[list[dict[str, Any]], float]:

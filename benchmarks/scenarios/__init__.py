@@ -1,7 +1,9 @@
 """The scenarios, in the order a run goes through them.
 
-Each module has NAME, `steps(sizes)` (progress steps it will take) and `run(ctx)`, which
-returns its result rows (dicts; a failed measurement is a row with an `error`).
+Each module has NAME, `steps(sizes, gateways)` (progress steps it will take),
+`step_seconds(sizes)` (roughly how long one takes, for the time-left estimate) and
+`run(ctx)`, which returns its result rows (dicts; a failed measurement is a row with an
+`error`).
 """
 from __future__ import annotations
 

@@ -21,6 +21,10 @@ def steps(sizes: Sizes, gateways: int) -> int:
     return sizes.repeat * (gateways + len(BASELINES))
 
 
+def step_seconds(sizes: Sizes) -> float:
+    return sizes.cycle_seconds + 0.3
+
+
 def run(ctx: Context) -> list[dict[str, Any]]:
     base = Spec(kind="dns", via="ksw1", seconds=ctx.sizes.cycle_seconds, depth=DEPTH)
     variants = {}

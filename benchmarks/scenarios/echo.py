@@ -24,6 +24,10 @@ def steps(sizes: Sizes, gateways: int) -> int:
     return sizes.repeat * (gateways + len(BASELINES)) * len(STREAMS)
 
 
+def step_seconds(sizes: Sizes) -> float:
+    return sizes.echo_seconds + 0.3
+
+
 def echo_spec(ctx: Context, via: str, url: str, port: int, websockets: int = 1,
               streams: int = STREAMS[0]) -> Spec:
     return Spec(kind="echo", via=via, url=url, port=port, websockets=websockets,

@@ -27,6 +27,10 @@ def steps(sizes: Sizes, gateways: int) -> int:
     return len(sizes.idle_connections)
 
 
+def step_seconds(sizes: Sizes) -> float:
+    return 2 + max(sizes.idle_connections) / 1000  # a fresh gateway, then the connections
+
+
 def gateway_processes(connections: int) -> int:
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return -(-(2 * connections + FD_MARGIN) // limit)

@@ -24,6 +24,10 @@ def steps(sizes: Sizes, gateways: int) -> int:
     return sizes.repeat * (gateways + len(BASELINES))
 
 
+def step_seconds(sizes: Sizes) -> float:
+    return sizes.cycle_seconds + 0.3
+
+
 def run(ctx: Context) -> list[dict[str, Any]]:
     variants = {}
     for impl in ctx.gateway_impls:

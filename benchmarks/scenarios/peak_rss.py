@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from benchmarks.context import MIB, Context, Sizes
+from benchmarks.context import MIB, RELAY_BYTES_PER_S, Context, Sizes
 from benchmarks.loadgen.session import Spec
 from benchmarks.measure import error_row, measure, summarize
 
@@ -22,6 +22,10 @@ IMPLS = ("compiled", "pure")
 
 def steps(sizes: Sizes, gateways: int) -> int:
     return len(IMPLS)
+
+
+def step_seconds(sizes: Sizes) -> float:
+    return 2 + sizes.peak_bytes / RELAY_BYTES_PER_S  # a fresh gateway, then the download
 
 
 def run(ctx: Context) -> list[dict[str, Any]]:

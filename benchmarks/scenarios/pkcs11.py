@@ -23,7 +23,8 @@ import uvloop
 
 from benchmarks.context import Context, Sizes
 from benchmarks.gateway_proc import GatewayProcess
-from benchmarks.procs import REPO_ROOT
+from benchmarks.measure import cpu_figures
+from benchmarks.procs import REPO_ROOT, CpuSnapshot, cpu_between
 from ksw1fast import client as kclient
 from ksw1fast.protocol.constants import Pkcs11Status
 from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Attribute, Mechanism, Reader, Tag, Writer
@@ -128,10 +129,11 @@ async def _prepare(address: str) -> tuple[kclient.KSW1Client, bytes, bytes]:
 
 
 async def gateway_ops(address: str, op: str, connections: int, seconds: float,
-                      server_cpu: Callable[[], float]) -> tuple[float, dict[str, float]]:
+                      server_cpu: Callable[[], CpuSnapshot]) -> tuple[float, dict[str, Any]]:
     """(ops/s, CPU cores of the gateway with its agents and of this client) over `seconds`."""
     prepared = [await _prepare(address) for _ in range(connections)]
     server_before, client_before = server_cpu(), time.process_time()
+    started = time.perf_counter()
     deadline = time.monotonic() + seconds
     counts = [0] * connections
 
@@ -145,11 +147,12 @@ async def gateway_ops(address: str, op: str, connections: int, seconds: float,
     await asyncio.gather(*(lane(i, client, sign if op == "sign" else random)
                            for i, (client, sign, random) in enumerate(prepared)
                            for _ in range(DEPTH)))
-    cores = {"server_cores": round((server_cpu() - server_before) / seconds, 2),
-             "client_cores": round((time.process_time() - client_before) / seconds, 2)}
+    wall = time.perf_counter() - started  # the last calls end after the deadline
+    cores = cpu_figures({"server": cpu_between(server_before, server_cpu()),
+                         "client": time.process_time() - client_before}, wall)
     for client, _, _ in prepared:
         await client.close()
-    return sum(counts) / seconds, cores
+    return sum(counts) / wall, cores
 
 
 def _wait_for_no_agents(gateway: GatewayProcess, timeout: float = 30.0) -> None:
@@ -162,6 +165,11 @@ def _wait_for_no_agents(gateway: GatewayProcess, timeout: float = 30.0) -> None:
 
 def steps(sizes: Sizes, gateways: int) -> int:
     return len(OPS) * len(CONNECTIONS) * (gateways - 1)  # every gateway but the pure one
+
+
+def step_seconds(sizes: Sizes) -> float:
+    # direct, then through the gateway: processes and agents start, keys are made
+    return 2 * sizes.pkcs11_seconds + 4
 
 
 def run(ctx: Context) -> list[dict[str, Any]]:
@@ -190,7 +198,7 @@ def _measure(ctx: Context, impl: str, module: str, seconds: float) -> list[dict[
                 ctx.progress.step(f"PKCS#11 {op} x{n} ({impl})")
                 direct = direct_ops(module, op, n, seconds)
                 through, cores = uvloop.run(gateway_ops(gateway.address, op, n, seconds,
-                                                        gateway.cpu_seconds))
+                                                        gateway.cpu))
                 _wait_for_no_agents(gateway)
                 rows.append({"impl": impl, "op": op, "connections": n,
                              "direct_ops_per_s": round(direct),

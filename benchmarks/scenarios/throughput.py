@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable
 
-from benchmarks.context import LOADGEN_PROCESSES, Context, Sizes
+from benchmarks.context import LOADGEN_PROCESSES, RELAY_BYTES_PER_S, Context, Sizes
 from benchmarks.loadgen.session import Spec, split
 from benchmarks.measure import Run, alternate, runner, summarize
 
@@ -26,6 +26,10 @@ COMBOS = [(direction, streams, websockets) for direction in DIRECTIONS
 
 def steps(sizes: Sizes, gateways: int) -> int:
     return sizes.repeat * (len(COMBOS) * (gateways + len(BASELINES)) + len(DIRECTIONS))
+
+
+def step_seconds(sizes: Sizes) -> float:
+    return 0.3 + sizes.transfer / RELAY_BYTES_PER_S
 
 
 def variants(ctx: Context, direction: str, streams: int, websockets: int
