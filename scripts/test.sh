@@ -29,6 +29,7 @@ scripts/softhsm.sh >/dev/null
 scripts/lb.sh
 scripts/chromium.sh
 scripts/node.sh
+scripts/deploy-tools.sh
 
 # the package's types, as pyproject.toml's [tool.mypy] configures the check
 .venv-test/bin/python -m mypy

@@ -1,7 +1,6 @@
 """deploy/: real nginx and HAProxy, each in front of two ksw1fast instances of its own run
-as the config documents (--proxy-protocol behind HAProxy, --trusted-proxy behind nginx),
-and the Kubernetes and Docker files checked as far as this machine can (no cluster, no
-docker engine).
+as the config documents (--proxy-protocol behind HAProxy, --trusted-proxy behind nginx).
+The Kubernetes, systemd and Docker files are tests/test_deploy.py's.
 
 The balancers run the very configs in deploy/, not look-alikes: deploy/nginx.conf and
 deploy/haproxy.cfg stay concrete, usable as they are, and `render_*` below rewrites only
@@ -17,14 +16,12 @@ instances from NGINX_SOURCE, everything else from 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -33,7 +30,6 @@ from typing import AsyncIterator, Iterator
 
 import pytest
 import trustme
-import yaml
 import websockets
 
 from ksw1fast import client as kclient
@@ -41,11 +37,6 @@ from ksw1fast.protocol.constants import Pkcs11Status
 from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Reader, Writer, error_of
 
 from helpers import GatewayProcess, RawClient, SoftHSM, free_port, http_get, make_softhsm
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 pytestmark = pytest.mark.timeout(180)
 # The balancers and SoftHSM are Debian packages, not in cibuildwheel's images: the tests
@@ -562,97 +553,3 @@ def test_balancer_configs_keep_the_settings_tunnels_need() -> None:
     directives = re.sub(r"#.*", "", haproxy)
     assert "shutdown-sessions" not in directives  # would cut drained tunnels
     assert "check-send-proxy" not in directives  # the metrics port speaks plain HTTP
-
-
-def _k8s() -> dict[str, dict]:
-    docs = {}
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            docs[doc["kind"]] = doc
-    return docs
-
-
-def _serve_config(argv: list[str], monkeypatch: pytest.MonkeyPatch,
-                  config_dir: Path | None = None):
-    """A `ksw1fast serve` command line as the gateway would take it: parsed, merged with
-    its config file, and past the security checks (with the token secret set)."""
-    from ksw1fast.cli.main import build_parser, config_from_args
-    from ksw1fast.security.gate import Security
-
-    if config_dir is not None:  # the ConfigMap's mount path, here
-        argv = [str(config_dir / Path(a).name) if a.startswith("/etc/ksw1fast/") else a
-                for a in argv]
-    config = config_from_args(build_parser().parse_args(argv))
-    assert config.token_secret_env, "beyond loopback ksw1fast needs tokens"
-    monkeypatch.setenv(config.token_secret_env, "not-a-real-secret")
-    Security(config)  # refuses 0.0.0.0 without tokens, as `serve` would
-    return config
-
-
-def test_kubernetes_manifests(tmp_path, monkeypatch) -> None:
-    from ksw1fast.cli.config_file import check_config_file
-
-    docs = _k8s()
-    assert {"Deployment", "Service", "ConfigMap", "Ingress", "Kustomization"} <= docs.keys()
-    toml_text = docs["ConfigMap"]["data"]["ksw1fast.toml"]
-    settings = tomllib.loads(toml_text)
-    (tmp_path / "ksw1fast.toml").write_text(toml_text)
-    monkeypatch.setenv(settings["token_secret_env"], "not-a-real-secret")  # the Secret's
-    check_config_file(tmp_path / "ksw1fast.toml")  # what `ksw1fast check-config` runs
-    # and so is the commented trusted_proxies example, once uncommented
-    (tmp_path / "example.toml").write_text(
-        _sub(toml_text, r"^(\s*)# (trusted_proxies = )", r"\g<1>\g<2>", 1))
-    check_config_file(tmp_path / "example.toml")
-
-    deployment = docs["Deployment"]["spec"]
-    assert deployment["replicas"] >= 2
-    pod = deployment["template"]["spec"]
-    (container,) = pod["containers"]
-    config = _serve_config(container["args"], monkeypatch, tmp_path)
-    assert config.host == "0.0.0.0" and config.metrics_host == "0.0.0.0"
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"ws": settings["port"], "metrics": settings["metrics_port"]}
-    for probe, path in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")]:
-        assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}
-    assert container["resources"]["requests"] and container["resources"]["limits"]
-    (env,) = container["env"]
-    assert env["name"] == settings["token_secret_env"] and env["valueFrom"]["secretKeyRef"]
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert container["args"][-1].startswith(mounts["config"] + "/")
-    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
-    assert sleep[0] == "sleep"
-    # the kubelet must not SIGKILL while the drain is still waiting on tunnels
-    assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + settings["drain_timeout"]
-    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"]
-
-    service = docs["Service"]["spec"]
-    assert service["type"] == "ClusterIP" and "sessionAffinity" not in service
-    assert {p["targetPort"] for p in service["ports"]} <= ports.keys()
-    backend = docs["Ingress"]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-    assert backend["port"]["name"] in {p["name"] for p in service["ports"]}
-    listed = set(docs["Kustomization"]["resources"])
-    assert listed == {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
-
-
-def test_dockerfile(monkeypatch) -> None:
-    """No docker engine here: the instructions that matter, and the CMD as ksw1fast parses
-    it."""
-    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())  # join continuations
-    instructions: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            word, _, rest = line.strip().partition(" ")
-            instructions.setdefault(word, []).append(rest.strip())
-    assert instructions["FROM"][-1] == "python:3.11-slim"  # the stage that runs
-    assert any("ksw1fast[metrics,pkcs11]" in run for run in instructions["RUN"])
-    user = instructions["USER"][-1].split(":")[0]
-    k8s_user = re.search(r"runAsUser: (\d+)", (DEPLOY / "k8s" / "deployment.yaml").read_text())
-    assert user not in ("0", "root") and k8s_user and user == k8s_user.group(1)
-    assert set(instructions["EXPOSE"][-1].split()) == {"8088", "9108"}
-    assert json.loads(instructions["ENTRYPOINT"][-1]) == ["ksw1fast"]
-    config = _serve_config(json.loads(instructions["CMD"][-1]), monkeypatch)
-    assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", 8088, 9108)
-    for copy in instructions["COPY"]:
-        if not copy.startswith("--from"):
-            for source in copy.split()[:-1]:
-                assert (REPO / source).exists(), f"COPY {source}: not in the repository"
