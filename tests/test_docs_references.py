@@ -224,7 +224,8 @@ def test_source_references_resolve() -> None:
     ("RFC 6455 §5.5.1 and §7.4", []),
     ("spec §4", [(None, ("4",))]),
 ])
-def test_reference_grammar(text: str, expected: list) -> None:
+def test_reference_grammar(text: str,
+                           expected: list[tuple[Optional[str], tuple[str, ...]]]) -> None:
     assert [(r.doc, r.numbers) for r in references("x", text)] == expected
 
 
