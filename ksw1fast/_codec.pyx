@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""KSW1 framing, compiled (spec ksw1.md §1-§2): the frame parser and the header.
+"""KSW1 framing, compiled (docs/protocol.md §1-§2): the frame parser and the header.
 
 Same API and behaviour as its readable twin ``ksw1fast.protocol.frames``, byte for byte
 and error for error.  The compiled relay also uses the C-level API declared in

@@ -3,7 +3,7 @@
 # ksw1fast/server/tuning.py (relay); tests/test_constants.py checks that both agree.
 
 cdef enum:
-    # wire (spec ksw1.md §1-§2)
+    # wire (docs/protocol.md §1-§2)
     KSW1_HEADER = 16
     KSW1_VERSION = 1
     FRAME_DATA = 0x20

@@ -30,7 +30,7 @@ from ksw1fast.protocol.messages import HelloAck, OpenOkInfo, Pkcs11Response
 from ksw1fast.protocol.close import CLOSE_TIMEOUT, close_reason
 from ksw1fast.wsclose import answer_close, send_close
 
-# What the polyfill asks for without flow control (spec §3).
+# What the polyfill asks for without flow control (docs/protocol.md §3).
 POLYFILL_FEATURES = Feature.HALF_CLOSE | Feature.DNS | Feature.UDP | Feature.PKCS11
 WRITE_CHUNK = 256 * 1024       # Data payload size used to split large writes
 READ_HIGH_WATER = 4 * 1024 * 1024  # buffered per stream before we stop reading the WebSocket
@@ -344,7 +344,7 @@ class KSW1Client:
             payloads.encode_open(Proto.TCP, AddrKind.HOSTNAME, port, host.encode(), token))
 
     async def open_udp(self, host: str, port: int, token: bytes = b"") -> Datagrams:
-        """Open a UDP flow to host:port through the gateway (spec §7)."""
+        """Open a UDP flow to host:port through the gateway (docs/protocol.md §7)."""
         flow = await self.open_stream(
             payloads.encode_open(Proto.UDP, AddrKind.HOSTNAME, port, host.encode(), token),
             Datagrams)
@@ -375,7 +375,7 @@ class KSW1Client:
         return [str(ipaddress.ip_address(a)) for a in raw]
 
     async def pkcs11(self, fn_id: int, args: bytes = b"") -> Pkcs11Response:
-        """One raw PKCS#11 RPC call (pkcs11-rpc.md); the body is returned undecoded."""
+        """One raw PKCS#11 RPC call (docs/pkcs11.md); the body is returned undecoded."""
         return await self._request(self._pkcs11, "pkcs11", FrameType.PKCS11_REQUEST,
                                    payloads.encode_pkcs11_request(fn_id, args))
 

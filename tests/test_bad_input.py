@@ -1,4 +1,4 @@
-"""Spec §10, row by row: bad input gets the right answer and harms nobody else."""
+"""docs/protocol.md §10, row by row: bad input gets the right answer and harms nobody else."""
 from __future__ import annotations
 
 import struct

@@ -1,4 +1,4 @@
-"""The WebSocket close handshake (spec §11, RFC 6455 §5.5.1 and §7.4), byte for byte.
+"""The WebSocket close handshake (protocol.md §11, RFC 6455 §5.5.1 and §7.4), byte for byte.
 
 The answers are read off the socket as raw bytes (helpers.RawPeer: the `websockets`
 library's sans-I/O protocol, an implementation nobody here wrote, driving a plain

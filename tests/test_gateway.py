@@ -1,4 +1,4 @@
-"""End-to-end behaviour of the gateway with real loopback targets (spec §3-§8)."""
+"""End-to-end behaviour of the gateway with real loopback targets (protocol.md §3-§8)."""
 from __future__ import annotations
 
 import asyncio
@@ -28,7 +28,7 @@ async def test_hello_ack_intersects_features_and_limits(connect) -> None:
     assert client.max_streams == 64
     assert client.hello_ack.max_payload == 16 * 1024 * 1024
     other = await connect(features=0xFF, max_streams=0)
-    assert other.max_streams == 256  # 0 means "client default", spec §3
+    assert other.max_streams == 256  # 0 means "client default", protocol.md §3
 
 
 async def test_one_mebibyte_echo(connect, echo_port) -> None:

@@ -1,4 +1,4 @@
-"""Bounded memory without FlowControl (spec §6): a stalled side must not make the gateway buffer.
+"""Bounded memory without FlowControl (protocol.md §6): a stalled side must not make the gateway buffer.
 
 The gateway runs in a subprocess so its RSS is its own.  Each test pushes up to 1 GiB and
 is bounded in time: it stops when the pusher stalls (backpressure reached it) or after

@@ -1,4 +1,4 @@
-"""Auth, Origin and egress policy enforced by a running gateway (spec §3, §9; README Security).
+"""Auth, Origin and egress policy enforced by a running gateway (protocol.md §3, §9; README Security).
 
 Destinations are all on loopback: denied ones are denied by rules naming loopback
 addresses, so a policy bug could never send traffic off this machine.  The always-denied

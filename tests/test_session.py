@@ -1,4 +1,4 @@
-"""The session rules of one connection (spec §3-§8, §10), driven without any socket:
+"""The session rules of one connection (protocol.md §3-§8, §10), driven without any socket:
 frames in, actions out (ksw1fast.protocol.session)."""
 from __future__ import annotations
 
@@ -398,7 +398,7 @@ def test_pkcs11_refusals() -> None:
 
 
 def test_id_spaces_are_separate() -> None:
-    """Stream 1, DNS query 1 and PKCS#11 query 1 coexist (spec §2)."""
+    """Stream 1, DNS query 1 and PKCS#11 query 1 coexist (protocol.md §2)."""
     s = session()
     assert isinstance(s.receive(FrameType.OPEN, 0, 1, open_payload())[0], Connect)
     assert isinstance(s.receive(FrameType.DNS_QUERY, 0, 1,

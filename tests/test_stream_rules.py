@@ -1,4 +1,4 @@
-"""A stream's credits and pause reasons (spec §6), driven without sockets: the pure
+"""A stream's credits and pause reasons (protocol.md §6), driven without sockets: the pure
 relay's TcpStream with a fake connection and a fake target transport. (The compiled
 relay implements the same rules; the end-to-end tests run both.)"""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""UDP flows (spec §7) and FlowControl credits (spec §6)."""
+"""UDP flows (protocol.md §7) and FlowControl credits (protocol.md §6)."""
 from __future__ import annotations
 
 import asyncio

@@ -3,7 +3,7 @@
 Unlike `ksw1fast.client` (a buffer and a copy per chunk, futures per stream), a
 received Data frame is one `struct.unpack_from` on picows' read buffer and one call
 into the lane's job with a memoryview of the payload.  The gateway sends whole frames
-in each message (spec §1), so a message is walked frame by frame without carrying
+in each message (protocol.md §1), so a message is walked frame by frame without carrying
 bytes across messages.
 """
 from __future__ import annotations

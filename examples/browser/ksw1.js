@@ -1,4 +1,4 @@
-// A small KSW1 client for browsers (the wire protocol: shared/spec/ksw1.md).
+// A small KSW1 client for browsers (the wire protocol: docs/protocol.md).
 // One WebSocket carries TCP streams, DNS lookups and PKCS#11 calls. Like the polyfill it
 // does not ask for FlowControl and relies on the gateway's own backpressure.
 
@@ -100,7 +100,7 @@ export function encodeFrame(type, id, payload = EMPTY, flags = 0) {
 }
 
 /**
- * The inbound messages of a connection are ONE byte stream (spec §1): a message may hold
+ * The inbound messages of a connection are ONE byte stream (protocol.md §1): a message may hold
  * several frames and a frame may be split across messages. feed() returns the whole
  * frames seen so far and keeps the incomplete tail for the next message.
  */
@@ -218,7 +218,7 @@ export class Client {
   #streams = new Map();
   #dns = new Map();
   #pkcs11 = new Map();
-  #nextId = { stream: 1, dns: 1, pkcs11: 1 }; // three separate id spaces (spec §2)
+  #nextId = { stream: 1, dns: 1, pkcs11: 1 }; // three separate id spaces (protocol.md §2)
 
   /**
    * Opens the WebSocket and does Hello. The token travels as the subprotocol
@@ -275,7 +275,7 @@ export class Client {
     return Array.from({ length: reader.u16() }, () => formatAddress(reader.raw(reader.u16())));
   }
 
-  /** One PKCS#11 RPC call (spec pkcs11-rpc.md): raw args in, status and raw body out. */
+  /** One PKCS#11 RPC call (docs/pkcs11.md): raw args in, status and raw body out. */
   async pkcs11(fnId, args = EMPTY) {
     const { payload } = await this.#request(this.#pkcs11, 'pkcs11', Type.PKCS11_REQUEST,
       new Writer().u16(fnId).raw(args).bytes());
@@ -345,7 +345,7 @@ export class Client {
       case Type.DNS_ERR: this.#answer(this.#dns, frame); break;
       case Type.PKCS11_RESPONSE: this.#answer(this.#pkcs11, frame); break;
       case Type.PING: this.#send(Type.PONG, 0, payload); break;
-      default: // Pong, DataAck and unknown types: nothing to do (spec §2)
+      default: // Pong, DataAck and unknown types: nothing to do (protocol.md §2)
     }
   }
 

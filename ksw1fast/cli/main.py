@@ -69,7 +69,7 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                         help=f"most streams per connection (default {_D.max_streams})")
     limits.add_argument("--max-payload", type=int,
                         help=f"largest frame payload in bytes, above it close 1009 "
-                             f"(default {_D.max_payload})")
+                             f"(docs/protocol.md §10; default {_D.max_payload})")
     limits.add_argument("--handshake-timeout", type=float,
                         help=f"seconds to complete the upgrade (default {_D.handshake_timeout})")
     limits.add_argument("--connect-timeout", type=float,
@@ -97,7 +97,7 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                         help="keepalive: a client silent up to this many seconds is pinged "
                              "and closed with 1001 if it does not answer within half as "
                              f"long again; keep it below your balancer's idle timeout; "
-                             f"0 disables (default {_D.idle_ping:g})")
+                             f"0 disables (docs/protocol.md §11; default {_D.idle_ping:g})")
     sec = serve.add_argument_group("security (README: Security)")
     sec.add_argument("--token-file", metavar="FILE",
                      help="accepted tokens, one per line, or sha256:<hex> of each")
@@ -106,7 +106,8 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                           "(ksw1fast token issue)")
     sec.add_argument("--open-token", action="store_const", const=True,
                      help="upgrade without a handshake token; each Open, DnsQuery and "
-                          "Pkcs11Request then needs a valid token (Open field or Hello)")
+                          "Pkcs11Request then needs a valid token (Open field or Hello; "
+                          "docs/protocol.md §9)")
     sec.add_argument("--allow-origin", metavar="PATTERN", action="append",
                      help="browser Origin allowed to connect, scheme://host[:port] with '*' "
                           "for the port or host labels, or '*' or 'null' (repeatable); "
@@ -135,9 +136,11 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                      help="with a gateway-held PIN, still allow InitToken, InitPIN, SetPIN "
                           "and SO login")
     p11.add_argument("--pkcs11-allow", metavar="FN", action="append",
-                     help="allow only these functions (repeatable; pkcs11-rpc.md names)")
+                     help="allow only these functions, named as in docs/pkcs11.md §4 "
+                          "(repeatable)")
     p11.add_argument("--pkcs11-deny", metavar="FN", action="append",
-                     help="refuse these functions with AuthDenied (repeatable)")
+                     help="refuse these functions with AuthDenied (repeatable; "
+                          "docs/pkcs11.md §8)")
     p11.add_argument("--pkcs11-max-out", type=int,
                      help=f"cap on output sizes a client may ask for (default {_P.max_out})")
     p11.add_argument("--pkcs11-max-calls", type=int,

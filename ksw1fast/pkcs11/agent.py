@@ -23,7 +23,7 @@ from ksw1fast.pkcs11 import ipc, wire
 # agent serves many connections, and each wait is a thread polling the module 10 times/s
 MAX_WAITS = 32
 # the answer to a blocking call over a bound: among the codes PKCS#11 lists for
-# C_WaitForSlotEvent, so a caller written to the spec handles it, and unlike
+# C_WaitForSlotEvent, so a caller written to the PKCS#11 standard handles it, and unlike
 # CKR_NO_EVENT ("nothing yet") it does not invite an immediate retry
 CKR_FUNCTION_FAILED = 0x6
 

@@ -1,4 +1,4 @@
-"""The argument layout of every PKCS#11 fn id (pkcs11-rpc.md), without a module.
+"""The argument layout of every PKCS#11 fn id (docs/pkcs11.md §4), without a module.
 
 Each fn id's args are a few words: `wire.Reader` methods (u8, u32, u64, bool, bytes,
 string) or the names below, which the agent's dispatcher resolves to handles and

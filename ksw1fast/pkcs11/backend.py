@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 class Pkcs11Backend(Protocol):
     async def handle(self, fn_id: int, args: bytes) -> tuple[int, bytes]:
-        """One call (pkcs11-rpc): (status, body), never an exception for a refusal."""
+        """One call (docs/pkcs11.md): (status, body), never an exception for a refusal."""
 
 
 @runtime_checkable

@@ -1,4 +1,4 @@
-"""Executes PKCS#11 RPC calls (spec pkcs11-rpc.md) against a loaded module.
+"""Executes PKCS#11 RPC calls (docs/pkcs11.md) against a loaded module.
 
 One `Dispatcher` lives in an agent process and owns the module there:
 PyKCS11's low-level API (`CPKCS11Lib`) makes the calls it has and gets
@@ -203,7 +203,7 @@ class Dispatcher:
     # --- the hot calls' args without the generic parse -----------------------------------
     # The values parse would give, or None whenever it would refuse the call (a malformed
     # arg, an unknown handle, a size over the cap): it then runs and says why. Handles
-    # resolve in the order of the spec words, so an error it raises (a WireError from a
+    # resolve in the order of the args words (args.ARGS), so an error it raises (a WireError from a
     # mechanism parameter) is the one parse would raise at the same point.
 
     def _fast_mechanism(self, keyed: bool, data: bool, tail: str, c: Client,

@@ -1,4 +1,4 @@
-"""Struct-only decoders for the args of the calls a busy client repeats (pkcs11-rpc.md).
+"""Struct-only decoders for the args of the calls a busy client repeats (docs/pkcs11.md §4).
 
 The generic `wire.Reader` costs a few µs per call (an object, a method per field); these
 split the same bytes with precompiled Structs. They only split: a decoder answers None

@@ -1,9 +1,9 @@
-"""PKCS#11 RPC wire codec (spec pkcs11-rpc.md): pure, I/O-free, little-endian.
+"""PKCS#11 RPC wire codec (docs/pkcs11.md): pure, I/O-free, little-endian.
 
 `Reader` decodes request args (and, for clients and tests, response bodies);
 `Writer` encodes them. A `Reader` is strict: truncation, an unknown tag and
 trailing bytes after the last argument (`Reader.end`) are all `WireError`, so
-a client that lays out an argument differently (a u64 slot id where the spec
+a client that lays out an argument differently (a u64 slot id where docs/pkcs11.md §4
 says u32, say) gets a ProtocolError instead of a silently misread call.
 
 Also here, because clients and the CLI need them without loading a module:
@@ -27,7 +27,8 @@ T = TypeVar("T")
 CK_UNAVAILABLE_INFORMATION = (1 << 64) - 1  # ~0UL on LP64: "the token does not say"
 U8, U16, U32, U64 = (struct.Struct(f"<{code}") for code in "BHIQ")
 
-# fn id -> name, as in the spec's tables; names are what --pkcs11-allow/--pkcs11-deny take.
+# fn id -> name, as in the tables of docs/pkcs11.md §4; names are what --pkcs11-allow and
+# --pkcs11-deny take.
 FUNCTIONS: dict[int, str] = {
     0x0000: "GetSlotList", 0x0001: "GetSlotInfo", 0x0002: "GetTokenInfo",
     0x0003: "InitToken", 0x0004: "OpenSession", 0x0005: "GetMechanismList",

@@ -1,4 +1,4 @@
-"""The WebSocket close handshake (RFC 6455 §5.5.1, §7.4; spec §11), free of I/O.
+"""The WebSocket close handshake (RFC 6455 §5.5.1, §7.4; docs/protocol.md §11), no I/O.
 
 Both relays and the client hand `reply_to_close` the payload of a Close frame they
 received and send back what it says; every Close they start goes through

@@ -1,4 +1,4 @@
-"""KSW1 wire constants (spec ksw1.md §1-§10), shared by both codecs and the server."""
+"""KSW1 wire constants (docs/protocol.md §1-§10), shared by both codecs and the server."""
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
@@ -91,7 +91,7 @@ class CloseReason(IntEnum):
 
 
 class WSClose(IntEnum):
-    """WebSocket close codes the gateway sends (spec §10, §11; RFC 6455 §7.4.1)."""
+    """WebSocket close codes the gateway sends (docs/protocol.md §10, §11; RFC 6455 §7.4.1)."""
 
     NORMAL = 1000
     GOING_AWAY = 1001          # shutdown, drain, a peer that stopped answering pings

@@ -1,4 +1,4 @@
-"""KSW1 framing in pure Python (spec ksw1.md §1-§2): the frame parser and the header.
+"""KSW1 framing in pure Python (docs/protocol.md §1-§2): the frame parser and the header.
 
 The readable reference: ``ksw1fast._codec`` is its compiled twin with the same API and
 behaviour, byte for byte and error for error, and the tests feed both the same inputs.

@@ -1,4 +1,4 @@
-"""KSW1 payloads: the one encoder and decoder of every payload (spec ksw1.md §2-§8).
+"""KSW1 payloads: the one encoder and decoder of every payload (docs/protocol.md §2-§8).
 
 Plain Python and used by both the compiled and the pure-Python paths: payloads are
 decoded once per Open, query or call, never per Data frame, so only framing is
@@ -288,7 +288,7 @@ def encode_pkcs11_response(status: int, body: Buffer = b"") -> bytes:
 
 def pkcs11_message(message: str) -> bytes:
     """The body of a ProtocolError, Internal or AuthDenied Pkcs11Response: the message as
-    a u32-length-prefixed UTF-8 string (pkcs11-rpc)."""
+    a u32-length-prefixed UTF-8 string (docs/pkcs11.md §2)."""
     text = message.encode("utf-8")
     return _U32.pack(len(text)) + text
 

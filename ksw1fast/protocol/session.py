@@ -1,4 +1,4 @@
-"""The session of one KSW1 connection (spec §3-§8, §10), free of I/O.
+"""The session of one KSW1 connection (docs/protocol.md §3-§8, §10), free of I/O.
 
 In the manner of h11's Connection: the I/O shell (ksw1fast/server/connection.py) feeds
 the session every control frame it reads (`receive`) and the outcome of every piece of
@@ -194,7 +194,8 @@ class Session:
                 return [Fail(WSClose.PROTOCOL_ERROR, f"frame type 0x{type:02x} before Hello")]
             return []  # unknown types are ignored (forward compatibility)
         handler = _HANDLERS.get(type)
-        # Data/DataAck of unknown streams, Pong and unknown types: ignored (spec §2, §5)
+        # Data/DataAck of unknown streams, Pong and unknown types: ignored
+        # (docs/protocol.md §2, §5)
         return handler(self, stream_id, payload) if handler is not None else []
 
     def _hello(self, payload: bytes) -> list[Action]:
@@ -300,7 +301,7 @@ class Session:
 
     def _data_ack(self, stream_id: int, payload: bytes) -> list[Action]:
         if stream_id not in self.streams:
-            return []  # unknown or closed stream: ignored (spec §5)
+            return []  # unknown or closed stream: ignored (docs/protocol.md §5)
         try:
             return [Credit(stream_id, payloads.decode_data_ack(payload))]
         except MalformedPayload:

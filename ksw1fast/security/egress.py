@@ -1,4 +1,5 @@
-"""Egress policy: which destinations a client may open, resolve or reach (spec §4, §7, §8).
+"""Egress policy: which destinations a client may open, resolve or reach (docs/protocol.md
+§4, §7, §8).
 
 Pure decisions over plain values, no I/O.
 

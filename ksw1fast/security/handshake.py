@@ -1,5 +1,5 @@
 """Pure checks of the WebSocket upgrade request: where the token is, and whether the
-Origin may connect (spec §9).
+Origin may connect (docs/protocol.md §9).
 
 Token carriers, first found wins:
 

@@ -232,7 +232,7 @@ def _parse_literal(host: str) -> Optional[IPAddress]:
 
 
 def open_error(exc: BaseException) -> tuple[OpenErrCode, str]:
-    """Map a failed resolve/connect to an OpenErr code and message (spec §4)."""
+    """Map a failed resolve/connect to an OpenErr code and message (docs/protocol.md §4)."""
     if isinstance(exc, Blocked):
         return OpenErrCode.BLOCKED, str(exc)
     if isinstance(exc, ResolveError):

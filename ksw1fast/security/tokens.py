@@ -1,4 +1,5 @@
-"""Access tokens (spec §9): a static token file and HMAC-signed, scoped, expiring tokens.
+"""Access tokens (docs/protocol.md §9): a static token file and HMAC-signed, scoped,
+expiring tokens.
 
 Static token file, one entry a line; blank lines and lines starting with `#` are ignored::
 

@@ -115,8 +115,8 @@ class Gateway:
             refusals.info("connection refused peer=%s reason=%s", peer, exc)
 
     async def _keep_alive(self, period: float) -> None:
-        """Keepalive (spec §11): the client never pings, and balancers drop upgraded
-        connections idle for 30-60 s.  Every `period` seconds each connection pings a
+        """Keepalive (docs/protocol.md §11): the client never pings, and balancers drop
+        upgraded connections idle for 30-60 s.  Every `period` seconds each connection pings a
         silent client or closes one that left the last ping unanswered."""
         while True:
             await asyncio.sleep(period)
@@ -249,7 +249,8 @@ async def start_gateway(host: str = GatewayConfig.host, port: int = GatewayConfi
     """Start a gateway on the running loop; `settings` are further GatewayConfig fields.
 
     `pkcs11_backend` replaces the built-in PyKCS11 agents: any object with
-    `async handle(fn_id: int, args: bytes) -> (status, body)` (pkcs11-rpc.md).
+    `async handle(fn_id: int, args: bytes) -> (status, body)` answering the RPC of
+    docs/pkcs11.md.
 
     The loop should be uvloop's (`uvloop.run(...)`): the relay is tuned for its
     transports, though any asyncio loop works.

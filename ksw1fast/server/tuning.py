@@ -13,7 +13,7 @@ MAX_PENDING = 1024 * 1024      # client Data accepted for a stream that is still
 INITIAL_CREDIT = DEFAULT_INITIAL_CREDIT  # FlowControl window per stream and direction
 ACK_STEP = 64 * 1024           # return client credit in steps of at least this
 FC_HIGH_WATER = 256 * 1024     # with credits: above this, ack only after a full drain
-MAX_DATAGRAM = 65507           # spec §7: larger client datagrams are dropped
+MAX_DATAGRAM = 65507           # docs/protocol.md §7: larger client datagrams are dropped
 WS_HEADROOM = 16               # room in front of a message for picows' WebSocket header
 
 # Why a stream's target is not being read (bits; reading resumes when none is left).

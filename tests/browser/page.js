@@ -36,7 +36,7 @@ const P11_GET_SLOT_LIST = 0x0000;
 const P11_OPEN_SESSION = 0x0004;
 const P11_CLOSE_SESSION = 0x0102;
 const P11_GENERATE_RANDOM = 0x010e;
-const P11_SERIAL_SESSION = 0x2; // pkcs11-rpc.md flags: bit1 serial; read-only is enough here
+const P11_SERIAL_SESSION = 0x2; // docs/pkcs11.md §4 flags: bit1 serial; read-only is enough here
 const P11_STATUS = ['Ok', 'ProtocolError', 'CkError', 'Internal', 'AuthDenied'];
 
 function randomBytes(size) {

@@ -1,4 +1,4 @@
-"""How the browser's WebSocket ends (spec §11), as the page's own close event reports it:
+"""How the browser's WebSocket ends (protocol.md §11), as the page's own close event reports it:
 after the page's close() without a code, after a gateway shutdown, and after an idle
 spell on a gateway that pings. Each against the compiled relay and its pure-Python twin."""
 from __future__ import annotations

@@ -1,8 +1,8 @@
-// A KSW1 tunnel (shared/spec/ksw1.md) on Node's `ws` package, driven the way the
+// A KSW1 tunnel (docs/protocol.md) on Node's `ws` package, driven the way the
 // polyfill's WsTunnelManager drives a browser WebSocket: subprotocol auth-<token>,
 // binaryType arraybuffer, one frame per message, ids from 1, a 1 MiB send window per
 // stream with FlowControl and DataAck for what the reader consumes. Written from the
-// spec; it shares no code with ksw1fast, so it can catch what the project's own client
+// protocol's description; it shares no code with ksw1fast, so it can catch what the project's own client
 // would agree with.
 import { WebSocket } from 'ws'
 

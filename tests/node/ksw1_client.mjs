@@ -145,7 +145,7 @@ async function dns (tunnel) {
     `dns: family 4 gave ${v4}`)
 }
 
-/** Reads pkcs11-rpc.md's wire types from a response body. */
+/** Reads the wire types of docs/pkcs11.md §1 from a response body. */
 class Body {
   constructor (bytes) { this.bytes = bytes; this.at = 0 }
   u8 () { return this.bytes[this.at++] }

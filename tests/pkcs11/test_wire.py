@@ -143,7 +143,7 @@ def test_response_bodies() -> None:
 
 
 def test_function_table() -> None:
-    assert len(wire.FUNCTIONS) == 70  # every row of the spec's tables
+    assert len(wire.FUNCTIONS) == 70  # every row of the tables of docs/pkcs11.md §4
     assert wire.FUNCTIONS[0x0001] == wire.FUNCTIONS[0x000A] == "GetSlotInfo"
     assert wire.FUNCTION_IDS["GetSlotInfo"] == 0x000A  # the current id, not the legacy one
     assert wire.FUNCTIONS[0xFF00] == "HandleDrop" and wire.FUNCTIONS[0x0132] == "LoginVendor"
