@@ -31,7 +31,7 @@ class GatewayConfig:
     idle_ping: float = 20.0          # keepalive: a client silent up to this long is pinged,
                                      # closed (1001) if the ping stays unanswered for half
                                      # as long again; 0 = off
-    # -- operations (README "Operating") --
+    # -- operations (docs/operations.md) --
     workers: int = 1                 # worker processes (each its own loop and listener)
     reuse_port: bool = False         # SO_REUSEPORT listener (set for workers)
     drain_timeout: float = 30.0      # seconds open connections get after SIGTERM
@@ -41,7 +41,7 @@ class GatewayConfig:
     tls_cert: Optional[str] = None   # PEM certificate chain: serve wss://
     tls_key: Optional[str] = None    # its private key (PEM)
     pkcs11: Pkcs11Settings = field(default_factory=Pkcs11Settings)
-    # -- security (README "Security") --
+    # -- security (docs/security.md) --
     token_file: Optional[str] = None       # static tokens, one per line or sha256:<hex>
     token_secret_env: Optional[str] = None  # env var holding the HMAC secret of signed tokens
     open_token: bool = False               # upgrade without a handshake token; each Open
@@ -51,7 +51,7 @@ class GatewayConfig:
     # rules the config file parsed
     egress: tuple[Union[Rule, str], ...] = ()
     insecure: bool = False                 # listen beyond loopback without auth
-    # -- operators' limits and the real client address (README "Operating") --
+    # -- operators' limits and the real client address (docs/operations.md) --
     max_connections: int = 4096            # upgraded connections per worker
     max_connections_per_ip: int = 256      # per worker, per client address (see below)
     proxy_protocol: bool = False           # every connection starts with a PROXY header

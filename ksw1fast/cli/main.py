@@ -26,8 +26,9 @@ log = logging.getLogger("ksw1fast")
 _D = GatewayConfig()
 _P = Pkcs11Settings()
 
-# serve flag -> (GatewayConfig field, or "pkcs11.<field>")
-_FIELDS = {
+# each serve flag's dest -> its setting (a TOML key; "pkcs11.x" is x in [pkcs11]); the
+# docs site's configuration reference is generated from this and the parser
+FLAG_SETTINGS = {
     "host": "host", "port": "port", "path": "path", "max_streams": "max_streams",
     "max_payload": "max_payload", "handshake_timeout": "handshake_timeout",
     "connect_timeout": "connect_timeout", "dns_timeout": "dns_timeout",
@@ -49,14 +50,15 @@ _FIELDS = {
     "pkcs11_max_calls": "pkcs11.max_calls", "pkcs11_max_agents": "pkcs11.max_agents",
 }
 # environment names of the reference server
-_ENV = {"GATEWAY_HOST": ("host", str), "GATEWAY_PORT": ("port", int),
-        "GATEWAY_PATH": ("path", str), "PKCS11_BACKEND": ("pkcs11.lib", str),
-        "PKCS11_LIB": ("pkcs11.lib", str)}
+ENV_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "GATEWAY_HOST": ("host", str), "GATEWAY_PORT": ("port", int),
+    "GATEWAY_PATH": ("path", str), "PKCS11_BACKEND": ("pkcs11.lib", str),
+    "PKCS11_LIB": ("pkcs11.lib", str)}
 
 
 def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     """Flags default to None: only what is given overrides the file and the environment."""
-    serve.add_argument("--config", metavar="FILE", help="TOML configuration file (see README)")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file (docs/configuration.md)")
     net = serve.add_argument_group("listening")
     net.add_argument("--host", help=f"address to listen on (env GATEWAY_HOST; default {_D.host})")
     net.add_argument("--port", type=int,
@@ -98,7 +100,7 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                              "and closed with 1001 if it does not answer within half as "
                              f"long again; keep it below your balancer's idle timeout; "
                              f"0 disables (docs/protocol.md §11; default {_D.idle_ping:g})")
-    sec = serve.add_argument_group("security (README: Security)")
+    sec = serve.add_argument_group("security (docs/security.md)")
     sec.add_argument("--token-file", metavar="FILE",
                      help="accepted tokens, one per line, or sha256:<hex> of each")
     sec.add_argument("--token-secret-env", metavar="VAR",
@@ -150,7 +152,7 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                      help="agent processes per worker, starting or running, the pool "
                           "included (about 30-40 MiB each); a connection's first call past "
                           f"it is answered Internal (default {_P.max_agents})")
-    ops = serve.add_argument_group("operations (README: Operating)")
+    ops = serve.add_argument_group("operations (docs/operations.md)")
     ops.add_argument("--max-connections", type=int,
                      help="WebSocket connections per worker; more are refused with HTTP 503 "
                           f"and Retry-After (default {_D.max_connections})")
@@ -215,11 +217,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     naming the flag, variable or file line a bad value came from."""
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     origins: dict[str, str] = {}  # setting -> the flag or variable that set it
-    for env, (key, kind) in _ENV.items():
+    for env, (key, kind) in ENV_SETTINGS.items():
         if os.environ.get(env):
             values[key] = _from_env(env, kind)
             origins[key] = f"environment variable {env}"
-    for flag, key in _FIELDS.items():
+    for flag, key in FLAG_SETTINGS.items():
         value = getattr(args, flag)
         if value is not None:
             values[key] = tuple(value) if isinstance(value, list) else value

@@ -20,7 +20,7 @@ class Pkcs11Settings:
     max_calls: int = 16                    # calls in flight per connection; their answers
                                            # are at most max_calls x max_out bytes
     max_agents: int = 8                    # agent processes per worker, starting or running,
-                                           # the pool included (README: sizing)
+                                           # the pool included (docs/pkcs11-setup.md: sizing)
 
     def __post_init__(self) -> None:
         check_settings(self, _CHECKS, prefix="pkcs11.")
