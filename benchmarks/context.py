@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
+from benchmarks.baselines.nginx import NginxTls
 from benchmarks.baselines.socat import SocatRelay
 from benchmarks.baselines.websockify import Websockify
 from benchmarks.gateway_proc import GatewayProcess
@@ -103,6 +104,11 @@ class Context:
 
     def socat(self, target_port: int) -> SocatRelay:
         return self._service(("socat", target_port), lambda: SocatRelay(target_port, self.progress.note))
+
+    def nginx(self, tmp: Path, upstream: int, chain: Path, key: Path) -> NginxTls:
+        """nginx terminating TLS (files in `tmp`) in front of the gateway on `upstream`."""
+        return self._service(("nginx", upstream),
+                             lambda: NginxTls(tmp, upstream, chain, key, self.progress.note))
 
     def websockify(self, target_port: int) -> Websockify:
         return self._service(("websockify", target_port), lambda: Websockify(target_port))

@@ -15,7 +15,7 @@ from benchmarks.procs import Service, tree_rss
 # the directory ksw1fast was imported from (the source tree, or site-packages when
 # installed): the gateway subprocess must run that same ksw1fast
 KSW1FAST_PARENT = Path(ksw1fast.__file__).resolve().parent.parent
-_SERVING = re.compile(r"serving (ws://\S+)")
+_SERVING = re.compile(r"serving (wss?://\S+)")
 # one pair per connection, thousands in the idle scenario: not news
 _QUIET = (" connection open ", " connection closed ", " worker ")
 

@@ -78,6 +78,12 @@ def ratios(scenarios: Rows) -> Ratios:
             mine = find(pkcs11, impl="compiled", op=row["op"], connections=row["connections"])
             out.add(f"pkcs11_{row['op']}_{row['connections']}c_vs_against", mine, row,
                     "gateway_ops_per_s")
+    tls = scenarios.get("tls", [])
+    for load, key in (("download", "mib_per_s"), ("echo", "ops_per_s")):
+        for via in ("wss", "nginx"):
+            if find(tls, load=load, via=via):
+                out.add(f"tls_{load}_{via}_vs_ws", find(tls, load=load, via=via),
+                        find(tls, load=load, via="ws"), key)
     work = scenarios.get("workers", [])
     counts = sorted({r["workers"] for r in work})
     for load, key in (("download", "mib_per_s"), ("echo", "ops_per_s")):

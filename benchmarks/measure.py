@@ -52,6 +52,16 @@ class Run:
         return [x for r in self.results for x in r.get("latencies", ())]
 
 
+class Together:
+    """Servers measured as one (nginx and the gateway behind it)."""
+
+    def __init__(self, *servers: Server) -> None:
+        self.servers = servers
+
+    def cpu(self) -> CpuSnapshot:
+        return sum((server.cpu() for server in self.servers), CpuSnapshot())
+
+
 def measure(ctx: Context, specs: list[Spec], server: Optional[Server],
             rss: Optional[Callable[[], int]] = None) -> Run:
     """One run of `specs` (one per load-generator process); `rss` is sampled every 50 ms."""

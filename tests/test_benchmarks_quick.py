@@ -22,12 +22,13 @@ import pytest
 pytestmark = [pytest.mark.softhsm, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("throughput", "echo", "opens", "dns", "idle", "peak_rss", "pkcs11", "workers")
+SCENARIOS = ("throughput", "echo", "opens", "dns", "idle", "peak_rss", "pkcs11", "workers",
+             "tls")
 PLOTS = ("throughput.png", "latency.png", "memory.png")
 # per scenario: one numeric field every row must have
 MEASURE = {"throughput": "mib_per_s", "echo": "ops_per_s", "opens": "ops_per_s",
            "dns": "ops_per_s", "idle": "rss_per_connection_kib", "peak_rss": "rss_growth_mib",
-           "pkcs11": "gateway_ops_per_s", "workers": "runs"}
+           "pkcs11": "gateway_ops_per_s", "workers": "runs", "tls": "runs"}
 
 
 def test_quick_run_produces_every_scenario_and_plot(tmp_path: Path) -> None:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -38,12 +38,17 @@ from ksw1fast.pkcs11.wire import FUNCTION_IDS as F, Reader, Writer, error_of
 
 from helpers import GatewayProcess, RawClient, SoftHSM, free_port, http_get, make_softhsm
 
+REPO = Path(__file__).resolve().parents[1]
+# deploy/nginx.conf's rendering is shared with the benchmarks' TLS scenario; `benchmarks`
+# is not packaged: appended, so `ksw1fast` stays the installed package
+sys.path.append(str(REPO))
+from benchmarks.baselines.nginx import binary, render_nginx, rewrite  # noqa: E402
+
 pytestmark = pytest.mark.timeout(180)
 # The balancers and SoftHSM are Debian packages, not in cibuildwheel's images: the tests
 # that run them carry the marker those images deselect (`-m 'not softhsm'`).
 needs_debian = pytest.mark.softhsm
 
-REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 TOKEN = "lb-test-token-0123456789"
 CONNECTIONS = 10  # per balancer: enough that both instances must get some
@@ -58,14 +63,6 @@ AS_DEPLOYED = {"haproxy": ("--proxy-protocol",),
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def _sub(text: str, pattern: str, repl, count: int) -> str:
-    """re.sub that must match exactly `count` times: the deploy file still has that line."""
-    new, hits = re.subn(pattern, repl, text, flags=re.M)
-    assert hits == count, f"{pattern!r} matched {hits} times, expected {count}"
-    return new
-
 
 
 class Proxy:
@@ -137,46 +134,7 @@ def stop_instances(instances: list[Instance]) -> None:
         instance.proc.stop()
 
 
-def _binary(name: str) -> str:
-    found = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    assert found, f"{name} not found after scripts/lb.sh"
-    return found
-
-
 # --- rendering deploy/ for this machine ---------------------------------------------------
-
-def render_nginx(tmp: Path, upstreams: list[int], port: int, chain: Path, key: Path,
-                 idle_timeout: str | None = None) -> list[str]:
-    """deploy/nginx.conf (an http-context file) with loopback addresses, wrapped in a main
-    config whose pid, logs and temp files are in `tmp`; the nginx command line.
-    `idle_timeout` replaces the 1 h after which nginx cuts a silent tunnel."""
-    site = (DEPLOY / "nginx.conf").read_text()
-    if idle_timeout is not None:
-        site = _sub(site, r"^(\s*proxy_(?:read|send)_timeout\s+)1h;",
-                    rf"\g<1>{idle_timeout};", 2)
-    ports = iter(upstreams)
-    site = _sub(site, r"^(\s*server\s+)ksw1fast-\d+\.internal:8088\b",
-                lambda m: f"{m.group(1)}127.0.0.1:{next(ports)}", len(upstreams))
-    site = _sub(site, r"^(\s*listen\s+)443 ssl;", rf"\g<1>127.0.0.1:{port} ssl;", 1)
-    # an address of its own upstream, as on a real network: the instances trust only it
-    site = _sub(site, r"^(\s*)proxy_pass http://ksw1fast;\n",
-                rf"\g<0>\g<1>proxy_bind {NGINX_SOURCE};\n", 1)
-    site = _sub(site, r"^\s*listen\s+\[::\]:443 ssl;\n", "", 1)
-    site = _sub(site, r"^(\s*ssl_certificate\s+)\S+;", rf"\g<1>{chain};", 1)
-    site = _sub(site, r"^(\s*ssl_certificate_key\s+)\S+;", rf"\g<1>{key};", 1)
-    site = _sub(site, r"/var/log/nginx/", f"{tmp}/", 1)
-    (tmp / "ksw1fast.conf").write_text(site)
-    # Debian's nginx starts workers as `nobody`, who cannot enter pytest's 0700 temp dirs
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    temp = "".join(f"    {kind}_temp_path {tmp}/{kind};\n"
-                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    (tmp / "nginx.conf").write_text(
-        f"{user}worker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log info;\n"
-        f"events {{ worker_connections 1024; }}\n"
-        f"http {{\n{temp}    include {tmp}/ksw1fast.conf;\n}}\n")
-    return [_binary("nginx"), "-e", f"{tmp}/error.log", "-p", f"{tmp}/",
-            "-c", f"{tmp}/nginx.conf", "-g", "daemon off;"]
-
 
 def render_haproxy(tmp: Path, servers: list[Instance], port: int, pem: Path,
                    idle_timeout: str | None = None) -> list[str]:
@@ -188,24 +146,24 @@ def render_haproxy(tmp: Path, servers: list[Instance], port: int, pem: Path,
     if idle_timeout is not None:
         # after the 101 only `timeout tunnel` counts: `timeout client` and `timeout server`
         # (30 s) no longer apply, `client-fin` only to a half-closed tunnel
-        cfg = _sub(cfg, r"^(\s*timeout tunnel )1h$", rf"\g<1>{idle_timeout}", 1)
-    cfg = _sub(cfg, r"^\s*log /dev/log .*$", "    log stderr format raw local0 info", 1)
-    cfg = _sub(cfg, r"^\s*(chroot|user|group|daemon)\b.*\n", "", 4)
-    cfg = _sub(cfg, r"^(\s*stats socket )\S+", rf"\g<1>{tmp}/admin.sock", 1)
+        cfg = rewrite(cfg, r"^(\s*timeout tunnel )1h$", rf"\g<1>{idle_timeout}", 1)
+    cfg = rewrite(cfg, r"^\s*log /dev/log .*$", "    log stderr format raw local0 info", 1)
+    cfg = rewrite(cfg, r"^\s*(chroot|user|group|daemon)\b.*\n", "", 4)
+    cfg = rewrite(cfg, r"^(\s*stats socket )\S+", rf"\g<1>{tmp}/admin.sock", 1)
     # HAProxy raises its fd limit to about 2 x maxconn, and fails where the hard limit
     # (20000 on some test machines) is lower
-    cfg = _sub(cfg, r"^(\s*maxconn )\d+", r"\g<1>1000", 1)
-    cfg = _sub(cfg, r"^(\s*bind )\S+( ssl crt )\S+", rf"\g<1>127.0.0.1:{port}\g<2>{pem}", 1)
+    cfg = rewrite(cfg, r"^(\s*maxconn )\d+", r"\g<1>1000", 1)
+    cfg = rewrite(cfg, r"^(\s*bind )\S+( ssl crt )\S+", rf"\g<1>127.0.0.1:{port}\g<2>{pem}", 1)
     each = iter(servers)
 
     def server(m: re.Match) -> str:
         instance = next(each)
         return f"{m.group(1)}127.0.0.1:{instance.port}{m.group(2)}{instance.metrics_port}"
 
-    cfg = _sub(cfg, r"^(\s*server\s+\S+\s+)ksw1fast-\d+\.internal:8088"
+    cfg = rewrite(cfg, r"^(\s*server\s+\S+\s+)ksw1fast-\d+\.internal:8088"
                     r"(\s+send-proxy-v2\s+check port )9108", server, len(servers))
     (tmp / "haproxy.cfg").write_text(cfg)
-    return [_binary("haproxy"), "-db", "-f", f"{tmp}/haproxy.cfg"]
+    return [binary("haproxy"), "-db", "-f", f"{tmp}/haproxy.cfg"]
 
 
 def haproxy_servers(sock: Path) -> dict[str, dict[str, str]]:
@@ -250,7 +208,7 @@ def balancer_in_front(kind: str, tmp: Path, tls: Tls, *args: str,
         port = free_port()
         if kind == "nginx":
             argv = render_nginx(tmp, [i.port for i in pair], port, tls.chain, tls.key,
-                                idle_timeout)
+                                idle_timeout, bind=NGINX_SOURCE)
         else:
             argv = render_haproxy(tmp, pair, port, tls.bundle, idle_timeout)
         proxy = Proxy(argv, tmp / "stdout.log", port)

@@ -60,9 +60,9 @@ class Ksw1Connection(WsPeer):
         self._next_id = 1
 
     @classmethod
-    async def start(cls, url: str) -> "Ksw1Connection":
-        """Connect and complete Hello / HelloAck."""
-        conn = await cls.connect(url)
+    async def start(cls, url: str, ca: str = "") -> "Ksw1Connection":
+        """Connect and complete Hello / HelloAck (`ca`: see WsPeer.connect)."""
+        conn = await cls.connect(url, ca=ca)
         conn.send_frame(FrameType.HELLO, 0, payloads.encode_hello(FEATURES, MAX_STREAMS))
         await asyncio.wait_for(asyncio.shield(conn._hello), 30)
         return conn

@@ -37,6 +37,7 @@ class Spec:
     seconds: float = 0.0      # time-bound kinds (echo, opens, dns)
     depth: int = 1            # requests in flight per WebSocket (opens, dns)
     message: int = 64         # echo message size
+    ca: str = ""              # the CA file of a wss:// url's certificate
 
 
 async def _batched(coros: Iterable[Awaitable[T]]) -> list[T]:
@@ -73,7 +74,7 @@ class Session:
         spec = self.spec
         if spec.via == "ksw1":
             per_ws = _spread(spec.streams, spec.websockets)
-            conns = await _batched(Ksw1Connection.start(spec.url) for _ in per_ws)
+            conns = await _batched(Ksw1Connection.start(spec.url, spec.ca) for _ in per_ws)
             self.peers = list(conns)
             opened = await _batched(c.open_lanes(spec.port, n) for c, n in zip(conns, per_ws))
             self.lanes = [lane for lanes in opened for lane in lanes]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 import struct
 from typing import Any, Callable, Deque, Optional, TypeVar
 
@@ -42,10 +43,12 @@ class WsPeer(WSListener):
         self._paused = False
 
     @classmethod
-    async def connect(cls: type[P], url: str, *args: Any) -> P:
+    async def connect(cls: type[P], url: str, *args: Any, ca: str = "") -> P:
+        """`ca`: the CA file a wss:// server's certificate is checked against."""
         factory: Callable[[], P] = lambda: cls(*args)  # noqa: E731
+        tls = ssl.create_default_context(cafile=ca or None) if url.startswith("wss:") else None
         transport, listener = await ws_connect(
-            factory, url, max_frame_size=MAX_MESSAGE, use_aiofastnet=False,
+            factory, url, ssl_context=tls, max_frame_size=MAX_MESSAGE, use_aiofastnet=False,
             websocket_handshake_timeout=HANDSHAKE_TIMEOUT)
         assert isinstance(listener, cls)
         return listener

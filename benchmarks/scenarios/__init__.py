@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from benchmarks.scenarios import dns, echo, idle, opens, peak_rss, pkcs11, throughput, workers
+from benchmarks.scenarios import (dns, echo, idle, opens, peak_rss, pkcs11, throughput, tls,
+                                  workers)
 
 SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (
-    throughput, echo, opens, dns, idle, peak_rss, pkcs11, workers)}
+    throughput, echo, opens, dns, idle, peak_rss, pkcs11, workers, tls)}

@@ -3,7 +3,7 @@
 - configuration.md's `<!-- reference: ... -->` markers become tables made from the CLI's
   own argparse parser (every `serve` flag with its TOML key and environment variable)
   and the `--help` of the other commands, so the reference cannot drift from the code.
-- changelog.md is CHANGELOG.md; benchmarks/README.md is the benchmarks' README with its
+- changelog.md is CHANGELOG.md (RELEASING.md with it); benchmarks/README.md is the benchmarks' README with its
   result files (plots, JSON, summary), at the same relative paths so its links work.
 """
 from __future__ import annotations
@@ -21,11 +21,14 @@ from ksw1fast.cli import main as cli
 from ksw1fast.extensions import NO_EXTENSIONS_VAR, REQUIRE_EXTENSIONS_VAR
 
 ROOT = Path(__file__).resolve().parents[2]
-BROUGHT_IN = {"changelog.md": ROOT / "CHANGELOG.md",
+BROUGHT_IN = {"changelog.md": ROOT / "CHANGELOG.md", "RELEASING.md": ROOT / "RELEASING.md",
               "benchmarks/README.md": ROOT / "benchmarks" / "README.md",
               **{f"benchmarks/results/{p.name}": p
                  for p in sorted((ROOT / "benchmarks" / "results").iterdir())}}
 _MARKER = re.compile(r"<!-- reference: (\S+) -->")
+# CHANGELOG.md's version links are relative to its page on GitHub (../../compare/...),
+# which a site elsewhere cannot follow: there the headings stay plain text
+_REPOSITORY_LINK = re.compile(r"^\[[^\]]+\]: \.\./\.\./\S+\n", re.M)
 
 
 def on_files(files: Files, config: Any) -> Files:
@@ -35,6 +38,8 @@ def on_files(files: Files, config: Any) -> Files:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
+    if page.file.src_uri == "changelog.md":
+        markdown = _REPOSITORY_LINK.sub("", markdown)
     return _MARKER.sub(lambda m: GENERATORS[m.group(1)](), markdown)
 
 
