@@ -137,7 +137,8 @@ def check_secret(secret: bytes) -> bytes:
     try:
         HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
     except jwt.InvalidKeyError:
-        raise ValueError("the JWT secret is a PEM or SSH key, not an HMAC secret") from None
+        raise ValueError("the JWT secret is an asymmetric key or a certificate (PEM, DER "
+                         "or SSH), not an HMAC secret") from None
     return secret
 
 
