@@ -9,9 +9,9 @@ Algorithms are pinned, never taken from the token: the secret verifies HS256 onl
 a JWKS key only the algorithm of its type (RSA: RS256, at least 2048 bits; EC P-256:
 ES256; OKP Ed25519: EdDSA). A token's header `alg` picks the source (HS256 the secret,
 anything else the JWKS) and its `kid` the JWKS key; an unknown `kid`, a key whose
-algorithm is not the token's, and `alg: none` are refusals. Keys marked `"use": "enc"`
-are skipped; any other key the gateway cannot use, or a private one, is an error when
-the file is loaded.
+algorithm is not the token's, `alg: none` and critical header extensions (`crit`) are
+refusals. Keys marked `"use": "enc"` are skipped; any other key the gateway cannot use,
+or a private one, is an error when the file is loaded.
 
 Claims: `exp` is required; `exp`, `nbf` and `iat` are checked against the same clock,
 with `leeway` seconds of skew, as the other tokens' expiry (Grant.expired); `aud` must
@@ -185,15 +185,20 @@ class JwtVerifier:
         if SCOPE_CLAIM in claims and not (isinstance(scope, dict)
                                           and _SCOPE_KEYS.issuperset(scope)):
             raise AuthError("invalid")  # (an unknown key could be a limit we would miss)
+        subject, token_id = claims.get("sub"), claims.get("jti")
+        if not all(v is None or isinstance(v, str) for v in (subject, token_id)):
+            raise AuthError("invalid")  # (newer PyJWTs check too; older ones do not)
         try:
-            return scoped_grant("jwt", scope, exp, self.leeway, subject=claims.get("sub"),
-                                token_id=claims.get("jti"))
+            return scoped_grant("jwt", scope, exp, self.leeway, subject=subject,
+                                token_id=token_id)
         except ValueError:
             raise AuthError("invalid") from None
 
     def _key_for(self, header: Mapping[str, Any]) -> tuple[Any, str]:
         """The key and the one algorithm a token with this header may be verified with;
         the token's `alg` must then be that algorithm (PyJWT checks)."""
+        if "crit" in header:  # extensions that must be understood: none are, here
+            raise ValueError("critical header extensions")  # (older PyJWTs ignore them)
         if header.get("alg") == HMAC_ALGORITHM:
             if self._secret is None:
                 raise ValueError("no JWT secret")
