@@ -44,6 +44,12 @@ class GatewayConfig:
     # -- security (docs/security.md) --
     token_file: Optional[str] = None       # static tokens, one per line or sha256:<hex>
     token_secret_env: Optional[str] = None  # env var holding the HMAC secret of signed tokens
+    # JSON Web Tokens (ksw1fast.security.jwt_tokens): either key source enables them
+    jwt_secret_env: Optional[str] = None   # env var holding the HS256 secret
+    jwt_jwks: Optional[str] = None         # JWKS file of RS256/ES256/EdDSA public keys
+    jwt_audience: Optional[str] = None     # then every JWT must have this `aud`
+    jwt_issuer: Optional[str] = None       # then every JWT must have this `iss`
+    jwt_leeway: float = 30.0               # seconds of clock skew for exp, nbf and iat
     open_token: bool = False               # upgrade without a handshake token; each Open
                                            # must then carry one (OpenToken)
     allow_origins: tuple[str, ...] = ()    # Origin patterns; empty = none or localhost only
@@ -73,6 +79,7 @@ class GatewayConfig:
 
 
 _PORT: SettingCheck = (lambda v: 0 <= v <= 65535, "must be 0-65535")
+_NOT_EMPTY: SettingCheck = (lambda v: bool(v), "must not be empty")
 _CHECKS: dict[str, SettingCheck] = {
     "port": _PORT, "metrics_port": _PORT,
     "path": (lambda v: v.startswith("/"), "must start with '/'"),
@@ -89,6 +96,8 @@ _CHECKS: dict[str, SettingCheck] = {
     "send_timeout": POSITIVE, "idle_ping": NOT_NEGATIVE,
     "workers": AT_LEAST_1, "drain_timeout": NOT_NEGATIVE,
     "log_format": (lambda v: v in ("text", "json"), "must be 'text' or 'json'"),
+    "jwt_audience": _NOT_EMPTY, "jwt_issuer": _NOT_EMPTY,
+    "jwt_leeway": (lambda v: 0 <= v <= 3600, "must be 0-3600 (seconds)"),
 }
 
 

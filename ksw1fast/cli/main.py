@@ -42,6 +42,8 @@ FLAG_SETTINGS = {
     "metrics_host": "metrics_host", "log_format": "log_format",
     "token_file": "token_file",
     "token_secret_env": "token_secret_env", "open_token": "open_token",
+    "jwt_secret_env": "jwt_secret_env", "jwt_jwks": "jwt_jwks",
+    "jwt_audience": "jwt_audience", "jwt_issuer": "jwt_issuer", "jwt_leeway": "jwt_leeway",
     "allow_origin": "allow_origins", "egress": "egress", "insecure": "insecure",
     "pkcs11_lib": "pkcs11.lib", "pkcs11_isolation": "pkcs11.isolation",
     "pkcs11_pool_size": "pkcs11.pool_size", "pkcs11_pin_env": "pkcs11.pin_env",
@@ -106,6 +108,19 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     sec.add_argument("--token-secret-env", metavar="VAR",
                      help="environment variable with the HMAC secret of signed tokens "
                           "(ksw1fast token issue)")
+    sec.add_argument("--jwt-secret-env", metavar="VAR",
+                     help="environment variable with the secret (32+ bytes) of HS256 JSON "
+                          "Web Tokens")
+    sec.add_argument("--jwt-jwks", metavar="FILE",
+                     help="JWKS file of the public keys of RS256, ES256 and EdDSA JSON Web "
+                          "Tokens, selected by the token's kid")
+    sec.add_argument("--jwt-audience", metavar="AUD",
+                     help="every JWT must name this audience (aud)")
+    sec.add_argument("--jwt-issuer", metavar="ISS",
+                     help="every JWT must come from this issuer (iss)")
+    sec.add_argument("--jwt-leeway", type=float, metavar="SECONDS",
+                     help="clock skew allowed in a JWT's exp, nbf and iat "
+                          f"(default {_D.jwt_leeway:g})")
     sec.add_argument("--open-token", action="store_const", const=True,
                      help="upgrade without a handshake token; each Open, DnsQuery and "
                           "Pkcs11Request then needs a valid token (Open field or Hello; "

@@ -1,10 +1,11 @@
 """What the gateway enforces, built once from its config: tokens, Origins, egress rules.
-Building it also checks that the secrets the config names (the token secret, the PKCS#11
-PIN) are set in the environment."""
+Building it also checks that the secrets the config names (the token secret, the JWT
+secret, the PKCS#11 PIN) are set in the environment, and reads the JWKS file."""
 from __future__ import annotations
 
 from typing import Optional
 
+from ksw1fast.security.jwt_tokens import JwtVerifier, load_jwks
 from ksw1fast.security.tokens import Grant, TokenVerifier, secret_from_env
 from ksw1fast.protocol.errors import AuthError, KSW1Error
 from ksw1fast.config import GatewayConfig
@@ -30,18 +31,20 @@ class Security:
         secret = secret_from_env(config.token_secret_env) if config.token_secret_env else None
         if config.pkcs11.pin_env:  # unset, the agents would quietly serve without that PIN
             secret_from_env(config.pkcs11.pin_env, what="the PKCS#11 PIN")
-        self.tokens = TokenVerifier(static_file=config.token_file, secret=secret)
+        self.tokens = TokenVerifier(static_file=config.token_file, secret=secret,
+                                    jwt=_jwt_verifier(config))
         self.origins = OriginPolicy(config.allow_origins)
         self.egress = EgressPolicy(config.egress)
         self.open_token = config.open_token
         if not self.tokens.enabled and config.open_token:
-            raise ValueError("open_token needs tokens: set token_file or token_secret_env")
+            raise ValueError("open_token needs tokens: set token_file, token_secret_env, "
+                             "jwt_secret_env or jwt_jwks")
         if not (is_loopback_host(config.host) or self.tokens.enabled or config.insecure):
             raise ValueError(
                 f"refusing to listen on {config.host!r} without auth: anyone who can reach "
                 "it could open sockets into this network through it. Configure tokens "
-                "(--token-file / --token-secret-env) or pass --insecure if something in "
-                "front of the gateway already authenticates")
+                "(--token-file / --token-secret-env / --jwt-secret-env / --jwt-jwks) or "
+                "pass --insecure if something in front of the gateway already authenticates")
 
     def admit(self, path: str, headers: Headers) -> tuple[Optional[Grant], Optional[str]]:
         """Check an upgrade request: the connection's grant (None when tokens are to come
@@ -77,3 +80,17 @@ class Security:
         """The DnsResult answers for `name` the egress policy allows."""
         return self.egress.filter_dns(name, addresses)
 
+
+def _jwt_verifier(config: GatewayConfig) -> Optional[JwtVerifier]:
+    """The JWT verifier the config asks for (None without a key source); ValueError for
+    an unset secret variable, an unusable JWKS file, or JWT settings without a source."""
+    if not (config.jwt_secret_env or config.jwt_jwks):
+        if config.jwt_audience is not None or config.jwt_issuer is not None:
+            raise ValueError("jwt_audience and jwt_issuer need JWTs: set jwt_secret_env "
+                             "or jwt_jwks")
+        return None
+    secret = (secret_from_env(config.jwt_secret_env, what="the JWT secret")
+              if config.jwt_secret_env else None)
+    jwks = load_jwks(config.jwt_jwks) if config.jwt_jwks else None
+    return JwtVerifier(secret=secret, jwks=jwks, audience=config.jwt_audience,
+                       issuer=config.jwt_issuer, leeway=config.jwt_leeway)

@@ -19,6 +19,10 @@ HMAC-SHA256(secret, "ksw1." + payload) and the payload compact JSON::
 action (`[tcp|udp|any] HOST[:PORTS]`); `udp`, `dns`, `pkcs11` are flags, absent = false.
 Only RFC 7230 tchar characters appear, so `auth-<token>` is a valid WebSocket
 subprotocol. No token or secret ever appears in an exception message or a repr.
+
+JSON Web Tokens (ksw1fast.security.jwt_tokens) are recognised by their shape, three
+base64url parts joined by dots (also tchar only), and tried only when a JWT key source
+is configured; their `ksw1` claim holds the same scope as a signed token's payload.
 """
 from __future__ import annotations
 
@@ -33,15 +37,22 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from ksw1fast.protocol.errors import AuthError
 from ksw1fast.security.egress import Rule, normalize_proto, parse_destination
+
+if TYPE_CHECKING:
+    from ksw1fast.security.jwt_tokens import JwtVerifier
 
 PREFIX = "ksw1"
 DEFAULT_SECRET_ENV = "KSW1FAST_TOKEN_SECRET"
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _HEX64 = re.compile(rb"[0-9a-fA-F]{64}")
+# a JWS compact serialization: header.payload.signature (an unsigned `alg: none` token has
+# an empty signature: it is taken for a JWT, and refused as one)
+_JWT_SHAPE = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+SCOPE_FLAGS = ("udp", "dns", "pkcs11")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -50,17 +61,21 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 class Grant:
     """What a verified token allows. Holds no token, so its repr is safe to log.
 
-    `scope` None means everything the egress policy allows (static tokens, auth off);
-    otherwise only these destinations. `dns` says whether DnsQuery is allowed at all.
+    `scope` None means everything the egress policy allows (static tokens, JWTs without
+    a `ksw1` claim, auth off); otherwise only these destinations. `dns` says whether
+    DnsQuery is allowed at all. A JWT's grant names whom it was issued to (`sub`) and the
+    token's id (`jti`), when it has them, for the audit trail.
     """
 
-    kind: str                          # "static", "signed" or "none" (auth off)
+    kind: str                          # "static", "signed", "jwt" or "none" (auth off)
     expires_at: float | None = None    # Unix seconds, None = never
     scope: tuple[Rule, ...] | None = None
     allows_udp: bool = True
     allows_pkcs11: bool = True
     dns: bool = True
     skew: float = 0.0
+    subject: str | None = None         # a JWT's `sub`
+    token_id: str | None = None        # a JWT's `jti`
 
     def allows_open(self, host: str, port: int, proto: str | int = "tcp") -> bool:
         """May an Open go to `host` (a name or IP literal, as the client sent it)?
@@ -165,26 +180,29 @@ def _load_digests(path: str | os.PathLike[str]) -> tuple[bytes, ...]:
 
 
 class TokenVerifier:
-    """Checks presented tokens against a static file and/or a signing secret.
+    """Checks presented tokens against a static file, a signing secret and/or JWT keys.
 
-    With neither configured auth is off: `enabled` is False and `verify` grants all.
+    With none configured auth is off: `enabled` is False and `verify` grants all.
     """
 
     def __init__(self, static_file: str | os.PathLike[str] | None = None,
-                 secret: bytes | None = None, skew: float = 30.0) -> None:
+                 secret: bytes | None = None, skew: float = 30.0,
+                 jwt: JwtVerifier | None = None) -> None:
         if secret is not None and not secret:
             raise ValueError("the token secret is empty")
         self._digests = None if static_file is None else _load_digests(static_file)
         self._secret = secret
+        self._jwt = jwt
         self.skew = skew
 
     @property
     def enabled(self) -> bool:
-        return self._digests is not None or self._secret is not None
+        return self._digests is not None or self._secret is not None or self._jwt is not None
 
     def __repr__(self) -> str:
         return (f"TokenVerifier(static={self._digests is not None}, "
-                f"signed={self._secret is not None}, skew={self.skew})")
+                f"signed={self._secret is not None}, jwt={self._jwt is not None}, "
+                f"skew={self.skew})")
 
     def verify(self, token: str | bytes | None, now: float | None = None) -> Grant:
         """The Grant of `token`, or AuthError("missing" | "invalid" | "expired")."""
@@ -200,6 +218,8 @@ class TokenVerifier:
             return Grant("static")
         if self._secret is not None and raw.startswith(PREFIX.encode() + b"."):
             return self._verify_signed(raw, time.time() if now is None else now)
+        if self._jwt is not None and _JWT_SHAPE.fullmatch(raw):
+            return self._jwt.verify(raw.decode("ascii"), time.time() if now is None else now)
         raise AuthError("invalid")
 
     def _matches_static(self, raw: bytes) -> bool:
@@ -231,15 +251,35 @@ class TokenVerifier:
         return grant
 
 
+def parse_scope(claims: Mapping[str, object]) -> tuple[tuple[Rule, ...], dict[str, bool]]:
+    """The scope in a signed token's payload or a JWT's `ksw1` claim: its `allow` entries
+    parsed (absent = none) and its flags (`udp`, `dns`, `pkcs11`; absent = false).
+    ValueError when malformed."""
+    allow = claims.get("allow", [])
+    flags = {flag: claims.get(flag, False) for flag in SCOPE_FLAGS}
+    if (not isinstance(allow, list) or not all(isinstance(e, str) for e in allow)
+            or not all(isinstance(v, bool) for v in flags.values())):
+        raise ValueError("malformed scope")
+    return tuple(parse_destination(e) for e in allow), {k: bool(v) for k, v in flags.items()}
+
+
+def scoped_grant(kind: str, scope: Mapping[str, object] | None, expires_at: float | None,
+                 skew: float, subject: str | None = None,
+                 token_id: str | None = None) -> Grant:
+    """The Grant of a token with `scope` (parse_scope's input; None = no scope limits);
+    ValueError when the scope is malformed."""
+    if scope is None:
+        return Grant(kind, expires_at, skew=skew, subject=subject, token_id=token_id)
+    rules, flags = parse_scope(scope)
+    return Grant(kind, expires_at, rules, allows_udp=flags["udp"],
+                 allows_pkcs11=flags["pkcs11"], dns=flags["dns"], skew=skew,
+                 subject=subject, token_id=token_id)
+
+
 def _grant(claims: object, skew: float) -> Grant:
     if not isinstance(claims, dict):
         raise ValueError("malformed claims")
-    exp, allow = claims["exp"], claims.get("allow", [])
-    flags = {flag: claims.get(flag, False) for flag in ("udp", "dns", "pkcs11")}
-    if (isinstance(exp, bool) or not isinstance(exp, (int, float)) or not isinstance(allow, list)
-            or not all(isinstance(e, str) for e in allow)
-            or not all(isinstance(v, bool) for v in flags.values())):
+    exp = claims["exp"]
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)):
         raise ValueError("malformed claims")
-    return Grant("signed", float(exp), tuple(parse_destination(e) for e in allow),
-                 allows_udp=flags["udp"], allows_pkcs11=flags["pkcs11"], dns=flags["dns"],
-                 skew=skew)
+    return scoped_grant("signed", claims, float(exp), skew)
