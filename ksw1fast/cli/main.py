@@ -17,6 +17,7 @@ from ksw1fast.errors import MissingExtra, SettingError, StartError
 from ksw1fast.pkcs11.settings import Pkcs11Settings
 from ksw1fast.ops.logs import configure as configure_logging
 from ksw1fast.cli.token import add_token_commands
+from ksw1fast.ops.reload import Reloader
 from ksw1fast.ops.workers import SERVING, Supervisor, report, worker_count
 from ksw1fast.security.gate import Security
 from ksw1fast.security.peers import FORWARDED_HEADERS
@@ -254,9 +255,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 
 async def serve(config: GatewayConfig, security: Security,
-                status_fd: Optional[int] = None) -> None:
+                status_fd: Optional[int] = None, reloader: Optional[Reloader] = None) -> None:
     """Run one gateway process until SIGINT or SIGTERM, then drain it; StartError when it
-    cannot listen.  A supervisor's worker says on `status_fd` once it serves."""
+    cannot listen.  A supervisor's worker says on `status_fd` once it serves.  SIGHUP
+    reloads the settings through `reloader` (ksw1fast.ops.reload)."""
     from ksw1fast.server.gateway import Gateway
     from ksw1fast.ops.health import OpsServer
 
@@ -265,6 +267,8 @@ async def serve(config: GatewayConfig, security: Security,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(config, security=security)
+    if reloader is not None:  # before status_fd says it serves: the supervisor then may
+        loop.add_signal_handler(signal.SIGHUP, reloader.apply, gateway)  # send SIGHUP
     ops = None
     try:
         if config.metrics_port is not None:  # /readyz answers 503 until the gateway listens
@@ -315,15 +319,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(args.run(args))
     if args.command == "check-config":
         sys.exit(_check_config(args.file))
+    # until serving installs its SIGHUP handler (and in workers, which inherit this): a
+    # reload asked for while starting must not end the process
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config, security = _serve_config(args)
     configure_logging(args.log_level, config.log_format)
+    reloader = Reloader(lambda: config_from_args(args), config,
+                        worker=args.worker_process is not None)
     try:
         if config.workers > 1:
             serve_argv = list(argv if argv is not None else sys.argv[1:])
-            sys.exit(Supervisor(config, serve_argv[serve_argv.index("serve") + 1:]).run())
+            sys.exit(Supervisor(config, serve_argv[serve_argv.index("serve") + 1:],
+                                reloader).run())
         import uvloop
 
-        uvloop.run(serve(config, security, args.worker_process))
+        uvloop.run(serve(config, security, args.worker_process, reloader))
     except StartError as exc:
         if args.worker_process is None:
             sys.exit(f"ksw1fast: {exc}")  # one line, exit 1

@@ -21,7 +21,7 @@ from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
 from ksw1fast.server.connection import Connection, refusals
 from ksw1fast.protocol.constants import HEADER_SIZE
-from ksw1fast.errors import ListenError
+from ksw1fast.errors import ListenError, TlsError
 from ksw1fast.server.limits import ConnectionLimits
 from ksw1fast.server.listener import Listener, bind, ws_protocol
 from ksw1fast.security.peers import Peer, ProxyHeaderError, TrustedProxies, read_proxy_header
@@ -151,11 +151,20 @@ class Gateway:
         await self.close()
 
     def _tls_context(self) -> Optional[ssl.SSLContext]:
-        if not self.config.tls_cert:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        return context
+        return tls_context(self.config)
+
+    def reload(self, config: GatewayConfig, security: Security,
+               tls: Optional[ssl.SSLContext]) -> None:
+        """Serve new handshakes and new Opens with `config`, `security` and `tls` (built
+        and checked by the caller, ksw1fast.ops.reload); open connections and streams
+        carry on. `security` replaces what the running Security enforces in place, so
+        the open connections' next Opens and tokens meet it too; their grants stay.
+        The listener, the limits and the PKCS#11 agents keep `self.config`'s settings:
+        only those ksw1fast.ops.reload.RELOADABLE names should differ."""
+        self.config = config
+        self.security.adopt(security)
+        if self._tls is not None and tls is not None:  # each accept takes self._tls
+            self._tls = tls
 
     @property
     def port(self) -> int:
@@ -257,6 +266,30 @@ async def start_gateway(host: str = GatewayConfig.host, port: int = GatewayConfi
     """
     config = dataclasses.replace(GatewayConfig(), host=host, port=port, path=path, **settings)
     return await Gateway(config, pkcs11_backend).start()
+
+
+def tls_context(config: GatewayConfig) -> Optional[ssl.SSLContext]:
+    """The server context of `config.tls_cert` and `config.tls_key` (None without them);
+    TlsError, one line naming the files, when they cannot be loaded."""
+    cert, key = config.tls_cert, config.tls_key
+    if not cert or not key:
+        return None
+    for setting, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            open(path, "rb").close()
+        except OSError as exc:
+            raise TlsError(f"{setting} {path}: cannot read it: "
+                           f"{(exc.strerror or str(exc)).lower()}") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:  # a password callback: OpenSSL would prompt on the terminal for an encrypted key
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise TlsError(f"tls_key {key} is not the private key of tls_cert {cert}") from None
+        raise TlsError(f"tls_cert {cert} and tls_key {key}: not a PEM certificate chain and "
+                       f"its unencrypted private key ({exc.reason or exc.library or 'PEM'})"
+                       ) from None
+    return context
 
 
 def _refuse(client: Peer, refused: HandshakeRefused) -> WSUpgradeResponseWithListener:
