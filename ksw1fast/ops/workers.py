@@ -180,17 +180,20 @@ class Supervisor:
         prepared = self._reloader.check()  # logs why not
         if prepared is None:
             return
-        told = 0
+        told = later = 0
         for worker in self._workers:
             if worker.proc is None or worker.proc.poll() is not None:
                 continue  # restarted later, it reads the settings afresh
+            worker.listen()
             if worker.serving:
                 worker.proc.send_signal(signal.SIGHUP)
                 told += 1
             else:
                 worker.reload = True
-        log.info("reload: settings checked (%s); passed on to %d worker(s)",
-                 ", ".join(prepared.changed) or "nothing changed", told)
+                later += 1
+        log.info("reload: settings checked (%s); passed on to %d worker(s)%s",
+                 ", ".join(prepared.changed) or "nothing changed", told,
+                 f", {later} more once serving" if later else "")
 
     def _reap(self) -> None:
         """Read what the workers said; restart dead workers, waiting longer after each
