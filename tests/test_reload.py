@@ -294,3 +294,21 @@ async def test_tls_certificate_reload(spawn_gateway: Spawn, tmp_path: Path,
         assert line.rstrip().endswith(f"tls_key {key} is not the private key of tls_cert "
                                       f"{chain}")
         await echoes(gw.address, echo_ports[1], ssl_context=_trusting(new_ca))
+
+
+def test_a_certificate_that_does_not_load_is_one_line_at_start_up_too(tmp_path: Path) -> None:
+    """The TLS checks a reload makes, in the same words, at start-up and in check-config."""
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    _install(trustme.CA().issue_cert("127.0.0.1"), chain, key)
+    trustme.CA().issue_cert("127.0.0.1").private_key_pem.write_to_path(str(key))
+    mismatch = f"tls_key {key} is not the private key of tls_cert {chain}"
+    assert startup_error("serve", "--port", "0", "--tls-cert", str(chain),
+                         "--tls-key", str(key)) == mismatch
+    config = tmp_path / "ksw1fast.toml"
+    config.write_text(f'tls_cert = "{chain}"\ntls_key = "{tmp_path / "absent.pem"}"\n')
+    assert startup_error("check-config", str(config)) == (
+        f"{config}: tls_key {tmp_path / 'absent.pem'}: cannot read it: no such file or "
+        "directory")
+    key.write_text("not a key\n")
+    assert startup_error("serve", "--port", "0", "--config", str(config), "--tls-key",
+                         str(key)).startswith(f"tls_cert {chain} and tls_key {key}: not a PEM")
