@@ -39,6 +39,7 @@ FLAG_SETTINGS = {
     "max_connections_per_ip": "max_connections_per_ip", "proxy_protocol": "proxy_protocol",
     "trusted_proxy": "trusted_proxies", "forwarded_header": "forwarded_header",
     "idle_ping": "idle_ping", "tls_cert": "tls_cert", "tls_key": "tls_key",
+    "tls_client_ca": "tls_client_ca",
     "workers": "workers", "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
     "metrics_host": "metrics_host", "log_format": "log_format",
     "token_file": "token_file",
@@ -69,6 +70,9 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     net.add_argument("--path", help=f"URL path of the endpoint (env GATEWAY_PATH; default {_D.path})")
     net.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve wss://")
     net.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    net.add_argument("--tls-client-ca", metavar="PEM",
+                     help="mutual TLS: require a client certificate signed by these CAs; "
+                          "its subject names the client when its token does not")
     limits = serve.add_argument_group("limits")
     limits.add_argument("--max-streams", type=int,
                         help=f"most streams per connection (default {_D.max_streams})")

@@ -8,9 +8,9 @@ token file, the JWKS file and the TLS certificate and key.  It checks them as st
 does, with the same words; then:
 
 - a reload that fails any check changes nothing and logs why in one line;
-- the RELOADABLE settings (tokens, JWTs, Origins, egress, TLS) apply to new handshakes
-  and new Opens, open connections and streams carry on (a connection keeps the grant
-  of the token it came with);
+- the RELOADABLE settings (tokens, JWTs, Origins, egress, the TLS certificate, key and
+  client CAs) apply to new handshakes and new Opens, open connections and streams carry
+  on (a connection keeps the grant of the token it came with);
 - any other setting that differs needs a restart: one line names them, they keep their
   running values, and the rest applies all the same.  So does turning TLS on or off:
   a reload only replaces the certificate and key of a `wss://` listener.
@@ -40,10 +40,11 @@ log = logging.getLogger("ksw1fast")
 SECURITY_SETTINGS = ("token_file", "token_secret_env", "open_token", "insecure",
                      "jwt_secret_env", "jwt_jwks", "jwt_audience", "jwt_issuer", "jwt_leeway",
                      "allow_origins", "egress")
-TLS_SETTINGS = ("tls_cert", "tls_key")
+TLS_SETTINGS = ("tls_cert", "tls_key", "tls_client_ca")
+_TLS_ON = ("tls_cert", "tls_key")  # TLS on or off: the listener's scheme, a restart
 RELOADABLE = frozenset(SECURITY_SETTINGS + TLS_SETTINGS)
 # the files a reload re-reads, by the setting that names them
-_FILES = ("token_file", "jwt_jwks", "tls_cert", "tls_key")
+_FILES = ("token_file", "jwt_jwks", *TLS_SETTINGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +163,9 @@ def _restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
         if name == "pkcs11":
             names += [f"pkcs11.{f.name}" for f in dataclasses.fields(old.pkcs11)
                       if getattr(old.pkcs11, f.name) != getattr(new.pkcs11, f.name)]
-        elif name in TLS_SETTINGS:
+        elif name in _TLS_ON:
             if bool(getattr(old, name)) != bool(getattr(new, name)):
-                names.append(name)  # TLS on or off: the listener's scheme
+                names.append(name)
         elif name not in RELOADABLE and getattr(old, name) != getattr(new, name):
             names.append(name)
     return names

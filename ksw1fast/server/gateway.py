@@ -8,7 +8,7 @@ import logging
 import socket
 import ssl
 from functools import partial
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
@@ -105,8 +105,13 @@ class Gateway:
                 sock.close()
                 return
         # one WebSocket frame may carry one maximal KSW1 frame; our parser bounds the rest
-        protocol = partial(ws_protocol, partial(self._route, peer), cfg.handshake_timeout,
-                           cfg.max_payload + HEADER_SIZE)
+        made: list[Any] = []  # the protocol, for _route to find the client's certificate
+
+        def protocol() -> Any:
+            made.append(ws_protocol(partial(self._route, peer, made=made),
+                                    cfg.handshake_timeout, cfg.max_payload + HEADER_SIZE))
+            return made[0]
+
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
                 protocol, sock, ssl=self._tls,
@@ -179,10 +184,11 @@ class Gateway:
         scheme = "wss" if self.config.tls_cert else "ws"
         return f"{scheme}://{host}:{self.port}{self.config.path}"
 
-    def _route(self, peer: Peer,
-               request: WSUpgradeRequest) -> Optional[WSUpgradeResponseWithListener]:
-        """An upgrade request from `peer` (after its PROXY header): refused with its
-        HTTP status, or a Connection for it (counted until it ends)."""
+    def _route(self, peer: Peer, request: WSUpgradeRequest,
+               made: Sequence[Any] = ()) -> Optional[WSUpgradeResponseWithListener]:
+        """An upgrade request from `peer` (after its PROXY header) on the picows protocol
+        in `made`: refused with its HTTP status, or a Connection for it (counted until it
+        ends)."""
         client = self.proxies.client_of(peer, request.headers)
         path = request.path.decode("latin-1")
         url_path = urlsplit(path).path
@@ -210,6 +216,10 @@ class Gateway:
             elif exc.status in (401, 403):
                 metrics.AUTH_FAILURES.labels(exc.kind).inc()
             return _refuse(client, exc)
+        if grant is not None and grant.subject is None and made:
+            subject = _client_subject(made[0])  # mutual TLS: who the certificate names
+            if subject is not None:
+                grant = dataclasses.replace(grant, subject=subject)
         backend = (self._pkcs11.for_connection() if isinstance(self._pkcs11, Provider)
                    else self._pkcs11)
         conn = Connection(self.config, self._closed, backend, self.security, self.resolver,
@@ -289,7 +299,33 @@ def tls_context(config: GatewayConfig) -> Optional[ssl.SSLContext]:
         raise TlsError(f"tls_cert {cert} and tls_key {key}: not a PEM certificate chain and "
                        f"its unencrypted private key ({exc.reason or exc.library or 'PEM'})"
                        ) from None
+    if config.tls_client_ca:
+        _require_client_certificates(context, config.tls_client_ca)
     return context
+
+
+def _require_client_certificates(context: ssl.SSLContext, cafile: str) -> None:
+    """Mutual TLS: a handshake without a client certificate that `cafile`'s CAs signed
+    fails; TlsError when the file cannot be loaded."""
+    try:
+        context.load_verify_locations(cafile=cafile)
+    except OSError as exc:  # FileNotFoundError, or ssl.SSLError: no PEM certificates
+        reason = ("not PEM CA certificates" if isinstance(exc, ssl.SSLError)
+                  else f"cannot read it: {(exc.strerror or str(exc)).lower()}")
+        raise TlsError(f"tls_client_ca {cafile}: {reason}") from None
+    context.verify_mode = ssl.CERT_REQUIRED
+
+
+def _client_subject(protocol: Any) -> Optional[str]:
+    """The subject (RFC 4514) of the certificate the client of `protocol` presented,
+    None without one (no TLS, or no --tls-client-ca)."""
+    ssl_object = protocol.transport.underlying_transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
 def _refuse(client: Peer, refused: HandshakeRefused) -> WSUpgradeResponseWithListener:
