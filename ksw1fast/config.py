@@ -40,6 +40,8 @@ class GatewayConfig:
     log_format: str = "text"         # "text" or "json"
     tls_cert: Optional[str] = None   # PEM certificate chain: serve wss://
     tls_key: Optional[str] = None    # its private key (PEM)
+    tls_client_ca: Optional[str] = None  # CA certificates (PEM): require client
+                                         # certificates they signed (mutual TLS)
     pkcs11: Pkcs11Settings = field(default_factory=Pkcs11Settings)
     # -- security (docs/security.md) --
     token_file: Optional[str] = None       # static tokens, one per line or sha256:<hex>
@@ -68,6 +70,8 @@ class GatewayConfig:
         check_settings(self, _CHECKS)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
 
     def require_extras(self) -> None:
         """MissingExtra when a setting needs an optional package that does not import:

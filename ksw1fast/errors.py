@@ -54,6 +54,10 @@ class ListenError(StartError, OSError):
         super().__init__(f"cannot listen on {address}: {_strerror(cause)}")
 
 
+class TlsError(StartError, OSError):
+    """The TLS certificate chain or its key cannot be loaded; one line naming the files."""
+
+
 def _strerror(exc: OSError) -> str:
     """'address already in use', rather than uvloop's '[Errno 98] error while attempting
     to bind on address ('127.0.0.1', 8088): address already in use'."""

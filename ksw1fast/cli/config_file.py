@@ -201,12 +201,14 @@ def check_config_file(path: Union[str, Path]) -> GatewayConfig:
     """Everything serving would check before listening, without listening; ConfigError
     names the file (and the line where it can) once."""
     from ksw1fast.security.gate import Security
+    from ksw1fast.server.gateway import tls_context
 
     values = read_config_file(path)
     try:
         config = make_config(values)
         Security(config)
         config.require_extras()
+        tls_context(config)  # a certificate and key that load (TlsError)
     except SettingError as exc:
         raise located(path, exc) from None
     except (ValueError, OSError, MissingExtra) as exc:

@@ -17,6 +17,7 @@ from ksw1fast.errors import MissingExtra, SettingError, StartError
 from ksw1fast.pkcs11.settings import Pkcs11Settings
 from ksw1fast.ops.logs import configure as configure_logging
 from ksw1fast.cli.token import add_token_commands
+from ksw1fast.ops.reload import Reloader
 from ksw1fast.ops.workers import SERVING, Supervisor, report, worker_count
 from ksw1fast.security.gate import Security
 from ksw1fast.security.peers import FORWARDED_HEADERS
@@ -38,6 +39,7 @@ FLAG_SETTINGS = {
     "max_connections_per_ip": "max_connections_per_ip", "proxy_protocol": "proxy_protocol",
     "trusted_proxy": "trusted_proxies", "forwarded_header": "forwarded_header",
     "idle_ping": "idle_ping", "tls_cert": "tls_cert", "tls_key": "tls_key",
+    "tls_client_ca": "tls_client_ca",
     "workers": "workers", "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
     "metrics_host": "metrics_host", "log_format": "log_format",
     "token_file": "token_file",
@@ -68,6 +70,9 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     net.add_argument("--path", help=f"URL path of the endpoint (env GATEWAY_PATH; default {_D.path})")
     net.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve wss://")
     net.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    net.add_argument("--tls-client-ca", metavar="PEM",
+                     help="mutual TLS: require a client certificate signed by these CAs; "
+                          "its subject names the client when its token does not")
     limits = serve.add_argument_group("limits")
     limits.add_argument("--max-streams", type=int,
                         help=f"most streams per connection (default {_D.max_streams})")
@@ -254,9 +259,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 
 async def serve(config: GatewayConfig, security: Security,
-                status_fd: Optional[int] = None) -> None:
+                status_fd: Optional[int] = None, reloader: Optional[Reloader] = None) -> None:
     """Run one gateway process until SIGINT or SIGTERM, then drain it; StartError when it
-    cannot listen.  A supervisor's worker says on `status_fd` once it serves."""
+    cannot listen.  A supervisor's worker says on `status_fd` once it serves.  SIGHUP
+    reloads the settings through `reloader` (ksw1fast.ops.reload)."""
     from ksw1fast.server.gateway import Gateway
     from ksw1fast.ops.health import OpsServer
 
@@ -265,6 +271,8 @@ async def serve(config: GatewayConfig, security: Security,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(config, security=security)
+    if reloader is not None:  # before status_fd says it serves: the supervisor then may
+        loop.add_signal_handler(signal.SIGHUP, reloader.apply, gateway)  # send SIGHUP
     ops = None
     try:
         if config.metrics_port is not None:  # /readyz answers 503 until the gateway listens
@@ -315,15 +323,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(args.run(args))
     if args.command == "check-config":
         sys.exit(_check_config(args.file))
+    # until serving installs its SIGHUP handler (and in workers, which inherit this): a
+    # reload asked for while starting must not end the process
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config, security = _serve_config(args)
     configure_logging(args.log_level, config.log_format)
+    reloader = Reloader(lambda: config_from_args(args), config,
+                        worker=args.worker_process is not None)
     try:
         if config.workers > 1:
             serve_argv = list(argv if argv is not None else sys.argv[1:])
-            sys.exit(Supervisor(config, serve_argv[serve_argv.index("serve") + 1:]).run())
+            sys.exit(Supervisor(config, serve_argv[serve_argv.index("serve") + 1:],
+                                reloader).run())
         import uvloop
 
-        uvloop.run(serve(config, security, args.worker_process))
+        uvloop.run(serve(config, security, args.worker_process, reloader))
     except StartError as exc:
         if args.worker_process is None:
             sys.exit(f"ksw1fast: {exc}")  # one line, exit 1

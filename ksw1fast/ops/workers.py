@@ -11,7 +11,8 @@ line (a port in use would fail every restart alike); after that, a worker that d
 restarted (with a back-off, so a crash loop does not spin).  The supervisor serves
 /metrics (aggregated over the workers through prometheus_client's multiprocess
 directory), /healthz (each live worker's codec) and /readyz, and on SIGTERM/SIGINT
-drains: readiness goes false, every worker drains, exit 0.
+drains: readiness goes false, every worker drains, exit 0.  On SIGHUP it checks the
+settings (ksw1fast.ops.reload) and, when they pass, passes SIGHUP on to every worker.
 """
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ksw1fast.ops import children
 from ksw1fast.ops.backoff import Backoff
 from ksw1fast.config import GatewayConfig
 from ksw1fast.errors import StartError
+
+if TYPE_CHECKING:
+    from ksw1fast.ops.reload import Reloader
 
 log = logging.getLogger("ksw1fast")
 
@@ -56,6 +60,7 @@ class _Worker:
         self.restart_at = 0.0
         self.status: Optional[int] = None  # read end of its status pipe, until EOF
         self.said = b""                    # what it said there
+        self.reload = False                # owes a SIGHUP once it serves
 
     def listen(self) -> None:
         """Read what the worker said on its status pipe so far, without blocking."""
@@ -80,8 +85,10 @@ class _Worker:
 
 
 class Supervisor:
-    def __init__(self, config: GatewayConfig, serve_argv: Sequence[str]) -> None:
+    def __init__(self, config: GatewayConfig, serve_argv: Sequence[str],
+                 reloader: "Optional[Reloader]" = None) -> None:
         self.config = config
+        self._reloader = reloader
         self._serve_argv = list(serve_argv)
         self._workers = [_Worker(i) for i in range(config.workers)]
         self._metrics_dir = tempfile.mkdtemp(prefix="ksw1fast-metrics-")
@@ -117,7 +124,7 @@ class Supervisor:
                                            pass_fds=(write,))
         finally:
             os.close(write)  # so the read end sees EOF once the worker is gone
-        worker.status, worker.said = read, b""
+        worker.status, worker.said, worker.reload = read, b"", False
         worker.started = time.monotonic()
         log.info("worker %d started pid=%d", worker.index, worker.proc.pid)
 
@@ -142,6 +149,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if self._reloader is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._reload)
         ops = None
         try:
             if self.config.metrics_port is not None:
@@ -163,6 +172,29 @@ class Supervisor:
                 await ops.close()
         return 0
 
+    def _reload(self) -> None:
+        """SIGHUP: check the settings once here, so that a bad file is reported once, then
+        pass SIGHUP on; each worker re-reads and applies them itself.  A worker still
+        starting gets it once it serves (SIGHUP before its handler would end it)."""
+        assert self._reloader is not None
+        prepared = self._reloader.check()  # logs why not
+        if prepared is None:
+            return
+        told = later = 0
+        for worker in self._workers:
+            if worker.proc is None or worker.proc.poll() is not None:
+                continue  # restarted later, it reads the settings afresh
+            worker.listen()
+            if worker.serving:
+                worker.proc.send_signal(signal.SIGHUP)
+                told += 1
+            else:
+                worker.reload = True
+                later += 1
+        log.info("reload: settings checked (%s); passed on to %d worker(s)%s",
+                 ", ".join(prepared.changed) or "nothing changed", told,
+                 f", {later} more once serving" if later else "")
+
     def _reap(self) -> None:
         """Read what the workers said; restart dead workers, waiting longer after each
         quick death; StartError for one that died before every worker served."""
@@ -175,6 +207,9 @@ class Supervisor:
             code = worker.proc.poll()
             worker.listen()  # after poll(): all a dead worker said is in the pipe by now
             if code is None:
+                if worker.reload and worker.serving:
+                    worker.reload = False
+                    worker.proc.send_signal(signal.SIGHUP)
                 continue
             if not worker.serving and not self.up:
                 raise StartError(worker.reason or f"worker {worker.index} exited with {code} "

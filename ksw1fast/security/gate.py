@@ -46,6 +46,12 @@ class Security:
                 "(--token-file / --token-secret-env / --jwt-secret-env / --jwt-jwks) or "
                 "pass --insecure if something in front of the gateway already authenticates")
 
+    def adopt(self, other: "Security") -> None:
+        """Enforce what `other` enforces from now on (a reload, ksw1fast.ops.reload):
+        in place, as connections and their sessions hold this object."""
+        self.tokens, self.origins = other.tokens, other.origins
+        self.egress, self.open_token = other.egress, other.open_token
+
     def admit(self, path: str, headers: Headers) -> tuple[Optional[Grant], Optional[str]]:
         """Check an upgrade request: the connection's grant (None when tokens are to come
         per frame) and the subprotocol to echo; HandshakeRefused otherwise."""

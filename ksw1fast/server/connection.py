@@ -45,7 +45,7 @@ class Connection(relaying.GatewayListener):
     """One client WebSocket of the gateway; see the module docstring."""
 
     # an idle connection should cost little memory: no per-instance __dict__
-    __slots__ = ("config", "pkcs11", "resolver", "egress", "session", "peer", "_on_closed",
+    __slots__ = ("config", "pkcs11", "resolver", "security", "session", "peer", "_on_closed",
                  "_tasks",
                  "_lookups", "_calls", "_counted", "_streams_at_end", "_frames_seen",
                  "_pinged")
@@ -57,7 +57,8 @@ class Connection(relaying.GatewayListener):
         self.config = config
         self.pkcs11 = pkcs11
         self.resolver = resolver
-        self.egress = security.egress  # judges every address an Open is to reach
+        self.security = security  # its egress judges every address an Open is to reach
+                                  # (read at each Open: a reload may replace it)
         self.session = Session(security, grant, Limits(
             config.max_streams, config.max_payload, config.max_dns_queries,
             config.pkcs11.max_calls, config.max_open_rate), Rate(config.max_open_rate))
@@ -197,7 +198,7 @@ class Connection(relaying.GatewayListener):
         transport: Any
         try:
             transport = await open_target(self.resolver, action.host, action.port, action.udp,
-                                          self.egress, lambda: stream)
+                                          self.security.egress, lambda: stream)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -8,7 +8,7 @@ import logging
 import socket
 import ssl
 from functools import partial
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
@@ -21,7 +21,7 @@ from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
 from ksw1fast.server.connection import Connection, refusals
 from ksw1fast.protocol.constants import HEADER_SIZE
-from ksw1fast.errors import ListenError
+from ksw1fast.errors import ListenError, TlsError
 from ksw1fast.server.limits import ConnectionLimits
 from ksw1fast.server.listener import Listener, bind, ws_protocol
 from ksw1fast.security.peers import Peer, ProxyHeaderError, TrustedProxies, read_proxy_header
@@ -105,8 +105,13 @@ class Gateway:
                 sock.close()
                 return
         # one WebSocket frame may carry one maximal KSW1 frame; our parser bounds the rest
-        protocol = partial(ws_protocol, partial(self._route, peer), cfg.handshake_timeout,
-                           cfg.max_payload + HEADER_SIZE)
+        made: list[Any] = []  # the protocol, for _route to find the client's certificate
+
+        def protocol() -> Any:
+            made.append(ws_protocol(partial(self._route, peer, made=made),
+                                    cfg.handshake_timeout, cfg.max_payload + HEADER_SIZE))
+            return made[0]
+
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
                 protocol, sock, ssl=self._tls,
@@ -151,11 +156,20 @@ class Gateway:
         await self.close()
 
     def _tls_context(self) -> Optional[ssl.SSLContext]:
-        if not self.config.tls_cert:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        return context
+        return tls_context(self.config)
+
+    def reload(self, config: GatewayConfig, security: Security,
+               tls: Optional[ssl.SSLContext]) -> None:
+        """Serve new handshakes and new Opens with `config`, `security` and `tls` (built
+        and checked by the caller, ksw1fast.ops.reload); open connections and streams
+        carry on. `security` replaces what the running Security enforces in place, so
+        the open connections' next Opens and tokens meet it too; their grants stay.
+        The listener, the limits and the PKCS#11 agents keep `self.config`'s settings:
+        only those ksw1fast.ops.reload.RELOADABLE names should differ."""
+        self.config = config
+        self.security.adopt(security)
+        if self._tls is not None and tls is not None:  # each accept takes self._tls
+            self._tls = tls
 
     @property
     def port(self) -> int:
@@ -170,10 +184,11 @@ class Gateway:
         scheme = "wss" if self.config.tls_cert else "ws"
         return f"{scheme}://{host}:{self.port}{self.config.path}"
 
-    def _route(self, peer: Peer,
-               request: WSUpgradeRequest) -> Optional[WSUpgradeResponseWithListener]:
-        """An upgrade request from `peer` (after its PROXY header): refused with its
-        HTTP status, or a Connection for it (counted until it ends)."""
+    def _route(self, peer: Peer, request: WSUpgradeRequest,
+               made: Sequence[Any] = ()) -> Optional[WSUpgradeResponseWithListener]:
+        """An upgrade request from `peer` (after its PROXY header) on the picows protocol
+        in `made`: refused with its HTTP status, or a Connection for it (counted until it
+        ends)."""
         client = self.proxies.client_of(peer, request.headers)
         path = request.path.decode("latin-1")
         url_path = urlsplit(path).path
@@ -201,6 +216,10 @@ class Gateway:
             elif exc.status in (401, 403):
                 metrics.AUTH_FAILURES.labels(exc.kind).inc()
             return _refuse(client, exc)
+        if grant is not None and grant.subject is None and made:
+            subject = _client_subject(made[0])  # mutual TLS: who the certificate names
+            if subject is not None:
+                grant = dataclasses.replace(grant, subject=subject)
         backend = (self._pkcs11.for_connection() if isinstance(self._pkcs11, Provider)
                    else self._pkcs11)
         conn = Connection(self.config, self._closed, backend, self.security, self.resolver,
@@ -257,6 +276,56 @@ async def start_gateway(host: str = GatewayConfig.host, port: int = GatewayConfi
     """
     config = dataclasses.replace(GatewayConfig(), host=host, port=port, path=path, **settings)
     return await Gateway(config, pkcs11_backend).start()
+
+
+def tls_context(config: GatewayConfig) -> Optional[ssl.SSLContext]:
+    """The server context of `config.tls_cert` and `config.tls_key` (None without them);
+    TlsError, one line naming the files, when they cannot be loaded."""
+    cert, key = config.tls_cert, config.tls_key
+    if not cert or not key:
+        return None
+    for setting, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            open(path, "rb").close()
+        except OSError as exc:
+            raise TlsError(f"{setting} {path}: cannot read it: "
+                           f"{(exc.strerror or str(exc)).lower()}") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:  # a password callback: OpenSSL would prompt on the terminal for an encrypted key
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise TlsError(f"tls_key {key} is not the private key of tls_cert {cert}") from None
+        raise TlsError(f"tls_cert {cert} and tls_key {key}: not a PEM certificate chain and "
+                       f"its unencrypted private key ({exc.reason or exc.library or 'PEM'})"
+                       ) from None
+    if config.tls_client_ca:
+        _require_client_certificates(context, config.tls_client_ca)
+    return context
+
+
+def _require_client_certificates(context: ssl.SSLContext, cafile: str) -> None:
+    """Mutual TLS: a handshake without a client certificate that `cafile`'s CAs signed
+    fails; TlsError when the file cannot be loaded."""
+    try:
+        context.load_verify_locations(cafile=cafile)
+    except OSError as exc:  # FileNotFoundError, or ssl.SSLError: no PEM certificates
+        reason = ("not PEM CA certificates" if isinstance(exc, ssl.SSLError)
+                  else f"cannot read it: {(exc.strerror or str(exc)).lower()}")
+        raise TlsError(f"tls_client_ca {cafile}: {reason}") from None
+    context.verify_mode = ssl.CERT_REQUIRED
+
+
+def _client_subject(protocol: Any) -> Optional[str]:
+    """The subject (RFC 4514) of the certificate the client of `protocol` presented,
+    None without one (no TLS, or no --tls-client-ca)."""
+    ssl_object = protocol.transport.underlying_transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
 def _refuse(client: Peer, refused: HandshakeRefused) -> WSUpgradeResponseWithListener:
