@@ -308,10 +308,11 @@ SIGNING_KEY, OTHER_KEY, WRAP_KEY = "signing-key", "other-key", "wrap-key"
 
 
 class Gateway:
-    def __init__(self, process: GatewayProcess, metrics_port: int, label: str) -> None:
+    def __init__(self, process: GatewayProcess, metrics_port: int, store: SoftHSM) -> None:
         self.process = process
         self.metrics_port = metrics_port
-        self.label = label
+        self.store = store
+        self.label = store.label
 
     async def client(self, pkcs11: bool | dict[str, object]) -> Rpc:
         token = issue_token(SECRET.encode(), 300, [], pkcs11=pkcs11)
@@ -347,7 +348,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         "--pkcs11-lib", store.module, "--token-secret-env", "SCOPE_SECRET", "--open-token",
         "--metrics-port", str(metrics_port),
         env={**store.env, "SCOPE_SECRET": SECRET})
-    gateway = Gateway(process, metrics_port, store.label)
+    gateway = Gateway(process, metrics_port, store)
     try:
         asyncio.run(_make_keys(gateway))
         yield gateway
@@ -435,3 +436,36 @@ async def test_a_token_for_another_hsm_token_sees_no_slot(gateway: Gateway) -> N
         await denied(rpc, F["OpenSession"], W().u32(0).u32(3), "token")
     finally:
         await rpc.client.close()
+
+
+async def test_scopes_in_a_shared_worker_agent(gateway: Gateway) -> None:
+    """Worker isolation: one agent, a client per connection, each with its token's scope."""
+    store = gateway.store
+    process = await asyncio.to_thread(
+        GatewayProcess, "--pkcs11-lib", store.module, "--token-secret-env", "SCOPE_SECRET",
+        "--open-token", "--pkcs11-isolation", "worker", "--pkcs11-pin-env", "SCOPE_PIN",
+        env={**store.env, "SCOPE_SECRET": SECRET, "SCOPE_PIN": store.user_pin.decode()})
+    shared = Gateway(process, 0, store)
+    limited, unlimited = await shared.client(sign_only(SIGNING_KEY)), await shared.client(True)
+    try:
+        slot = await limited.slot(store.label)
+        assert (await limited.ok(F["GetMechanismList"], W().u32(slot))).list(Reader.u64) \
+            == [ck.CKM_ECDSA]
+        assert len((await unlimited.ok(F["GetMechanismList"], W().u32(slot)))
+                   .list(Reader.u64)) > 1
+        session = await limited.open(slot)
+        await limited.login(session, b"")  # the gateway holds the PIN
+        key = await private_key(limited, session, SIGNING_KEY)
+        await limited.ok(F["Sign"], W().u32(session).mechanism(ECDSA).u32(key).bytes(DIGEST))
+        await denied(limited, F["GenerateKey"], W().u32(session), "function")
+        other = await private_key(limited, session, OTHER_KEY)
+        await denied(limited, F["Sign"], W().u32(session).mechanism(ECDSA).u32(other)
+                     .bytes(DIGEST), "key")
+        session = await unlimited.open(slot)  # logged in already: the agent's login
+        other = await private_key(unlimited, session, OTHER_KEY)
+        await unlimited.ok(F["Sign"], W().u32(session).mechanism(ECDSA).u32(other)
+                           .bytes(DIGEST))
+    finally:
+        await limited.client.close()
+        await unlimited.client.close()
+        await asyncio.to_thread(process.stop)
