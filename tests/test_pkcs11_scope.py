@@ -354,3 +354,22 @@ async def test_a_scoped_backend_gets_the_scope_before_the_first_call(
     assert backend.scopes == [Pkcs11Scope.parse(SIGN_ONLY)] and len(backend.calls) == 3
     if metrics.AVAILABLE:
         assert _refusals("Sign", "function") == before + 3
+
+
+class _BrokenScopedBackend(_Backend):
+    def limit(self, scope: Pkcs11Scope) -> None:
+        raise RuntimeError("cannot")
+
+
+async def test_a_backend_whose_limit_fails_gets_no_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCOPE_SECRET", SECRET.decode())
+    provider = _Provider(_BrokenScopedBackend)
+    scoped = issue_token(SECRET, 60, [], pkcs11=SIGN_ONLY).encode()
+    async with await ksw1fast.start_gateway(port=0, token_secret_env="SCOPE_SECRET",
+                                            open_token=True, pkcs11_backend=provider) as gw:
+        client = await kclient.connect(gw.address, token=scoped)
+        response = await client.pkcs11(F["Sign"], b"")
+        await client.close()
+    assert error_of(response.status, response.body) == (
+        None, "token scope: backend failed to take the token's scope")
+    assert provider.backends[0].calls == []

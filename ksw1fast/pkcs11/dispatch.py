@@ -262,6 +262,7 @@ class Dispatcher:
             self._close_session(c, sid, check_rv=False)
         c.objects.rows.clear()
         c.object_ids.clear()
+        c.identities.clear()
 
     def _close_session(self, c: Client, sid: int, check_rv: bool = True) -> None:
         session = c.sessions.pop(sid)

@@ -316,7 +316,11 @@ class Connection(relaying.GatewayListener):
             return ""
         if not isinstance(self.pkcs11, Scoped):
             return pkcs11_scope.refusal("backend", "cannot hold calls to the token's scope")
-        self.pkcs11.limit(scope)
+        try:
+            self.pkcs11.limit(scope)
+        except Exception as exc:  # a custom backend's bug: then no call may reach it
+            log.error("PKCS#11 backend refused a scope peer=%s: %r", self.peer, exc)
+            return pkcs11_scope.refusal("backend", "failed to take the token's scope")
         return ""
 
     def _call_done(self, action: Call, started: float,
