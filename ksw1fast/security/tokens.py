@@ -69,7 +69,7 @@ class Grant:
 
     `scope` None means everything the egress policy allows (static tokens, JWTs without
     a `ksw1` claim, auth off); otherwise only these destinations. `dns` says whether
-    DnsQuery is allowed at all, `allows_pkcs11` PKCS#11, and `pkcs11_scope` what of it. A JWT's grant names whom it was issued to (`sub`) and the
+    DnsQuery is allowed at all. A JWT's grant names whom it was issued to (`sub`) and the
     token's id (`jti`), when it has them, for the audit trail.
     """
 

@@ -346,7 +346,7 @@ class Connection(relaying.GatewayListener):
         """Count and log a call the token's PKCS#11 scope refused (its message says)."""
         try:
             message = wire.error_of(Pkcs11Status.AUTH_DENIED, body)[1]
-        except wire.WireError:  # a custom backend's malformed answer
+        except (wire.WireError, ValueError):  # a custom backend's malformed answer
             return
         rule = pkcs11_scope.rule_of(message)
         if rule is not None:
