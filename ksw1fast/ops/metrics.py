@@ -74,6 +74,9 @@ AUTH_FAILURES = _metric("Counter", "ksw1fast_auth_failures", "Refused tokens, by
                         ("reason",))
 LIMITS = _metric("Counter", "ksw1fast_limit_refusals",
                  "Requests refused or connections paused by a limit, by limit", ("limit",))
+PKCS11_SCOPE_REFUSALS = _metric(
+    "Counter", "ksw1fast_pkcs11_scope_refusals",
+    "PKCS#11 calls refused by the token's PKCS#11 scope, by fn and rule", ("fn", "rule"))
 AGENTS = _metric("Gauge", "ksw1fast_pkcs11_agents", "Running PKCS#11 agent processes",
                  multiprocess_mode="livesum")
 # one sample per live worker (with its pid): a supervisor's /healthz lists them from it

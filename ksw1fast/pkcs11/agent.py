@@ -18,6 +18,7 @@ import threading
 from typing import BinaryIO, Optional, Sequence
 
 from ksw1fast.pkcs11 import ipc, wire
+from ksw1fast.pkcs11.scope import NOTHING, Pkcs11Scope
 
 # blocking calls on side threads at once, all clients together: in worker isolation one
 # agent serves many connections, and each wait is a thread polling the module 10 times/s
@@ -91,6 +92,19 @@ class _Waits:
             self._clients.discard(client)
 
 
+def _scope(body: bytes) -> Optional[Pkcs11Scope]:
+    """The scope an OPEN carries; one that does not parse allows nothing (the gateway
+    sends only scopes it parsed: this would be a bug, and must not widen anything)."""
+    if not body:
+        return None
+    try:
+        return Pkcs11Scope.from_wire(body)
+    except ValueError as exc:
+        print(f"PKCS#11 agent: a client's scope does not parse ({exc}): it may call "
+              "nothing", file=sys.stderr)
+        return NOTHING
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     options = _parse(argv)
     # stdout carries frames only: whatever the module prints goes to stderr instead
@@ -142,7 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 else:
                     run(client, query, fn_id, args)
             elif op == ipc.OP_OPEN:
-                replies.queue(ipc.pack(ipc.OP_OPENED, dispatcher.open_client(), query))
+                replies.queue(ipc.pack(ipc.OP_OPENED, dispatcher.open_client(_scope(body)),
+                                       query))
             elif op == ipc.OP_CLOSE:
                 dispatcher.close_client(client)
         replies.flush()

@@ -7,7 +7,10 @@ it also has is used: the gateway checks them with isinstance, not by name.
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ksw1fast.pkcs11.scope import Pkcs11Scope
 
 
 class Pkcs11Backend(Protocol):
@@ -19,6 +22,16 @@ class Pkcs11Backend(Protocol):
 class Provider(Protocol):
     def for_connection(self) -> Pkcs11Backend:
         """The backend of one new connection (closed with it when Closable)."""
+
+
+@runtime_checkable
+class Scoped(Protocol):
+    def limit(self, scope: "Pkcs11Scope") -> None:
+        """Hold this connection's calls to its token's PKCS#11 scope: called on the
+        connection's backend before its first call, when the token has a scope. A
+        backend without it gets no call from a token with a scope (AuthDenied): it
+        could not keep to it. A backend shared by all connections (no provider) gets
+        every connection's scope: it must not keep one as its own."""
 
 
 @runtime_checkable

@@ -15,6 +15,11 @@ The hot calls (the one-shots, the Inits, GenerateRandom) first try a
 struct-only decode of their args (hotargs); whatever it does not accept
 goes through the generic spec-driven parse, which also words every refusal.
 
+A client may be held to its token's PKCS#11 scope (`open_client(scope)`): its
+functions are checked with the gateway's own policy, its decoded args before the
+module runs the call (enforce.py), and GetSlotList and GetMechanismList answer only
+what the scope lets it use.
+
 Threads: the module is initialised by PyKCS11 with NULL arguments, which
 promises it one thread at a time, so every module call and table change
 runs under one lock. A blocking WaitForSlotEvent (`is_blocking`) polls the
@@ -39,8 +44,10 @@ from ksw1fast.pkcs11.adaptors import (PkMechanism, Template, bytes_body, pk_byte
 from ksw1fast.pkcs11.args import ARGS, OPS, malformed, unknown_fn
 from ksw1fast.pkcs11.argspecs import compile_spec, parse
 from ksw1fast.pkcs11.ckapi import CkrError, NativeParameter, check
+from ksw1fast.pkcs11.enforce import ScopeCheck
 from ksw1fast.pkcs11.handles import Client, Cursor, ObjectRow, Refusal, SessionRow
 from ksw1fast.pkcs11.operations import Operations
+from ksw1fast.pkcs11.scope import Pkcs11Scope
 from ksw1fast.pkcs11.wire import FUNCTION_IDS, FUNCTIONS, HandleKind, Reader, Response, WireError, Writer
 
 DEFAULT_MAX_OUT = 1 << 20
@@ -114,6 +121,7 @@ class Dispatcher:
         handlers: dict[str, Callable[..., bytes]] = {
             fn: getattr(self, method) for fn, method in _HANDLERS.items()}
         self._ops = Operations(self._lib, self._ck, max_out)
+        self._scope = ScopeCheck(self._lib, self._ck, self._object_session)
         # the hot calls' struct-only decoders (hotargs); the rest take the generic parse
         self._fast: dict[int, FastParser] = {GENERATE_RANDOM: self._fast_random}
         self._add_operations(handlers)
@@ -134,11 +142,12 @@ class Dispatcher:
 
     # --- public API ----------------------------------------------------------------------
 
-    def open_client(self) -> int:
-        """A new client id: the handle space of one browser connection."""
+    def open_client(self, scope: Pkcs11Scope | None = None) -> int:
+        """A new client id: the handle space of one browser connection, whose calls
+        `scope` (its token's, ksw1fast.pkcs11.scope) limits; None: no limits."""
         with self._lock:
             self._last_client += 1
-            self._clients[self._last_client] = Client()
+            self._clients[self._last_client] = Client(scope)
             return self._last_client
 
     def is_blocking(self, fn_id: int, args: bytes) -> bool:
@@ -161,6 +170,9 @@ class Dispatcher:
                 return wire.auth_denied(f"fn {name} not allowed")
             if name in ADMIN_FUNCTIONS:
                 self._check_admin(name)
+            scope = state.scope
+            if scope is not None and (why := scope.function_refusal(name)) is not None:
+                return wire.auth_denied(why)
             parsers, handler = self._handlers[fn_id]
             if fn_id == WAIT_FOR_SLOT_EVENT:  # locks for each poll only
                 return wire.ok(handler(state, *parse(self, state, parsers, args)))
@@ -171,6 +183,8 @@ class Dispatcher:
                 values = fast(state, args) if fast is not None else None
                 if values is None:
                     values = parse(self, state, parsers, args)
+                if scope is not None:
+                    self._scope.check(state, scope, fn_id, values)
                 return wire.ok(handler(state, *values))
         except Refusal as refusal:
             return refusal.response
@@ -248,6 +262,7 @@ class Dispatcher:
             self._close_session(c, sid, check_rv=False)
         c.objects.rows.clear()
         c.object_ids.clear()
+        c.identities.clear()
 
     def _close_session(self, c: Client, sid: int, check_rv: bool = True) -> None:
         session = c.sessions.pop(sid)
@@ -273,6 +288,7 @@ class Dispatcher:
     def _forget_object(self, c: Client, obj: ObjectRow) -> None:
         del c.objects.rows[obj.id]
         del c.object_ids[obj.handle]
+        c.identities.pop(obj.handle, None)  # the module may give the handle to another
 
     def _object_session(self, c: Client, obj: ObjectRow) -> SessionRow:
         for sid in obj.sessions:
@@ -293,6 +309,8 @@ class Dispatcher:
     def _get_slot_list(self, c: Client, token_present: bool) -> bytes:
         slots = LL.ckulonglist()
         check(self._lib.C_GetSlotList(token_present, slots), "C_GetSlotList")
+        if c.scope is not None:
+            return u64_list(self._scope.slots(c.scope, list(slots)))
         return u64_list(list(slots))
 
     @_fn("GetSlotInfo")
@@ -339,7 +357,8 @@ class Dispatcher:
     def _get_mechanism_list(self, c: Client, slot: int) -> bytes:
         mechanisms = LL.ckulonglist()
         check(self._lib.C_GetMechanismList(slot, mechanisms), "C_GetMechanismList")
-        return u64_list(list(mechanisms))
+        allowed = None if c.scope is None else c.scope.mechanisms
+        return u64_list([m for m in mechanisms if allowed is None or m in allowed])
 
     @_fn("Initialize")
     def _initialize(self, c: Client, config: str | None) -> bytes:
@@ -562,6 +581,7 @@ class Dispatcher:
     @_fn("SetAttributeValue")
     def _set_attribute_value(self, c: Client, obj: ObjectRow, template: Template) -> bytes:
         session = self._object_session(c, obj)
+        c.identities.pop(obj.handle, None)  # its label may change: look it up again
         check(self._lib.C_SetAttributeValue(session.pk, pk_object(obj.handle),
                                             pk_template(template)), "C_SetAttributeValue")
         return b""

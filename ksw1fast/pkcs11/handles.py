@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Optional, TypeVar
 
 from ksw1fast.pkcs11 import wire
+from ksw1fast.pkcs11.scope import Pkcs11Scope
 from ksw1fast.pkcs11.wire import Response
 
 
@@ -80,11 +81,16 @@ class Table(Generic[R]):
 
 
 class Client:
-    """One browser connection: its handles and the signal that ends its waits."""
+    """One browser connection: its handles, the signal that ends its waits, and what its
+    token allows (`scope`, None = no limits) with what that needs to know of objects."""
 
-    def __init__(self) -> None:
+    def __init__(self, scope: Optional[Pkcs11Scope] = None) -> None:
         self.sessions: Table[SessionRow] = Table("session")
         self.objects: Table[ObjectRow] = Table("object")
         self.cursors: Table[Cursor] = Table("cursor")
         self.object_ids: dict[int, int] = {}  # module object handle -> row id
         self.closed = threading.Event()
+        self.scope = scope
+        # module object handle -> (CKA_CLASS, CKA_LABEL), None where it has none: looked
+        # up once per handle for the scope's checks (enforce.py)
+        self.identities: dict[int, tuple[Optional[int], Optional[bytes]]] = {}

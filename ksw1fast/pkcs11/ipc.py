@@ -13,7 +13,8 @@ _HEADER = struct.Struct("<IBII")
 _FIXED = _HEADER.size - 4  # op, client, query: the part of the header the length counts
 
 # gateway -> agent
-OP_OPEN = 1      # body empty; answered by OPENED with the new client id
+OP_OPEN = 1      # body: the client's PKCS#11 scope (scope.Pkcs11Scope.to_wire), empty
+                 # for none; answered by OPENED with the new client id
 OP_CALL = 2      # body: u16 fn_id + args; answered by RESULT
 OP_CLOSE = 3     # body empty; forget the client and close its sessions; no answer
 # agent -> gateway

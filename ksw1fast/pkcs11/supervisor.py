@@ -31,6 +31,7 @@ from ksw1fast.ops import metrics
 from ksw1fast.ops.backoff import Backoff
 from ksw1fast.pkcs11 import ipc, wire
 from ksw1fast.pkcs11.args import check as layout_error
+from ksw1fast.pkcs11.scope import Pkcs11Scope
 from ksw1fast.pkcs11.settings import Pkcs11Settings
 from ksw1fast.protocol.errors import KSW1Error
 
@@ -146,8 +147,9 @@ class AgentProcess:
             self._die("PKCS#11 agent exited")
         return waiter
 
-    async def open_client(self) -> int:
-        return await self._request(ipc.OP_OPEN, 0)
+    async def open_client(self, scope: Optional[Pkcs11Scope] = None) -> int:
+        """A new client there, held to `scope` (None: no limits)."""
+        return await self._request(ipc.OP_OPEN, 0, b"" if scope is None else scope.to_wire())
 
     def call(self, client: int, fn_id: int, args: bytes) -> "asyncio.Future[tuple[int, bytes]]":
         """The answer; Internal once the agent is gone (never an exception)."""
@@ -180,8 +182,8 @@ class AgentClient:
     """One connection's backend: a client on an agent, answering Internal once it is gone.
 
     The first call asks for an agent (`acquire`: a future of one, or AgentError at once)
-    and opens a client there; a call that gets neither answers Internal, and the next call
-    asks again."""
+    and opens a client there, held to the token's scope if `limit` gave one; a call that
+    gets neither answers Internal, and the next call asks again."""
 
     def __init__(self, acquire: Callable[[], "asyncio.Future[AgentProcess]"],
                  own_agent: bool) -> None:
@@ -190,14 +192,21 @@ class AgentClient:
         self._source: Optional[asyncio.Future] = None  # the agent asked for, maybe starting
         self._agent: Optional[AgentProcess] = None     # once our client is open there
         self._client: Optional[int] = None
+        self._scope: Optional[Pkcs11Scope] = None
         self._lock = asyncio.Lock()
+
+    def limit(self, scope: Pkcs11Scope) -> None:
+        """The token's scope, for the client the first call opens (backend.Scoped)."""
+        if self._source is not None:  # a client without it may be open already
+            raise RuntimeError("a PKCS#11 scope must come before the first call")
+        self._scope = scope
 
     async def _attach(self) -> tuple[AgentProcess, int]:
         async with self._lock:
             if self._agent is None or self._client is None:
                 self._source = self._acquire()
                 agent = await self._source
-                self._client = await agent.open_client()
+                self._client = await agent.open_client(self._scope)
                 self._agent = agent
         return self._agent, self._client
 
@@ -383,6 +392,9 @@ class WorkerAgent:
 class NoModule:
     """No module configured: a clear error for every well-formed call, and the
     ProtocolError an agent would answer for a malformed one."""
+
+    def limit(self, scope: Pkcs11Scope) -> None:
+        """Nothing to hold to a scope: no call reaches a module (backend.Scoped)."""
 
     async def handle(self, fn_id: int, args: bytes) -> tuple[int, bytes]:
         error = layout_error(fn_id, args)

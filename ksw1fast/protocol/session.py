@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Protocol, Sequence, Union
 
 from ksw1fast.protocol import payloads
 from ksw1fast.protocol.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INITIAL_CREDIT,
@@ -25,6 +25,9 @@ from ksw1fast.protocol.constants import (DEFAULT_CLIENT_MAX_STREAMS, DEFAULT_INI
                                          OpenErrCode, Pkcs11Status, Proto, WSClose)
 from ksw1fast.protocol.errors import AuthError, MalformedPayload
 from ksw1fast.protocol.messages import OpenOkInfo, OpenRequest
+
+if TYPE_CHECKING:
+    from ksw1fast.pkcs11.scope import Pkcs11Scope
 
 # What this server implements; a HelloAck carries the intersection with the client's.
 # Pkcs11 is granted even without a module: calls then get a clear Internal error.
@@ -44,6 +47,10 @@ class Grant(Protocol):
 
     @property
     def allows_pkcs11(self) -> bool: ...
+
+    @property
+    def pkcs11_scope(self) -> Optional["Pkcs11Scope"]:
+        """What of PKCS#11 it allows (None: all); the connection's backend enforces it."""
 
     def allows_open(self, host: str, port: int, proto: str) -> bool: ...
 

@@ -21,7 +21,8 @@ into the Grant for the audit trail.
 
 Scope: the `ksw1` claim, an object with `allow` (a list of `[tcp|udp|any] HOST[:PORTS]`,
 as `ksw1fast token issue --allow` takes them), `udp`, `dns`, `pkcs11` (booleans, absent =
-false), means what a signed token's payload means; no other key may appear in it. A JWT
+false; `pkcs11` may be a PKCS#11 scope object, ksw1fast.pkcs11.scope), means what a
+signed token's payload means; no other key may appear in it. A JWT
 without the claim has no scope limits beyond the egress policy, like a static token.
 
 Every refusal is AuthError "invalid" or "expired"; neither a token nor a key appears in

@@ -16,7 +16,9 @@ HMAC-SHA256(secret, "ksw1." + payload) and the payload compact JSON::
     {"exp": 1767225600, "allow": ["db.internal:5432", "udp *:53"], "dns": true}
 
 `exp` is Unix seconds; `allow` lists destinations in the policy rule syntax without the
-action (`[tcp|udp|any] HOST[:PORTS]`); `udp`, `dns`, `pkcs11` are flags, absent = false.
+action (`[tcp|udp|any] HOST[:PORTS]`); `udp`, `dns`, `pkcs11` are flags, absent = false;
+`pkcs11` may instead be an object that limits PKCS#11 to certain slots, tokens,
+functions, mechanisms and keys (ksw1fast.pkcs11.scope).
 Only RFC 7230 tchar characters appear, so `auth-<token>` is a valid WebSocket
 subprotocol. No token or secret ever appears in an exception message or a repr.
 
@@ -31,6 +33,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import logging
 import math
 import os
 import re
@@ -39,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
+from ksw1fast.ops.logs import Throttled
+from ksw1fast.pkcs11.scope import Pkcs11Scope, parse_claim
 from ksw1fast.protocol.errors import AuthError
 from ksw1fast.security.egress import Rule, normalize_proto, parse_destination
 
@@ -55,6 +60,7 @@ _JWT_SHAPE = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 SCOPE_FLAGS = ("udp", "dns", "pkcs11")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_refused = Throttled(logging.getLogger("ksw1fast"))  # tokens whose scope does not parse
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class Grant:
     skew: float = 0.0
     subject: str | None = None         # a JWT's `sub`
     token_id: str | None = None        # a JWT's `jti`
+    pkcs11_scope: Pkcs11Scope | None = None  # limits within allows_pkcs11; None = none
 
     def allows_open(self, host: str, port: int, proto: str | int = "tcp") -> bool:
         """May an Open go to `host` (a name or IP literal, as the client sent it)?
@@ -142,10 +149,12 @@ def secret_from_env(var: str, environ: Mapping[str, str] | None = None,
 
 
 def issue_token(secret: bytes, ttl: float, allow: Iterable[str], udp: bool = False,
-                dns: bool = False, pkcs11: bool = False, now: float | None = None) -> str:
+                dns: bool = False, pkcs11: bool | Mapping[str, object] = False,
+                now: float | None = None) -> str:
     """A signed token valid for `ttl` seconds from `now` for the `allow` destinations.
 
-    Each `allow` entry is `[tcp|udp|any] HOST[:PORTS]`; ValueError for a bad entry, an
+    Each `allow` entry is `[tcp|udp|any] HOST[:PORTS]`; `pkcs11` a flag or a PKCS#11
+    scope object (ksw1fast.pkcs11.scope). ValueError for a bad entry or scope, an
     explicit udp entry without `udp=True`, an empty secret or a non-positive ttl.
     """
     if not secret:
@@ -156,10 +165,13 @@ def issue_token(secret: bytes, ttl: float, allow: Iterable[str], udp: bool = Fal
     for entry in entries:
         if parse_destination(entry).proto == "udp" and not udp:
             raise ValueError(f"destination {entry!r} is UDP but UDP is not allowed")
+    allowed, scope = parse_claim(dict(pkcs11) if isinstance(pkcs11, Mapping) else pkcs11)
     now = time.time() if now is None else now
     claims: dict[str, object] = {"exp": math.ceil(now + ttl), "allow": entries}
-    flags = {"udp": udp, "dns": dns, "pkcs11": pkcs11}
+    flags = {"udp": udp, "dns": dns, "pkcs11": allowed}
     claims.update((flag, True) for flag, on in flags.items() if on)
+    if scope is not None:
+        claims["pkcs11"] = scope.to_json()
     payload = _b64encode(json.dumps(claims, separators=(",", ":")).encode("utf-8"))
     return f"{PREFIX}.{payload}.{_b64encode(_mac(secret, payload))}"
 
@@ -253,10 +265,12 @@ class TokenVerifier:
 
 def parse_scope(claims: Mapping[str, object]) -> tuple[tuple[Rule, ...], dict[str, bool]]:
     """The scope in a signed token's payload or a JWT's `ksw1` claim: its `allow` entries
-    parsed (absent = none) and its flags (`udp`, `dns`, `pkcs11`; absent = false).
-    ValueError when malformed."""
+    parsed (absent = none) and its flags (`udp`, `dns`, `pkcs11`; absent = false; a
+    `pkcs11` object, which parse_pkcs11 reads, counts as true). ValueError when malformed."""
     allow = claims.get("allow", [])
     flags = {flag: claims.get(flag, False) for flag in SCOPE_FLAGS}
+    if isinstance(flags["pkcs11"], dict):
+        flags["pkcs11"] = True
     if (not isinstance(allow, list) or not all(isinstance(e, str) for e in allow)
             or not all(isinstance(v, bool) for v in flags.values())):
         raise ValueError("malformed scope")
@@ -273,7 +287,19 @@ def scoped_grant(kind: str, scope: Mapping[str, object] | None, expires_at: floa
     rules, flags = parse_scope(scope)
     return Grant(kind, expires_at, rules, allows_udp=flags["udp"],
                  allows_pkcs11=flags["pkcs11"], dns=flags["dns"], skew=skew,
-                 subject=subject, token_id=token_id)
+                 subject=subject, token_id=token_id,
+                 pkcs11_scope=parse_pkcs11(kind, scope))
+
+
+def parse_pkcs11(kind: str, scope: Mapping[str, object]) -> Pkcs11Scope | None:
+    """The PKCS#11 scope object in a token's scope, None when `pkcs11` is a flag.
+    ValueError, logged with what is wrong (an unknown function or mechanism name...),
+    when malformed: such a token is refused, not taken for a wider one."""
+    try:
+        return parse_claim(scope.get("pkcs11", False))[1]
+    except ValueError as exc:  # the message names the scope's fault, never the token
+        _refused.info("%s token refused: %s", kind, exc)
+        raise
 
 
 def _grant(claims: object, skew: float) -> Grant:

@@ -20,8 +20,9 @@ from picows import WSTransport
 from ksw1fast.config import GatewayConfig
 from ksw1fast.ops import metrics
 from ksw1fast.ops.logs import Throttled
+from ksw1fast.pkcs11 import scope as pkcs11_scope
 from ksw1fast.pkcs11 import wire
-from ksw1fast.pkcs11.backend import Closable, Pkcs11Backend
+from ksw1fast.pkcs11.backend import Closable, Pkcs11Backend, Scoped
 from ksw1fast.protocol.close import closed_code
 from ksw1fast.protocol.constants import OpenErrCode, Pkcs11Status, WSClose
 from ksw1fast.protocol.messages import OpenOkInfo, SockAddr
@@ -48,7 +49,7 @@ class Connection(relaying.GatewayListener):
     __slots__ = ("config", "pkcs11", "resolver", "security", "session", "peer", "_on_closed",
                  "_tasks",
                  "_lookups", "_calls", "_counted", "_streams_at_end", "_frames_seen",
-                 "_pinged")
+                 "_pinged", "_unscoped")
 
     def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
                  pkcs11: Pkcs11Backend, security: Security, resolver: Resolver,
@@ -72,6 +73,9 @@ class Connection(relaying.GatewayListener):
         self._streams_at_end = 0  # streams open when the session ended (for the log)
         self._frames_seen = 0     # frames_in at the last keepalive sweep
         self._pinged = False      # a keepalive ping is unanswered
+        # why calls are refused (the backend cannot hold them to the token's PKCS#11
+        # scope), "" once the scope went to the backend, None before the first call
+        self._unscoped: Optional[str] = None
 
     # -- WebSocket lifecycle ------------------------------------------------------
 
@@ -294,10 +298,31 @@ class Connection(relaying.GatewayListener):
     # -- PKCS#11 ---------------------------------------------------------------------------
 
     def _call(self, action: Call) -> None:
-        # the built-in agents answer with a plain future: no task per call on this path
-        answer = asyncio.ensure_future(self.pkcs11.handle(action.fn_id, action.args))
+        if self._unscoped is None:  # the first call: the grant is settled by now
+            self._unscoped = self._limit_backend()
+        if self._unscoped:
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_result(wire.auth_denied(self._unscoped))
+        else:
+            # the built-in agents answer with a plain future: no task per call on this path
+            answer = asyncio.ensure_future(self.pkcs11.handle(action.fn_id, action.args))
         self._calls[answer] = None
         answer.add_done_callback(partial(self._call_done, action, time.monotonic()))
+
+    def _limit_backend(self) -> str:
+        """Hand the token's PKCS#11 scope to the backend; why calls are refused, if so."""
+        grant = self.session.grant
+        scope = None if grant is None else grant.pkcs11_scope
+        if scope is None:
+            return ""
+        if not isinstance(self.pkcs11, Scoped):
+            return pkcs11_scope.refusal("backend", "cannot hold calls to the token's scope")
+        try:
+            self.pkcs11.limit(scope)
+        except Exception as exc:  # a custom backend's bug: then no call may reach it
+            log.error("PKCS#11 backend refused a scope peer=%s: %r", self.peer, exc)
+            return pkcs11_scope.refusal("backend", "failed to take the token's scope")
+        return ""
 
     def _call_done(self, action: Call, started: float,
                    answer: "asyncio.Future[tuple[int, bytes]]") -> None:
@@ -312,9 +337,22 @@ class Connection(relaying.GatewayListener):
         else:
             status, body = answer.result()
         metrics.PKCS11_SECONDS.observe(time.monotonic() - started)
-        metrics.PKCS11_CALLS.labels(wire.FUNCTIONS.get(action.fn_id, "unknown"),
-                                    _status_name(status)).inc()
+        fn = wire.FUNCTIONS.get(action.fn_id, "unknown")
+        metrics.PKCS11_CALLS.labels(fn, _status_name(status)).inc()
+        if status == Pkcs11Status.AUTH_DENIED:
+            self._count_refusal(fn, body)
         self._perform(self.session.call_done(action.query_id, status, body))
+
+    def _count_refusal(self, fn: str, body: bytes) -> None:
+        """Count and log a call the token's PKCS#11 scope refused (its message says)."""
+        try:
+            message = wire.error_of(Pkcs11Status.AUTH_DENIED, body)[1]
+        except (wire.WireError, ValueError):  # a custom backend's malformed answer
+            return
+        rule = pkcs11_scope.rule_of(message)
+        if rule is not None:
+            metrics.child(metrics.PKCS11_SCOPE_REFUSALS, fn, rule).inc()
+            refusals.info("pkcs11 call refused peer=%s fn=%s: %s", self.peer, fn, message)
 
     def count_bytes(self) -> None:
         """Add what the streams relayed since the last look to the byte counters."""
