@@ -159,7 +159,8 @@ class Connection(relaying.GatewayListener):
     def _note(self, note: Note) -> None:
         """Logs, metrics and the audit trail for what the session reports."""
         if note.kind == "open_refused":
-            proto, _, dest = note.dest.partition(" ") if " " in note.dest else ("", "", "?")
+            # (an Open refused before its payload was read has no destination: "?")
+            proto, _, dest = note.dest.partition(" ") if " " in note.dest else ("", "", "")
             refusals.info("open refused peer=%s stream=%d dest=%s reason=%s: %s", self.peer,
                           note.stream_id, note.dest, note.label, note.detail)
             metrics.child(metrics.STREAMS, proto or "?", note.label.lower()).inc()
