@@ -24,9 +24,9 @@ authentication bound already: never dropped.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
+from json.encoder import encode_basestring_ascii as _quoted
 from typing import Any, Optional
 
 from ksw1fast.ops.logs import AUDIT_LOGGER, Throttled
@@ -84,28 +84,32 @@ class _Line:
         self.fields = fields
 
     def __str__(self) -> str:
-        fields = self.fields
-        parts = [f"{fields['event']} {fields['outcome']}"]
-        parts += [f"{key}={_text(value)}" for key, value in fields.items()
-                  if key not in ("event", "outcome")]
+        parts = []
+        plain = _PLAIN.fullmatch
+        for key, value in self.fields.items():  # (inline: one line per Open)
+            kind = type(value)
+            if kind is bool:
+                text = "true" if value else "false"
+            elif kind is int or kind is float:
+                text = str(value)
+            else:
+                text = value if kind is str else str(value)
+                # quoted with JSON's escapes: no newline or control character from a
+                # client-chosen name can start a line of its own or fake a field
+                if not plain(text):
+                    text = _quoted(text)
+            parts.append(f"{key}={text}")
+        parts[:2] = [f"{self.fields['event']} {self.fields['outcome']}"]
         return " ".join(parts)
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    text = str(value)
-    # quoted with JSON's escapes: no newline or control character from a client-chosen
-    # name can start a line of its own or fake a field
-    return text if _PLAIN.fullmatch(text) else json.dumps(text)
 
 
 def _emit(event: str, outcome: str, fields: dict[str, Any]) -> None:
     entry: dict[str, Any] = {"event": event, "outcome": outcome}
-    for key, value in fields.items():
-        if value is None or value == "":
-            continue
-        entry[key] = value if isinstance(value, (str, int, float)) else str(value)
-    log.info("%s", _Line(entry), extra={"audit": entry})
+    # values as given (a Peer, say): the formatter makes text of them (logs.JsonFormatter)
+    entry.update({key: value for key, value in fields.items()
+                  if value is not None and value != ""})
+    # the record made here, not by log.info: that would walk the stack for a caller
+    # no audit line shows (an Open's cost counts)
+    record = log.makeRecord(log.name, _INFO, "", 0, "%s", (_Line(entry),), None,
+                            extra={"audit": entry})
+    log.handle(record)

@@ -10,6 +10,7 @@ from typing import Optional
 from ksw1fast.server.limits import Rate
 
 AUDIT_LOGGER = "ksw1fast.audit"
+_JSON_TYPES = (str, int, float, bool)
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,27 +18,51 @@ class JsonFormatter(logging.Formatter):
     tokens or PINs (the code that logs makes sure of that).  An audit event
     (ksw1fast.ops.audit) adds its fields beside these, its message "EVENT OUTCOME"."""
 
+    _second = -1
+    _stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "audit", None)
+        second = int(record.created)
+        if second != self._second:  # strftime once a second, not once a line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                              time.gmtime(second))
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                  + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "pid": record.process,
-            "message": record.getMessage(),
+            "message": (record.getMessage() if fields is None
+                        else f"{fields['event']} {fields['outcome']}"),
         }
-        fields = getattr(record, "audit", None)
         if fields is not None:
-            entry["message"] = f"{fields['event']} {fields['outcome']}"
-            entry.update(fields)
+            entry.update({key: value if type(value) in _JSON_TYPES else str(value)
+                          for key, value in fields.items()})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
+class TextFormatter(logging.Formatter):
+    """`%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s`, its time made
+    with strftime once a second rather than once a line."""
+
+    _second = -1
+    _stamp = ""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime(
+                "%Y-%m-%d %H:%M:%S", self.converter(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
 def _formatter(fmt: str) -> logging.Formatter:
-    return JsonFormatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    return JsonFormatter() if fmt == "json" else TextFormatter()
 
 
 def configure(level: str, fmt: str, audit_log: Optional[str] = None) -> None:
