@@ -175,8 +175,9 @@ class Connection(relaying.GatewayListener):
             if note.label == "refused":
                 metrics.child(metrics.POLICY_DENIALS, "dns").inc()
             if note.label == "ok":
-                audit.record("dns", "allowed", peer=self.peer, name=note.dest,
-                             **audit.identity(self.session.grant))
+                if audit.enabled():
+                    audit.record("dns", "allowed", peer=self.peer, name=note.dest,
+                                 **audit.identity(self.session.grant))
             else:
                 audit.refusal("dns", "refused" if note.label == "refused" else "failed",
                               peer=self.peer, name=note.dest or None, code=note.label,
@@ -236,11 +237,12 @@ class Connection(relaying.GatewayListener):
         self._perform(self.session.connected(stream.stream_id, OpenOkInfo(
             _sockaddr(transport.get_extra_info("sockname")), _sockaddr(peername))))
         stream.start()
-        audit.record("open", "allowed", peer=self.peer, stream=stream.stream_id,
-                     proto="udp" if action.udp else "tcp",
-                     dest=audit.host_port(action.host, action.port),
-                     address=audit.host_port(peername[0], peername[1]), rule=rule,
-                     **audit.identity(action.grant or self.session.grant))
+        if audit.enabled():  # (its fields cost something to gather: once per Open)
+            audit.record("open", "allowed", peer=self.peer, stream=stream.stream_id,
+                         proto="udp" if action.udp else "tcp",
+                         dest=audit.host_port(action.host, action.port),
+                         address=audit.host_port(peername[0], peername[1]), rule=rule,
+                         **audit.identity(action.grant or self.session.grant))
         metrics.child(metrics.STREAMS, "udp" if action.udp else "tcp", "ok").inc()
         metrics.OPEN_SECONDS.observe(time.monotonic() - started)
         log.debug("stream open peer=%s stream=%d dest=%s", self.peer, stream.stream_id,
