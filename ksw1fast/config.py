@@ -38,6 +38,7 @@ class GatewayConfig:
     metrics_port: Optional[int] = None  # /metrics, /healthz, /readyz listener; None = off
     metrics_host: str = "127.0.0.1"
     log_format: str = "text"         # "text" or "json"
+    audit_log: Optional[str] = None  # append the audit trail to this file (else: the log)
     tls_cert: Optional[str] = None   # PEM certificate chain: serve wss://
     tls_key: Optional[str] = None    # its private key (PEM)
     tls_client_ca: Optional[str] = None  # CA certificates (PEM): require client

@@ -369,10 +369,10 @@ class SoftHSM:
         return {"SOFTHSM2_CONF": str(self.conf)}
 
 
-def make_softhsm(root: Path, label: str) -> SoftHSM:
+def make_softhsm(root: Path, label: str, user_pin: bytes = SoftHSM.user_pin) -> SoftHSM:
     """SoftHSM2 installed (scripts/softhsm.sh) and a token store in `root` holding one
-    token `label`. Each group of tests makes its own, so that no test's token changes
-    (InitToken, object creation) leak into another group's slots."""
+    token `label` with `user_pin`. Each group of tests makes its own, so that no test's
+    token changes (InitToken, object creation) leak into another group's slots."""
     module = subprocess.run(["bash", str(REPO / "scripts" / "softhsm.sh")], check=True,
                             capture_output=True, text=True, stdin=subprocess.DEVNULL,
                             timeout=900).stdout.strip()
@@ -380,7 +380,7 @@ def make_softhsm(root: Path, label: str) -> SoftHSM:
     conf = root / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {root / 'tokens'}\n"
                     "objectstore.backend = file\nlog.level = ERROR\n")
-    store = SoftHSM(module, conf, label)
+    store = SoftHSM(module, conf, label, user_pin)
     subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label,
                     "--pin", store.user_pin.decode(), "--so-pin", store.so_pin.decode()],
                    env={**os.environ, **store.env}, check=True, capture_output=True,

@@ -226,7 +226,8 @@ def test_special_addresses_denied_even_by_wildcards(rules: list[str], ip: str) -
 def test_metadata_reason() -> None:
     for ip in ("169.254.169.254", "::ffff:169.254.169.254"):
         decision = EgressPolicy(["allow *"]).check_address(ip, 80, "tcp")
-        assert decision == type(decision)(False, "169.254.169.254 is link-local (cloud metadata)")
+        assert decision == type(decision)(False, "169.254.169.254 is link-local (cloud metadata)",
+                                          "special address: link-local (cloud metadata)")
     assert EgressPolicy().check_address("ff02::1", 80, "udp").reason == "ff02::1 is multicast"
 
 

@@ -42,6 +42,7 @@ class FakeGrant:
 class Verdict:
     allowed: bool
     reason: str = ""
+    rule: str = "deny *.example"
 
 
 @dataclass
@@ -154,7 +155,8 @@ def test_ping_after_hello_and_ignored_frames() -> None:
 def test_open_asks_for_a_connect() -> None:
     s = session()
     (connect,) = s.receive(FrameType.OPEN, 0, 1, open_payload())
-    assert connect == Connect(1, False, "db.internal", 5432, "tcp db.internal:5432", True)
+    assert connect == Connect(1, False, "db.internal", 5432, "tcp db.internal:5432", True,
+                              FakeGrant())  # the grant that allowed it: the audit's
     (connect,) = s.receive(FrameType.OPEN, 0, 2, open_payload("10.0.0.1", 53, Proto.UDP,
                                                                AddrKind.IPV4))
     assert (connect.udp, connect.host, connect.dest) == (True, "10.0.0.1", "udp 10.0.0.1:53")
@@ -185,7 +187,7 @@ def test_bad_opens_are_answered_openerr(payload: bytes, code: int, message: str)
     actions = s.receive(FrameType.OPEN, 0, 1, payload)
     got_code, got_message = open_err(actions)
     assert got_code == code and message in got_message
-    assert Note("open_refused", OpenErrCode(code).name, actions[0].detail, 1) == actions[0]
+    assert Note("open_refused", OpenErrCode(code).name, actions[0].detail, 1, "?") == actions[0]
     assert s.streams == set()
 
 
@@ -321,7 +323,7 @@ def test_dns_query_asks_for_a_lookup_and_answers() -> None:
     (lookup,) = s.receive(FrameType.DNS_QUERY, 0, 7, payloads.encode_dns_query(4, "db.internal"))
     assert lookup == Lookup(7, "db.internal", 4) and s.lookups == 1
     actions = s.lookup_done(7, "db.internal", [v4, v6, v4])  # deduplicated, v6 denied
-    assert actions == [Note("dns", "ok"),
+    assert actions == [Note("dns", "ok", dest="db.internal"),
                        Send(FrameType.DNS_RESULT, 7, payloads.encode_dns_result([v4]))]
     assert s.lookups == 0
 

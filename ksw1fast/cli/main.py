@@ -41,7 +41,7 @@ FLAG_SETTINGS = {
     "idle_ping": "idle_ping", "tls_cert": "tls_cert", "tls_key": "tls_key",
     "tls_client_ca": "tls_client_ca",
     "workers": "workers", "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
-    "metrics_host": "metrics_host", "log_format": "log_format",
+    "metrics_host": "metrics_host", "log_format": "log_format", "audit_log": "audit_log",
     "token_file": "token_file",
     "token_secret_env": "token_secret_env", "open_token": "open_token",
     "jwt_secret_env": "jwt_secret_env", "jwt_jwks": "jwt_jwks",
@@ -203,6 +203,10 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     ops.add_argument("--log-format", choices=["text", "json"], help="default text")
     ops.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="log verbosity; payloads, tokens and PINs are never logged")
+    ops.add_argument("--audit-log", metavar="FILE",
+                     help="append the audit trail (handshakes, Opens, DNS queries, PKCS#11 "
+                          "logins and key use, limits; docs/operations.md) to FILE, in "
+                          "--log-format, whatever --log-level; default: with the log")
     # one of a supervisor's workers, saying on this pipe when it serves (workers.py)
     ops.add_argument("--worker-process", type=int, metavar="FD", help=argparse.SUPPRESS)
 
@@ -327,7 +331,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # reload asked for while starting must not end the process
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config, security = _serve_config(args)
-    configure_logging(args.log_level, config.log_format)
+    try:
+        configure_logging(args.log_level, config.log_format, config.audit_log)
+    except OSError as exc:
+        args.parser.exit(2, f"{args.parser.prog}: error: cannot open the audit log "
+                            f"{config.audit_log}: {exc.strerror}\n")
     reloader = Reloader(lambda: config_from_args(args), config,
                         worker=args.worker_process is not None)
     try:

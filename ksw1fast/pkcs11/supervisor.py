@@ -26,7 +26,7 @@ import time
 from functools import partial
 from typing import Any, Awaitable, Callable, Optional
 
-from ksw1fast.ops import children
+from ksw1fast.ops import audit, children
 from ksw1fast.ops import metrics
 from ksw1fast.ops.backoff import Backoff
 from ksw1fast.pkcs11 import ipc, wire
@@ -284,6 +284,7 @@ class ConnectionAgents:
             source = self._spawn()
         else:
             metrics.child(metrics.LIMITS, "pkcs11_agents").inc()
+            audit.refusal("limit", "reached", limit="pkcs11_agents")
             raise AgentError(f"PKCS#11 agent limit reached ({self.settings.max_agents} "
                              "per worker); try again later")
         self._refill()

@@ -66,6 +66,11 @@ class Decision(Protocol):
     @property
     def reason(self) -> str: ...
 
+    @property
+    def rule(self) -> str:
+        """Which rule decided, for the audit trail (ksw1fast.security.egress.Decision)."""
+        ...
+
 
 class Authority(Protocol):
     """Tokens and the egress policy (ksw1fast.security.gate.Security)."""
@@ -123,6 +128,7 @@ class Connect(NamedTuple):
     port: int
     dest: str               # "tcp host:port", for logs
     flow_control: bool
+    grant: Optional[Grant] = None  # the grant that allowed it (the Open's own token's)
 
 
 class Abort(NamedTuple):
@@ -151,16 +157,21 @@ class Call(NamedTuple):
 
 
 class Note(NamedTuple):
-    """Something the operator sees in logs and metrics; no frame.
+    """Something the operator sees in logs, metrics and the audit trail; no frame.
 
-    kind "open_refused" (label: the OpenErr code's name, detail: dest and why),
-    "auth_failure" (label: missing, invalid, expired or scope), "limit" (label: which),
-    "dns" (label: the answer, ok or the DnsErr code's name), "stream_failed" (detail:
-    why the client lost a stream)."""
+    kind "open_refused" (label: the OpenErr code's name, detail: why, dest: "tcp
+    host:port" or "?"), "auth_failure" (label: missing, invalid, expired or scope),
+    "limit" (label: which), "dns" (label: the answer, ok or the DnsErr code's name,
+    dest: the name when known), "pkcs11_refused" (label: the fn id in decimal, detail:
+    why; a request refused here, without a call), "stream_failed" (detail: why the
+    client lost a stream).  `rule` says what decided a refusal: "token scope", "token
+    KIND", "limit: NAME", or the egress rule (ksw1fast.security.egress.Decision.rule)."""
     kind: str
     label: str = ""
     detail: str = ""
     stream_id: int = 0
+    dest: str = ""
+    rule: str = ""
 
 
 Action = Union[Send, Fail, Connect, Abort, Credit, Lookup, Call, Note]
@@ -254,7 +265,8 @@ class Session:
         over = self._over_rate()
         if over:
             return [Note("limit", "open_rate"),
-                    *_open_err(stream_id, OpenErrCode.TOO_MANY_STREAMS, over)]
+                    *_open_err(stream_id, OpenErrCode.TOO_MANY_STREAMS, over,
+                               rule="limit: open_rate")]
         try:
             req = payloads.decode_open(payload)
         except MalformedPayload as exc:
@@ -265,26 +277,29 @@ class Session:
             return _open_err(stream_id, OpenErrCode.INTERNAL, f"unknown protocol {req.proto}")
         if len(self.streams) >= self.max_streams:
             return _open_err(stream_id, OpenErrCode.TOO_MANY_STREAMS,
-                             f"at most {self.max_streams} streams per connection")
+                             f"at most {self.max_streams} streams per connection",
+                             rule="limit: max_streams")
         try:
             host = target_host(req)
         except ValueError as exc:
             return _open_err(stream_id, OpenErrCode.RESOLVE_FAIL, str(exc))
         proto = "udp" if req.proto == Proto.UDP else "tcp"
-        dest = f"{proto} {host}:{req.port}"
+        dest = f"{proto} [{host}]:{req.port}" if ":" in host else f"{proto} {host}:{req.port}"
         try:
             grant = self._authorize(req.token)
         except AuthError as exc:
             return [Note("auth_failure", exc.kind),
-                    *_open_err(stream_id, exc.open_err, f"token {exc.kind}", dest)]
+                    *_open_err(stream_id, exc.open_err, f"token {exc.kind}", dest,
+                               f"token {exc.kind}")]
         if (proto == "udp" and not grant.allows_udp) or not grant.allows_open(host, req.port,
                                                                                 proto):
             return [Note("auth_failure", "scope"),
                     *_open_err(stream_id, OpenErrCode.AUTH_FAILED,
-                               "the token does not allow this destination", dest)]
+                               "the token does not allow this destination", dest,
+                               "token scope")]
         self.streams.add(stream_id)
         return [Connect(stream_id, proto == "udp", host, req.port, dest,
-                        bool(self.features & Feature.FLOW_CONTROL))]
+                        bool(self.features & Feature.FLOW_CONTROL), grant)]
 
     def connected(self, stream_id: int, info: OpenOkInfo) -> list[Action]:
         """The target of `stream_id` is connected: OpenOk, unless the client closed it."""
@@ -293,12 +308,13 @@ class Session:
         return [Send(FrameType.OPEN_OK, stream_id, payloads.encode_open_ok(info))]
 
     def connect_failed(self, stream_id: int, code: OpenErrCode, message: str,
-                       dest: str) -> list[Action]:
-        """The target could not be reached: OpenErr, unless the client closed it."""
+                       dest: str, rule: str = "") -> list[Action]:
+        """The target could not be reached (or the egress `rule` refused it): OpenErr,
+        unless the client closed it."""
         if stream_id not in self.streams:
             return []
         self.streams.discard(stream_id)
-        return _open_err(stream_id, code, message, dest)
+        return _open_err(stream_id, code, message, dest, rule)
 
     def _close(self, stream_id: int, payload: bytes) -> list[Action]:
         if stream_id not in self.streams:
@@ -334,7 +350,8 @@ class Session:
     def _dns_query(self, query_id: int, payload: bytes) -> list[Action]:
         over = self._over_rate()
         if over:
-            return [Note("limit", "open_rate"), *_dns_err(query_id, DnsErrCode.REFUSED, over)]
+            return [Note("limit", "open_rate"), *_dns_err(query_id, DnsErrCode.REFUSED, over,
+                                                          rule="limit: open_rate")]
         try:
             query = payloads.decode_dns_query(payload)
             if query.family not in (0, 4, 6):
@@ -343,19 +360,24 @@ class Session:
                 raise MalformedPayload("name must be 1 to 253 characters")
         except MalformedPayload as exc:
             return _dns_err(query_id, DnsErrCode.FORMAT_ERROR, str(exc))
+        name = query.name
         try:
-            allowed = self._authorize().allows_dns(query.name)
+            allowed = self._authorize().allows_dns(name)
         except AuthError as exc:
             return [Note("auth_failure", exc.kind),
-                    *_dns_err(query_id, DnsErrCode.REFUSED, f"token {exc.kind}")]
-        decision = self._authority.check_name(query.name)
-        if not allowed or not decision.allowed:
-            return _dns_err(query_id, DnsErrCode.REFUSED,
-                            decision.reason if allowed else "the token does not allow DNS here")
+                    *_dns_err(query_id, DnsErrCode.REFUSED, f"token {exc.kind}", name,
+                              f"token {exc.kind}")]
+        if not allowed:
+            return _dns_err(query_id, DnsErrCode.REFUSED, "the token does not allow DNS here",
+                            name, "token scope")
+        decision = self._authority.check_name(name)
+        if not decision.allowed:
+            return _dns_err(query_id, DnsErrCode.REFUSED, decision.reason, name, decision.rule)
         if self.lookups >= self._limits.max_dns_queries:
             return [Note("limit", "dns_queries"), *_dns_err(
                 query_id, DnsErrCode.SERVER_FAILURE,
-                f"more than {self._limits.max_dns_queries} queries in flight")]
+                f"more than {self._limits.max_dns_queries} queries in flight", name,
+                "limit: dns_queries")]
         self.lookups += 1
         return [Lookup(query_id, query.name, query.family)]
 
@@ -365,11 +387,12 @@ class Session:
         with the answers the policy allows, or DnsErr."""
         self.lookups -= 1
         if error is not None:
-            return _dns_err(query_id, *error)
+            return _dns_err(query_id, *error, name)
         allowed = self._authority.filter_dns(name, list(dict.fromkeys(addresses)))
         if not allowed:
-            return _dns_err(query_id, DnsErrCode.REFUSED, "every address is denied by policy")
-        return [Note("dns", "ok"),
+            return _dns_err(query_id, DnsErrCode.REFUSED, "every address is denied by policy",
+                            name, "egress: every answer denied")
+        return [Note("dns", "ok", dest=name),
                 Send(FrameType.DNS_RESULT, query_id, payloads.encode_dns_result(allowed))]
 
     def lookup_timed_out(self, query_id: int) -> list[Action]:
@@ -388,10 +411,14 @@ class Session:
             allowed = self._authorize().allows_pkcs11
         except AuthError as exc:
             return [Note("auth_failure", exc.kind),
+                    Note("pkcs11_refused", str(request.fn_id), f"token {exc.kind}",
+                         rule=f"token {exc.kind}"),
                     *_pkcs11_refusal(query_id, Pkcs11Status.AUTH_DENIED, f"token {exc.kind}")]
         if not allowed:
-            return _pkcs11_refusal(query_id, Pkcs11Status.AUTH_DENIED,
-                                   "the token does not allow PKCS#11")
+            return [Note("pkcs11_refused", str(request.fn_id), "the token does not allow PKCS#11",
+                         rule="token scope"),
+                    *_pkcs11_refusal(query_id, Pkcs11Status.AUTH_DENIED,
+                                     "the token does not allow PKCS#11")]
         if self.calls >= self._limits.max_calls:
             # bounds the answers that may pile up: max_calls x max_out bytes
             return [Note("limit", "pkcs11_calls"), *_pkcs11_refusal(
@@ -435,13 +462,15 @@ def target_host(req: OpenRequest) -> str:
     return str(ipaddress.IPv6Address(req.addr))
 
 
-def _open_err(stream_id: int, code: OpenErrCode, message: str, dest: str = "?") -> list[Action]:
-    return [Note("open_refused", code.name, f"{dest}: {message}", stream_id),
+def _open_err(stream_id: int, code: OpenErrCode, message: str, dest: str = "?",
+              rule: str = "") -> list[Action]:
+    return [Note("open_refused", code.name, message, stream_id, dest, rule),
             Send(FrameType.OPEN_ERR, stream_id, payloads.encode_open_err(code, message))]
 
 
-def _dns_err(query_id: int, code: DnsErrCode, message: str) -> list[Action]:
-    return [Note("dns", code.name.lower()),
+def _dns_err(query_id: int, code: DnsErrCode, message: str, name: str = "",
+             rule: str = "") -> list[Action]:
+    return [Note("dns", code.name.lower(), dest=name, rule=rule),
             Send(FrameType.DNS_ERR, query_id, payloads.encode_dns_err(code, message))]
 
 

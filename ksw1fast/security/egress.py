@@ -236,10 +236,18 @@ def _dest(host: object, port: int | None, proto: str | None) -> str:
 
 @dataclass(frozen=True)
 class Decision:
-    """The answer of a check; `reason` is fit for logs and OpenErr messages."""
+    """The answer of a check; `reason` is fit for logs and OpenErr messages, `rule` says
+    which rule decided for the audit trail: a rule as written (`allow tcp db:5432`), or
+    DEFAULT_ALLOW, DEFAULT_DENY, `special address: ...` or INVALID_NAME."""
 
     allowed: bool
     reason: str
+    rule: str = ""
+
+
+DEFAULT_ALLOW = "default: allow (no allow rules)"
+DEFAULT_DENY = "default: deny (no allow rule matches)"
+INVALID_NAME = "invalid host name"
 
 
 @dataclass(frozen=True)
@@ -441,7 +449,7 @@ class EgressPolicy:
             return self.check_address(ip, port, proto)
         norm = normalize_name(name)
         if norm is None:
-            return Decision(False, f"invalid host name {name!r}")
+            return Decision(False, f"invalid host name {name!r}", INVALID_NAME)
 
         def host_match(rule: Rule) -> bool:
             if rule.network is not None:
@@ -470,7 +478,7 @@ class EgressPolicy:
         for v4 in embedded:  # an IPv6 rule must not open a way to an IPv4 the rules refuse
             alone = self._check(v4, (), port, proto, norm, lenient=True)
             if not alone.allowed:
-                return Decision(False, f"{alone.reason} (embedded in {addr})")
+                return Decision(False, f"{alone.reason} (embedded in {addr})", alone.rule)
         return decision
 
     def _check(self, addr: IPAddress, embedded: tuple[ipaddress.IPv4Address, ...],
@@ -488,7 +496,8 @@ class EgressPolicy:
 
         dest = _dest(addr, port, proto) + (f" ({norm})" if norm else "")
         reason = None if special is None else f"{addr} is {special[1]}"
-        return self._evaluate(host_match, port, proto, dest, reason, lenient)
+        return self._evaluate(host_match, port, proto, dest, reason, lenient,
+                              None if special is None else special[1])
 
     def filter_dns(self, name: str, addresses: Iterable[Addr]) -> list[Addr]:
         """The DnsResult answers for `name` the rules allow, as given; empty → Refused."""
@@ -498,12 +507,13 @@ class EgressPolicy:
 
     def _evaluate(self, host_match: Callable[[Rule], bool], port: int | None,
                   proto: str | None, dest: str, special: str | None,
-                  lenient: bool = False) -> Decision:
+                  lenient: bool = False, what: str | None = None) -> Decision:
         """First match over the rules. `lenient`: no matching rule counts as allowed, as
-        without allow rules, so only a refusal (special, or a deny first) denies."""
+        without allow rules, so only a refusal (special, or a deny first) denies.
+        `special`: why the address is special (the reason), `what` it is (for the rule)."""
         if not self.rules:  # the default policy: what the loop below comes to without rules
-            return (Decision(True, f"{dest} allowed by default (no allow rules)")
-                    if special is None else Decision(False, special))
+            return (Decision(True, f"{dest} allowed by default (no allow rules)", DEFAULT_ALLOW)
+                    if special is None else Decision(False, special, _special_rule(what)))
         # First match, generalised to unknown port/proto: allowed when some (proto, port)
         # of the query reaches an allow rule before every deny covering it.
         protos = _PROTOS if proto is None else (proto,)
@@ -520,13 +530,21 @@ class EgressPolicy:
                     denied[p].append((r_lo, r_hi))
                 first_deny = first_deny or rule
             elif any(_uncovered(r_lo, r_hi, denied[p]) for p in hit):
-                return Decision(True, f"{dest} allowed by rule '{rule}'")
+                text = str(rule)
+                return Decision(True, f"{dest} allowed by rule '{text}'", text)
         if ((self.default_allow or lenient) and special is None
                 and any(_uncovered(lo, hi, denied[p]) for p in protos)):
-            return Decision(True, f"{dest} allowed by default (no allow rules)")
+            return Decision(True, f"{dest} allowed by default (no allow rules)", DEFAULT_ALLOW)
         if first_deny is not None:
-            return Decision(False, f"{dest} denied by rule '{first_deny}'")
-        return Decision(False, special or f"no rule allows {dest}")
+            text = str(first_deny)
+            return Decision(False, f"{dest} denied by rule '{text}'", text)
+        if special is not None:
+            return Decision(False, special, _special_rule(what))
+        return Decision(False, f"no rule allows {dest}", DEFAULT_DENY)
+
+
+def _special_rule(what: str | None) -> str:
+    return f"special address: {what}" if what else DEFAULT_DENY
 
 
 def is_loopback_host(host: str) -> bool:

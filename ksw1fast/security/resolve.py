@@ -29,12 +29,18 @@ class ResolveError(KSW1Error):
 
 
 class Blocked(KSW1Error):
-    """The egress policy denies the destination (OpenErr Blocked)."""
+    """The egress policy denies the destination (OpenErr Blocked); `rule` says which
+    rule decided (egress.Decision.rule)."""
+
+    def __init__(self, reason: str, rule: str = "") -> None:
+        super().__init__(reason)
+        self.rule = rule
 
 
 class Endpoint(NamedTuple):
     family: int
     sockaddr: tuple  # what socket.connect takes for `family`
+    rule: str = ""   # the egress rule that allowed it (`destinations` with a policy)
 
 
 def _strip_scope(host: str) -> str:
@@ -137,12 +143,12 @@ def _numeric(host: str, port: int, family: int) -> Optional[list[Endpoint]]:
     return _unique(Endpoint(fam, sockaddr) for fam, _type, _proto, _canon, sockaddr in infos)
 
 
-def _literal_endpoint(address: IPAddress, host: str, port: int) -> Endpoint:
+def _literal_endpoint(address: IPAddress, host: str, port: int, rule: str = "") -> Endpoint:
     """The endpoint of `host`, the text of `address` (no zone id): connect parses the
     text itself, so it is kept as the client wrote it."""
     if address.version == 4:
-        return Endpoint(socket.AF_INET, (host, port))
-    return Endpoint(socket.AF_INET6, (host, port, 0, 0))
+        return Endpoint(socket.AF_INET, (host, port), rule)
+    return Endpoint(socket.AF_INET6, (host, port, 0, 0), rule)
 
 
 def address_bytes(endpoint: Endpoint) -> bytes:
@@ -152,10 +158,28 @@ def address_bytes(endpoint: Endpoint) -> bytes:
 
 async def open_target(resolver: Resolver, host: str, port: int, udp: bool,
                       policy: Optional[EgressPolicy],
-                      factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.BaseTransport:
-    """The transport of one Open: `host` resolved, checked and connected (`connect`)."""
-    return await connect(await destinations(resolver, host, port, "udp" if udp else "tcp",
-                                            policy), udp, factory)
+                      factory: Callable[[], asyncio.BaseProtocol]
+                      ) -> tuple[asyncio.BaseTransport, str]:
+    """The transport of one Open, `host` resolved, checked and connected (`connect`),
+    and the egress rule that allowed the address it connected to (for the audit trail)."""
+    endpoints = await destinations(resolver, host, port, "udp" if udp else "tcp", policy)
+    transport = await connect(endpoints, udp, factory)
+    return transport, _rule_of(endpoints, transport)
+
+
+def _rule_of(endpoints: list[Endpoint], transport: asyncio.BaseTransport) -> str:
+    """The rule of the endpoint `transport` connected to: the only one there is, as a
+    rule nearly always allows every address of a name alike, else found by address."""
+    first = endpoints[0].rule
+    if all(e.rule == first for e in endpoints):
+        return first
+    peer = transport.get_extra_info("peername")
+    try:
+        connected = ipaddress.ip_address(_strip_scope(peer[0]))
+        return next(e.rule for e in endpoints
+                    if ipaddress.ip_address(_strip_scope(e.sockaddr[0])) == connected)
+    except (TypeError, ValueError, StopIteration):
+        return first
 
 
 async def destinations(resolver: Resolver, host: str, port: int, proto: str = "tcp",
@@ -169,22 +193,24 @@ async def destinations(resolver: Resolver, host: str, port: int, proto: str = "t
     """
     address = _parse_literal(_strip_scope(host))  # None for a name
     zoned = "%" in host
+    rule = ""
     if policy is not None:
         # for a plain literal, check_name would parse it again to run this very check
         decision = (policy.check_address(address, port, proto)
                     if address is not None and not zoned else policy.check_name(host, port, proto))
         if not decision.allowed:
-            raise Blocked(decision.reason)
+            raise Blocked(decision.reason, decision.rule)
+        rule = decision.rule
     if address is not None and not zoned:
-        return [_literal_endpoint(address, host, port)]
+        return [_literal_endpoint(address, host, port, rule)]
     endpoints = await resolver.lookup(host, port)
     if policy is not None:
         name = None if address is not None else host
         decisions = [policy.check_address(e.sockaddr[0], port, proto, name=name)
                      for e in endpoints]
-        allowed = [e for e, d in zip(endpoints, decisions) if d.allowed]
+        allowed = [e._replace(rule=d.rule) for e, d in zip(endpoints, decisions) if d.allowed]
         if not allowed:
-            raise Blocked(decisions[0].reason)
+            raise Blocked(decisions[0].reason, decisions[0].rule)
         endpoints = allowed
     return endpoints
 

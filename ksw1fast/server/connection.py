@@ -18,10 +18,11 @@ from typing import Any, Callable, Optional, SupportsInt, Union, cast
 from picows import WSTransport
 
 from ksw1fast.config import GatewayConfig
-from ksw1fast.ops import metrics
+from ksw1fast.ops import audit, metrics
 from ksw1fast.ops.logs import Throttled
 from ksw1fast.pkcs11 import scope as pkcs11_scope
 from ksw1fast.pkcs11 import wire
+from ksw1fast.pkcs11.audit import WATCHED as PKCS11_WATCHED, Pkcs11Audit
 from ksw1fast.pkcs11.backend import Closable, Pkcs11Backend, Scoped
 from ksw1fast.protocol.close import closed_code
 from ksw1fast.protocol.constants import OpenErrCode, Pkcs11Status, WSClose
@@ -49,7 +50,7 @@ class Connection(relaying.GatewayListener):
     __slots__ = ("config", "pkcs11", "resolver", "security", "session", "peer", "_on_closed",
                  "_tasks",
                  "_lookups", "_calls", "_counted", "_streams_at_end", "_frames_seen",
-                 "_pinged", "_unscoped")
+                 "_pinged", "_unscoped", "_pkcs11_audit")
 
     def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
                  pkcs11: Pkcs11Backend, security: Security, resolver: Resolver,
@@ -76,6 +77,7 @@ class Connection(relaying.GatewayListener):
         # why calls are refused (the backend cannot hold them to the token's PKCS#11
         # scope), "" once the scope went to the backend, None before the first call
         self._unscoped: Optional[str] = None
+        self._pkcs11_audit: Optional[Pkcs11Audit] = None  # made by the first audited call
 
     # -- WebSocket lifecycle ------------------------------------------------------
 
@@ -160,24 +162,42 @@ class Connection(relaying.GatewayListener):
                 return  # the session is over: what follows would not be sent
 
     def _note(self, note: Note) -> None:
-        """Logs and metrics for what the session reports."""
+        """Logs, metrics and the audit trail for what the session reports."""
         if note.kind == "open_refused":
-            dest = note.detail.split(":", 1)[0]
+            # (an Open refused before its payload was read has no destination: "?")
+            proto, _, dest = note.dest.partition(" ") if " " in note.dest else ("", "", "")
             refusals.info("open refused peer=%s stream=%d dest=%s reason=%s: %s", self.peer,
-                          note.stream_id, dest, note.label,
-                          note.detail[len(dest) + 2:])
-            metrics.child(metrics.STREAMS, dest.split(" ", 1)[0] if " " in dest else "?",
-                          note.label.lower()).inc()
+                          note.stream_id, note.dest, note.label, note.detail)
+            metrics.child(metrics.STREAMS, proto or "?", note.label.lower()).inc()
             if note.label == OpenErrCode.BLOCKED.name:
                 metrics.child(metrics.POLICY_DENIALS, "egress").inc()
+            audit.refusal("open", "failed" if note.label in _OPEN_FAILURES else "refused",
+                          peer=self.peer, stream=note.stream_id, proto=proto or None,
+                          dest=dest, code=note.label.lower(), reason=note.detail,
+                          rule=note.rule, **audit.identity(self.session.grant))
         elif note.kind == "dns":
             metrics.child(metrics.DNS_QUERIES, note.label).inc()
             if note.label == "refused":
                 metrics.child(metrics.POLICY_DENIALS, "dns").inc()
+            if note.label == "ok":
+                if audit.enabled():
+                    audit.record("dns", "allowed", peer=self.peer, name=note.dest,
+                                 **audit.identity(self.session.grant))
+            else:
+                audit.refusal("dns", "refused" if note.label == "refused" else "failed",
+                              peer=self.peer, name=note.dest or None, code=note.label,
+                              rule=note.rule, **audit.identity(self.session.grant))
         elif note.kind == "auth_failure":
             metrics.child(metrics.AUTH_FAILURES, note.label).inc()
         elif note.kind == "limit":
             metrics.child(metrics.LIMITS, note.label).inc()
+            audit.refusal("limit", "reached", limit=note.label, peer=self.peer,
+                          **audit.identity(self.session.grant))
+        elif note.kind == "pkcs11_refused":
+            audit.refusal("pkcs11", "refused", peer=self.peer,
+                          fn=wire.FUNCTIONS.get(int(note.label), note.label),
+                          status="auth_denied", reason=note.detail, rule=note.rule,
+                          **audit.identity(self.session.grant))
         elif note.kind == "stream_failed":
             refusals.info("stream closed peer=%s stream=%d reason=%s", self.peer,
                           note.stream_id, note.detail)
@@ -201,12 +221,12 @@ class Connection(relaying.GatewayListener):
                                 task, action.dest)
         transport: Any
         try:
-            transport = await open_target(self.resolver, action.host, action.port, action.udp,
-                                          self.security.egress, lambda: stream)
+            transport, rule = await open_target(self.resolver, action.host, action.port,
+                                                action.udp, self.security.egress, lambda: stream)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._fail_open(stream, *open_error(exc), action.dest)
+            self._fail_open(stream, *open_error(exc), action.dest, getattr(exc, "rule", ""))
             return
         finally:
             timer.cancel()
@@ -218,10 +238,16 @@ class Connection(relaying.GatewayListener):
         if self.streams.get(stream.stream_id) is not stream:  # closed while we connected
             transport.abort()
             return
+        peername = transport.get_extra_info("peername")
         self._perform(self.session.connected(stream.stream_id, OpenOkInfo(
-            _sockaddr(transport.get_extra_info("sockname")),
-            _sockaddr(transport.get_extra_info("peername")))))
+            _sockaddr(transport.get_extra_info("sockname")), _sockaddr(peername))))
         stream.start()
+        if audit.enabled():  # (its fields cost something to gather: once per Open)
+            audit.record("open", "allowed", peer=self.peer, stream=stream.stream_id,
+                         proto="udp" if action.udp else "tcp",
+                         dest=audit.host_port(action.host, action.port),
+                         address=audit.host_port(peername[0], peername[1]), rule=rule,
+                         **audit.identity(action.grant or self.session.grant))
         metrics.child(metrics.STREAMS, "udp" if action.udp else "tcp", "ok").inc()
         metrics.OPEN_SECONDS.observe(time.monotonic() - started)
         log.debug("stream open peer=%s stream=%d dest=%s", self.peer, stream.stream_id,
@@ -234,11 +260,13 @@ class Connection(relaying.GatewayListener):
             self._fail_open(stream, *open_error(TimeoutError()), dest)
 
     def _fail_open(self, stream: relaying.Stream, code: OpenErrCode, message: str,
-                   dest: str) -> None:
-        """OpenErr for a stream whose connect failed, unless the client closed it meanwhile."""
+                   dest: str, rule: str = "") -> None:
+        """OpenErr for a stream whose connect failed (or that the egress `rule` refused),
+        unless the client closed it meanwhile."""
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
-            self._perform(self.session.connect_failed(stream.stream_id, code, message, dest))
+            self._perform(self.session.connect_failed(stream.stream_id, code, message, dest,
+                                                      rule))
 
     def _abort(self, stream_id: int) -> None:
         """Drop a stream's target: the client closed it or broke its rules."""
@@ -342,6 +370,20 @@ class Connection(relaying.GatewayListener):
         if status == Pkcs11Status.AUTH_DENIED:
             self._count_refusal(fn, body)
         self._perform(self.session.call_done(action.query_id, status, body))
+        if action.fn_id in PKCS11_WATCHED and audit.enabled():  # a few fns, not the hot ones
+            self._audit_call(action, status, body)
+
+    def _audit_call(self, action: Call, status: int, body: bytes) -> None:
+        if self._pkcs11_audit is None:
+            self._pkcs11_audit = Pkcs11Audit()
+        try:
+            fields = self._pkcs11_audit.observe(action.fn_id, action.args, status, body)
+        except Exception:  # the audit must never cost a client its answer
+            log.exception("PKCS#11 audit failed peer=%s fn=0x%04x", self.peer, action.fn_id)
+            return
+        if fields is not None:
+            audit.record("pkcs11", "ok" if status == Pkcs11Status.OK else "error",
+                         peer=self.peer, **audit.identity(self.session.grant), **fields)
 
     def _count_refusal(self, fn: str, body: bytes) -> None:
         """Count and log a call the token's PKCS#11 scope refused (its message says)."""
@@ -371,6 +413,9 @@ class Connection(relaying.GatewayListener):
 
 
 _tasks_alive: set[asyncio.Task] = set()
+# OpenErr codes of an Open that was allowed but could not reach its target
+_OPEN_FAILURES = frozenset(c.name for c in (OpenErrCode.RESOLVE_FAIL, OpenErrCode.CONN_REFUSED,
+                                            OpenErrCode.TIMEOUT, OpenErrCode.UNREACHABLE))
 
 
 def _background(coro: Any) -> None:

@@ -15,7 +15,7 @@ from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithLis
 from picows.picows import _validate_upgrade_request  # type: ignore[attr-defined]  # not in
                                                      # picows' stubs; picows is pinned
 
-from ksw1fast.ops import metrics
+from ksw1fast.ops import audit, metrics
 from ksw1fast.extensions import CODEC
 from ksw1fast._version import __version__
 from ksw1fast.config import GatewayConfig
@@ -29,6 +29,7 @@ from ksw1fast.pkcs11.backend import Closable, Drainable, Pkcs11Backend, Provider
 from ksw1fast.pkcs11.supervisor import NoModule, make_provider
 from ksw1fast.security.resolve import Resolver
 from ksw1fast.security.gate import HandshakeRefused, Security
+from ksw1fast.security.handshake import header_values
 from ksw1fast.protocol.close import CLOSE_TIMEOUT
 
 log = logging.getLogger("ksw1fast")
@@ -99,9 +100,11 @@ class Gateway:
                 if proxied is not None:  # else the proxy's own check: its socket's address
                     peer = proxied
             except (ProxyHeaderError, asyncio.TimeoutError) as exc:
-                refusals.info("connection refused peer=%s reason=%s", peer,
-                              exc or "no PROXY protocol header in time")
+                reason = str(exc) or "no PROXY protocol header in time"
+                refusals.info("connection refused peer=%s reason=%s", peer, reason)
                 metrics.child(metrics.LIMITS, "proxy_protocol").inc()
+                audit.refusal("limit", "reached", limit="proxy_protocol", peer=peer,
+                              reason=reason)
                 sock.close()
                 return
         # one WebSocket frame may carry one maximal KSW1 frame; our parser bounds the rest
@@ -118,6 +121,8 @@ class Gateway:
                 ssl_handshake_timeout=cfg.handshake_timeout if self._tls else None)
         except (OSError, asyncio.TimeoutError) as exc:  # a failed TLS handshake, say
             refusals.info("connection refused peer=%s reason=%s", peer, exc)
+            audit.refusal("handshake", "refused", peer=peer, reason="tls",
+                          detail=str(exc) or type(exc).__name__)
 
     async def _keep_alive(self, period: float) -> None:
         """Keepalive (docs/protocol.md §11): the client never pings, and balancers drop
@@ -196,12 +201,15 @@ class Gateway:
             # the path only, never the query (it may carry ?token=); repr: no log injection
             refusals.info("handshake refused peer=%s status=404 reason=unknown path %r",
                           client, url_path[:100])
+            audit.refusal("handshake", "refused", peer=client, status=404,
+                          reason="unknown path", path=url_path[:100])
             return None  # picows answers 404
         try:
             _validate_upgrade_request(request)  # as picows will, before anything is counted
             over = self.limits.admit(client.host)
             if over is not None:
                 metrics.child(metrics.LIMITS, over).inc()
+                audit.refusal("limit", "reached", limit=over, peer=client)
                 raise HandshakeRefused(503, over, f"over the {over.replace('_', ' ')} limit")
             try:
                 grant, subprotocol = self.security.admit(path, request.headers)
@@ -209,13 +217,13 @@ class Gateway:
                 self.limits.release(client.host)
                 raise
         except RuntimeError as exc:  # picows' word for a request that is no upgrade
-            return _refuse(client, HandshakeRefused(400, "malformed", str(exc)))
+            return _refuse(client, HandshakeRefused(400, "malformed", str(exc)), request)
         except HandshakeRefused as exc:
             if exc.kind == "origin":
                 metrics.POLICY_DENIALS.labels("origin").inc()
             elif exc.status in (401, 403):
                 metrics.AUTH_FAILURES.labels(exc.kind).inc()
-            return _refuse(client, exc)
+            return _refuse(client, exc, request)
         if grant is not None and grant.subject is None and made:
             subject = _client_subject(made[0])  # mutual TLS: who the certificate names
             if subject is not None:
@@ -225,6 +233,11 @@ class Gateway:
         conn = Connection(self.config, self._closed, backend, self.security, self.resolver,
                           grant, client)
         self.connections.add(conn)
+        if audit.enabled():
+            audit.record("handshake", "accepted", peer=client,
+                         **(audit.identity(grant) if grant is not None
+                            else {"token": "per_request"}),
+                         origin=_origin(request))
         # a browser that offered subprotocols drops the connection unless one is echoed
         headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
         return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), conn)
@@ -328,10 +341,19 @@ def _client_subject(protocol: Any) -> Optional[str]:
     return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
-def _refuse(client: Peer, refused: HandshakeRefused) -> WSUpgradeResponseWithListener:
+def _refuse(client: Peer, refused: HandshakeRefused,
+            request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
     """The HTTP answer to a refused upgrade request, logged (throttled) with its reason."""
     refusals.info("handshake refused peer=%s status=%d reason=%s", client, refused.status,
                   refused)
+    audit.refusal("handshake", "refused", peer=client, status=refused.status,
+                  reason=refused.kind, detail=str(refused), origin=_origin(request))
     headers = {"Retry-After": str(RETRY_AFTER)} if refused.status == 503 else None
     return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
         refused.status, str(refused).encode(), headers), None)
+
+
+def _origin(request: WSUpgradeRequest) -> Optional[str]:
+    """The request's Origin for the audit trail (several joined; the audit quotes them)."""
+    origins = header_values(request.headers, "origin")
+    return ", ".join(origins)[:200] if origins else None
