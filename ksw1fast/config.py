@@ -12,6 +12,10 @@ from ksw1fast.security.peers import FORWARDED_HEADERS
 from ksw1fast.errors import AT_LEAST_1, NOT_NEGATIVE, POSITIVE, MissingExtra, SettingCheck, check_settings
 from ksw1fast.pkcs11.settings import Pkcs11Settings
 
+# what the audit trail says: "security" (handshakes, refusals, limits, PKCS#11 logins
+# and failures) or "all" (also every allowed Open, DNS answer and PKCS#11 key use)
+AUDIT_LEVELS = ("security", "all")
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -39,6 +43,7 @@ class GatewayConfig:
     metrics_host: str = "127.0.0.1"
     log_format: str = "text"         # "text" or "json"
     audit_log: Optional[str] = None  # append the audit trail to this file (else: the log)
+    audit: str = "security"          # "all": also what is allowed (ksw1fast.ops.audit)
     tls_cert: Optional[str] = None   # PEM certificate chain: serve wss://
     tls_key: Optional[str] = None    # its private key (PEM)
     tls_client_ca: Optional[str] = None  # CA certificates (PEM): require client
@@ -101,6 +106,7 @@ _CHECKS: dict[str, SettingCheck] = {
     "send_timeout": POSITIVE, "idle_ping": NOT_NEGATIVE,
     "workers": AT_LEAST_1, "drain_timeout": NOT_NEGATIVE,
     "log_format": (lambda v: v in ("text", "json"), "must be 'text' or 'json'"),
+    "audit": (lambda v: v in AUDIT_LEVELS, "must be 'security' or 'all'"),
     "jwt_audience": _NOT_EMPTY, "jwt_issuer": _NOT_EMPTY,
     "jwt_leeway": (lambda v: 0 <= v <= 3600, "must be 0-3600 (seconds)"),
 }

@@ -178,7 +178,10 @@ def test_an_audit_log_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
 
 # --- a gateway ----------------------------------------------------------------------------
 
-async def test_the_audit_trail_of_a_gateway(tmp_path: Path, echo_port: int) -> None:
+@pytest.mark.parametrize("level", ["all", "security"])
+async def test_the_audit_trail_of_a_gateway(tmp_path: Path, echo_port: int, level: str) -> None:
+    """`--audit all` has every event; "security" (the default) all but what is allowed
+    per request (Opens, DNS answers): those are a line per request."""
     audit_log = tmp_path / "audit.log"
     closed_port = free_port()
     subject, token_id = marker("subject-"), marker("jti-")
@@ -188,7 +191,7 @@ async def test_the_audit_trail_of_a_gateway(tmp_path: Path, echo_port: int) -> N
     payload = marker("payload-").encode()
     gateway = await asyncio.to_thread(
         GatewayProcess, "--audit-log", str(audit_log), "--log-format", "json",
-        "--jwt-secret-env", SECRET_ENV, "--max-connections-per-ip", "2",
+        "--audit", level, "--jwt-secret-env", SECRET_ENV, "--max-connections-per-ip", "2",
         "--egress", "deny any 127.0.0.2", "--egress", "deny *.example", "--egress", f"allow tcp 127.0.0.1:{echo_port}",
         "--egress", f"allow tcp 127.0.0.1:{closed_port}", "--egress", "allow any localhost",
         env={SECRET_ENV: SECRET})
@@ -251,12 +254,10 @@ async def test_the_audit_trail_of_a_gateway(tmp_path: Path, echo_port: int) -> N
                for e in accepted)
 
     identity = {"token": "jwt", "subject": subject, "token_id": token_id}
-    direct = find(events, "open", "allowed", dest=f"127.0.0.1:{echo_port}", **identity)
-    assert direct["proto"] == "tcp" and direct["address"] == f"127.0.0.1:{echo_port}"
-    assert direct["rule"] == f"allow tcp 127.0.0.1:{echo_port}"
-    named = find(events, "open", "allowed", dest=f"localhost:{echo_port}")
-    assert named["address"] == f"127.0.0.1:{echo_port}"  # resolved; ::1 has no echo server
-    assert named["rule"] == f"allow tcp 127.0.0.1:{echo_port}"
+    if level == "security":
+        assert not [e for e in events if e["outcome"] == "allowed"], events
+    else:
+        assert_allowed(events, identity, echo_port)
     denied = find(events, "open", "refused", dest="127.0.0.2:80", **identity)
     assert (denied["code"], denied["rule"]) == ("blocked", "deny any 127.0.0.2")
     assert find(events, "open", "refused", dest=f"127.0.0.1:{echo_port + 1}")["rule"] == \
@@ -265,12 +266,22 @@ async def test_the_audit_trail_of_a_gateway(tmp_path: Path, echo_port: int) -> N
     assert (scope["code"], scope["rule"]) == ("auth_failed", "token scope")
     failed = find(events, "open", "failed", dest=f"127.0.0.1:{closed_port}")
     assert failed["code"] == "conn_refused"
-    find(events, "dns", "allowed", name="localhost", **identity)
     assert find(events, "dns", "refused", name="nothing.example")["rule"] == "deny any *.example"
     limit = find(events, "limit", "reached", limit="connections_per_ip")
     assert limit["peer"].startswith("127.0.0.1:")
     find(events, "handshake", "refused", status=503, reason="connections_per_ip")
     assert len({e["pid"] for e in events}) == 1
+
+
+def assert_allowed(events: list[dict[str, Any]], identity: dict[str, str],
+                   echo_port: int) -> None:
+    direct = find(events, "open", "allowed", dest=f"127.0.0.1:{echo_port}", **identity)
+    assert direct["proto"] == "tcp" and direct["address"] == f"127.0.0.1:{echo_port}"
+    assert direct["rule"] == f"allow tcp 127.0.0.1:{echo_port}"
+    named = find(events, "open", "allowed", dest=f"localhost:{echo_port}")
+    assert named["address"] == f"127.0.0.1:{echo_port}"  # resolved; ::1 has no echo server
+    assert named["rule"] == f"allow tcp 127.0.0.1:{echo_port}"
+    find(events, "dns", "allowed", name="localhost", **identity)
 
 
 async def test_workers_append_whole_lines_to_one_file(tmp_path: Path) -> None:
@@ -326,8 +337,10 @@ async def call(client: kclient.KSW1Client, fn: str, args: Writer) -> Reader:
 
 
 @pytest.mark.softhsm
-async def test_pkcs11_login_and_sign_are_audited(tmp_path: Path,
-                                                 random_pin_token: SoftHSM) -> None:
+@pytest.mark.parametrize("level", ["all", "security"])
+async def test_pkcs11_login_and_sign_are_audited(tmp_path: Path, random_pin_token: SoftHSM,
+                                                 level: str) -> None:
+    """Logins at every level; a Sign that worked only with `--audit all`."""
     store = random_pin_token
     audit_log = tmp_path / "audit.log"
     subject, token_id = marker("subject-"), marker("jti-")
@@ -337,7 +350,7 @@ async def test_pkcs11_login_and_sign_are_audited(tmp_path: Path,
     signed = marker("signed-").encode()
     gateway = await asyncio.to_thread(
         GatewayProcess, "--audit-log", str(audit_log), "--log-format", "json",
-        "--jwt-secret-env", SECRET_ENV, "--pkcs11-lib", store.module,
+        "--audit", level, "--jwt-secret-env", SECRET_ENV, "--pkcs11-lib", store.module,
         env={SECRET_ENV: SECRET, **store.env})
     try:
         client = await kclient.connect(f"{gateway.address}?token={token}")
@@ -375,8 +388,13 @@ async def test_pkcs11_login_and_sign_are_audited(tmp_path: Path,
                           [token, *token.split("."), store.user_pin.decode(), wrong_pin.decode(),
                            signed.decode(), signature.hex(), SECRET])
     calls = [e for e in events if e["event"] == "pkcs11"]
-    assert [e["fn"] for e in calls] == ["Login", "Login", "Sign"]  # the audited ones only
+    if level == "security":
+        assert [e["fn"] for e in calls] == ["Login", "Login"]
+        calls.append({})
+    else:
+        assert [e["fn"] for e in calls] == ["Login", "Login", "Sign"]  # the audited ones only
     refused_login, login, sign = calls
+    calls = [e for e in calls if e]
     assert (refused_login["outcome"], refused_login["status"], refused_login["ckr"]) == \
         ("error", "ck_error", "CKR_PIN_INCORRECT")
     for event in calls:
@@ -384,5 +402,7 @@ async def test_pkcs11_login_and_sign_are_audited(tmp_path: Path,
             (subject, token_id, "jwt")
         assert event["peer"].startswith("127.0.0.1:") and event["session"] == session
     assert (login["outcome"], login["status"], login["user"]) == ("ok", "ok", "user")
+    if level == "security":
+        return
     assert sign["outcome"] == "ok" and sign["mechanism"] == "CKM_SHA256_RSA_PKCS"
     assert (sign["key"], sign["key_label"]) == (private, key_label)

@@ -10,7 +10,7 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 from ksw1fast._version import __version__
-from ksw1fast.config import GatewayConfig
+from ksw1fast.config import AUDIT_LEVELS, GatewayConfig
 from ksw1fast.cli.config_file import (ConfigError, check_config_file, located, make_config,
                                   read_config_file)
 from ksw1fast.errors import MissingExtra, SettingError, StartError
@@ -41,7 +41,7 @@ FLAG_SETTINGS = {
     "idle_ping": "idle_ping", "tls_cert": "tls_cert", "tls_key": "tls_key",
     "tls_client_ca": "tls_client_ca",
     "workers": "workers", "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
-    "metrics_host": "metrics_host", "log_format": "log_format", "audit_log": "audit_log",
+    "metrics_host": "metrics_host", "log_format": "log_format", "audit_log": "audit_log", "audit": "audit",
     "token_file": "token_file",
     "token_secret_env": "token_secret_env", "open_token": "open_token",
     "jwt_secret_env": "jwt_secret_env", "jwt_jwks": "jwt_jwks",
@@ -207,6 +207,10 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
                      help="append the audit trail (handshakes, Opens, DNS queries, PKCS#11 "
                           "logins and key use, limits; docs/operations.md) to FILE, in "
                           "--log-format, whatever --log-level; default: with the log")
+    ops.add_argument("--audit", choices=AUDIT_LEVELS,
+                     help="security (default): handshakes, refusals, limits, PKCS#11 logins "
+                          "and failures; all: also every allowed Open, DNS answer and PKCS#11 "
+                          "key use (a line per Open: about a quarter more CPU per Open)"),
     # one of a supervisor's workers, saying on this pipe when it serves (workers.py)
     ops.add_argument("--worker-process", type=int, metavar="FD", help=argparse.SUPPRESS)
 

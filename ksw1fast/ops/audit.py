@@ -15,6 +15,10 @@ With `--log-format json` the fields sit beside "ts", "level", "logger", "pid" an
 value quoted (JSON string escapes) unless it is plain.  Callers pass named values
 only, never a token, a PIN or payload bytes.
 
+The trail has two levels (`--audit`): "security", the default, is everything but what
+is allowed per request; "all" (`routine_enabled`) adds every allowed Open, DNS answer
+and PKCS#11 key use, a line per request, which costs about a quarter of an Open's CPU.
+
 `refusal` is for what a client can cause at will (a refused handshake, Open or DNS
 query, a limit): those go through the same per-process limiter as the log's refusal
 lines (ksw1fast.ops.logs.Throttled, 50 a second in bursts of 200), and the first line
@@ -33,13 +37,27 @@ from ksw1fast.ops.logs import AUDIT_LOGGER, Throttled
 
 log = logging.getLogger(AUDIT_LOGGER)
 _INFO = logging.INFO
+# --audit all: also what is allowed (Opens, DNS answers, PKCS#11 key use), a line per
+# request; off by default, since it costs about a quarter of an Open's CPU
+_everything = False
 _refusals = Throttled(log)
 _PLAIN = re.compile(r"[A-Za-z0-9_.:/@\[\]*,+%#-]+")
+
+
+def configure(level: str) -> None:
+    """The trail's level (ksw1fast.config.AUDIT_LEVELS): "security" or "all"."""
+    global _everything
+    _everything = level == "all"
 
 
 def enabled() -> bool:
     """Whether events are written (cheap: the logging module caches it)."""
     return log.isEnabledFor(_INFO)
+
+
+def routine_enabled() -> bool:
+    """Whether what is allowed is written too (`--audit all`)."""
+    return _everything and log.isEnabledFor(_INFO)
 
 
 def record(event: str, outcome: str, **fields: Any) -> None:

@@ -1,6 +1,8 @@
 """What the audit trail says of PKCS#11 calls, observed in the gateway from each
 request and its answer (ksw1fast.ops.audit): no agent is asked anything more, and
-only the calls in WATCHED cost anything beyond a set look-up.
+only the calls in WATCHED cost anything beyond a set look-up.  At the trail's
+"security" level (`--audit`, the default) only `always_audited` calls are observed:
+logins, administration and failed key uses; "all" adds every key use, with labels.
 
 Audited (AUDITED): logins and logouts, token and PIN administration, and the calls
 that use a key for something only its holder should do: Sign, SignInit, SignRecover,
@@ -36,6 +38,8 @@ _LABELLING_NAMES = ("FindObjectsInit", "FindObjects", "FindObjectsFinal", "Gener
                     "GenerateKey", "CreateObject", "CopyObject", "DeriveKey", "UnwrapKey",
                     "GetAttributeValue", "SetAttributeValue", "DestroyObject")
 AUDITED = frozenset(fn for fn, name in FUNCTIONS.items() if name in _AUDITED_NAMES)
+# audited at every level of the trail; the key uses only when they fail, unless `--audit all`
+_ACCOUNT = frozenset(fn for fn, name in FUNCTIONS.items() if name in _AUDITED_NAMES[:6])
 WATCHED = AUDITED | frozenset(fn for fn, name in FUNCTIONS.items() if name in _LABELLING_NAMES)
 
 _USERS = {0: "so", 1: "user", 2: "context_specific"}
@@ -46,6 +50,12 @@ for _op in OPS:
         _OPERATIONS[_op.one_shot] = (_op.keyed, True, _op.tail)
         if _op.multipart:
             _OPERATIONS[_op.multipart[0]] = (_op.keyed, False, hotargs.NO_TAIL)
+
+
+def always_audited(fn_id: int, status: int) -> bool:
+    """Whether a call is in the trail at its "security" level: logins and token or PIN
+    administration, and a key use that failed."""
+    return fn_id in _ACCOUNT or (fn_id in AUDITED and status != Pkcs11Status.OK)
 
 
 def _skip_bytes(reader: Reader) -> None:

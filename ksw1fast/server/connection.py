@@ -22,7 +22,7 @@ from ksw1fast.ops import audit, metrics
 from ksw1fast.ops.logs import Throttled
 from ksw1fast.pkcs11 import scope as pkcs11_scope
 from ksw1fast.pkcs11 import wire
-from ksw1fast.pkcs11.audit import WATCHED as PKCS11_WATCHED, Pkcs11Audit
+from ksw1fast.pkcs11.audit import WATCHED as PKCS11_WATCHED, Pkcs11Audit, always_audited
 from ksw1fast.pkcs11.backend import Closable, Pkcs11Backend, Scoped
 from ksw1fast.protocol.close import closed_code
 from ksw1fast.protocol.constants import OpenErrCode, Pkcs11Status, WSClose
@@ -180,7 +180,7 @@ class Connection(relaying.GatewayListener):
             if note.label == "refused":
                 metrics.child(metrics.POLICY_DENIALS, "dns").inc()
             if note.label == "ok":
-                if audit.enabled():
+                if audit.routine_enabled():
                     audit.record("dns", "allowed", peer=self.peer, name=note.dest,
                                  **audit.identity(self.session.grant))
             else:
@@ -242,7 +242,7 @@ class Connection(relaying.GatewayListener):
         self._perform(self.session.connected(stream.stream_id, OpenOkInfo(
             _sockaddr(transport.get_extra_info("sockname")), _sockaddr(peername))))
         stream.start()
-        if audit.enabled():  # (its fields cost something to gather: once per Open)
+        if audit.routine_enabled():  # (`--audit all`: a line per Open costs CPU)
             audit.record("open", "allowed", peer=self.peer, stream=stream.stream_id,
                          proto="udp" if action.udp else "tcp",
                          dest=audit.host_port(action.host, action.port),
@@ -370,7 +370,8 @@ class Connection(relaying.GatewayListener):
         if status == Pkcs11Status.AUTH_DENIED:
             self._count_refusal(fn, body)
         self._perform(self.session.call_done(action.query_id, status, body))
-        if action.fn_id in PKCS11_WATCHED and audit.enabled():  # a few fns, not the hot ones
+        if action.fn_id in PKCS11_WATCHED and audit.enabled() and (
+                audit.routine_enabled() or always_audited(action.fn_id, status)):
             self._audit_call(action, status, body)
 
     def _audit_call(self, action: Call, status: int, body: bytes) -> None:

@@ -67,6 +67,7 @@ class Gateway:
     async def start(self) -> "Gateway":
         """Listen; ListenError (one line: the address and the cause) when it cannot."""
         cfg = self.config
+        audit.configure(cfg.audit)
         self._tls = self._tls_context()  # before listening: a bad certificate is no bind error
         if isinstance(self._pkcs11, Startable):
             await self._pkcs11.start()
