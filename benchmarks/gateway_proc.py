@@ -15,9 +15,11 @@ from benchmarks.procs import Service, tree_rss
 # the directory ksw1fast was imported from (the source tree, or site-packages when
 # installed): the gateway subprocess must run that same ksw1fast
 KSW1FAST_PARENT = Path(ksw1fast.__file__).resolve().parent.parent
+UNLIMITED = 1_000_000  # a limit no benchmark reaches (the flags take no 0)
 _SERVING = re.compile(r"serving (wss?://\S+)")
-# one pair per connection, thousands in the idle scenario: not news
-_QUIET = (" connection open ", " connection closed ", " worker ")
+# a few lines per connection (open, closed, the audit trail's handshake), thousands in
+# the idle scenario: not news
+_QUIET = (" connection open ", " connection closed ", " worker ", " handshake accepted ")
 
 
 def _is_agent(proc: psutil.Process) -> bool:
@@ -50,9 +52,12 @@ class GatewayProcess(Service):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, env.get("PYTHONPATH")]))
         if workers > 1:
             flags = ("--workers", str(workers), *flags)
-        # capacity is measured without the per-connection request rate an operator sets
+        # capacity is measured without the limits an operator sets per client (open rate,
+        # connections per address: every load generator connects from 127.0.0.1)
         argv = [sys.executable, "-m", "ksw1fast", "serve", "--host", "127.0.0.1", "--port", "0",
-                "--log-level", "info", "--max-open-rate", "0", *flags]
+                "--log-level", "info", "--max-open-rate", "0",
+                "--max-connections", str(UNLIMITED), "--max-connections-per-ip", str(UNLIMITED),
+                *flags]
         label = f"gateway {impl}" + (f" x{workers}" if workers > 1 else "")
         # run from `home`: `python -m` puts the working directory first on sys.path, so
         # a gateway started from another checkout would import that checkout's ksw1fast
