@@ -373,3 +373,44 @@ async def test_a_backend_whose_limit_fails_gets_no_call(monkeypatch: pytest.Monk
     assert error_of(response.status, response.body) == (
         None, "token scope: backend failed to take the token's scope")
     assert provider.backends[0].calls == []
+
+
+async def test_a_shared_backend_gets_no_call_of_a_scoped_token(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One backend for every connection (no provider): its `handle` cannot tell whose
+    scope a call is under, so a scoped token's calls never reach it, even with `limit`."""
+    monkeypatch.setenv("SCOPE_SECRET", SECRET.decode())
+    shared = _ScopedBackend()
+    scoped = issue_token(SECRET, 60, [], pkcs11=SIGN_ONLY).encode()
+    plain = issue_token(SECRET, 60, [], pkcs11=True).encode()
+    async with await ksw1fast.start_gateway(port=0, token_secret_env="SCOPE_SECRET",
+                                            open_token=True, pkcs11_backend=shared) as gw:
+        client = await kclient.connect(gw.address, token=scoped)
+        response = await client.pkcs11(F["GetInfo"], b"")
+        assert response.status == Pkcs11Status.AUTH_DENIED
+        assert error_of(response.status, response.body)[1] == (
+            "token scope: backend is shared: it cannot hold one token's scope")
+        await client.close()
+        client = await kclient.connect(gw.address, token=plain)
+        await client.pkcs11(F["GetInfo"], b"")
+        await client.close()
+    assert shared.scopes == [] and shared.calls == [F["GetInfo"]]
+
+
+async def test_a_scope_refusal_is_in_the_audit_trail(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A call the token's scope refused is an audit event of its own ("refused", with
+    the rule), at the trail's default level, and not a second "error" event."""
+    monkeypatch.setenv("SCOPE_SECRET", SECRET.decode())
+    provider = _Provider(_ScopedBackend)
+    scoped = issue_token(SECRET, 60, [], pkcs11=SIGN_ONLY).encode()
+    caplog.set_level(logging.INFO, logger="ksw1fast.audit")
+    async with await ksw1fast.start_gateway(port=0, token_secret_env="SCOPE_SECRET",
+                                            open_token=True, pkcs11_backend=provider) as gw:
+        client = await kclient.connect(gw.address, token=scoped)
+        assert (await client.pkcs11(F["Sign"], b"")).status == Pkcs11Status.AUTH_DENIED
+        await client.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ksw1fast.audit"]
+    pkcs11 = [line for line in lines if line.startswith("pkcs11 ")]
+    assert len(pkcs11) == 1 and pkcs11[0].startswith("pkcs11 refused"), lines
+    assert "fn=Sign" in pkcs11[0] and "rule=function" in pkcs11[0]

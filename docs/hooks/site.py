@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ def environment() -> str:
 
 def command_help() -> str:
     """`--help` of every command but serve (whose flags are the tables above)."""
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal: the same page anywhere
     parser = cli.build_parser()
     out = []
     for argv in (["--help"], ["check-config", "--help"], ["token", "--help"],

@@ -210,7 +210,7 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     ops.add_argument("--audit", choices=AUDIT_LEVELS,
                      help="security (default): handshakes, refusals, limits, PKCS#11 logins "
                           "and failures; all: also every allowed Open, DNS answer and PKCS#11 "
-                          "key use (a line per Open: about a quarter more CPU per Open)"),
+                          "key use (a line per Open: about a quarter more CPU per Open)")
     # one of a supervisor's workers, saying on this pipe when it serves (workers.py)
     ops.add_argument("--worker-process", type=int, metavar="FD", help=argparse.SUPPRESS)
 

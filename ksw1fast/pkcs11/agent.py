@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 from typing import BinaryIO, Optional, Sequence
@@ -106,6 +107,9 @@ def _scope(body: bytes) -> Optional[Pkcs11Scope]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # exec gave SIGHUP its default (end the process): a reload sent to the process
+    # group, or a terminal that closes, is the worker's business, not the agent's
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     options = _parse(argv)
     # stdout carries frames only: whatever the module prints goes to stderr instead
     out = os.fdopen(os.dup(1), "wb")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 
 from ksw1fast.pkcs11 import hotargs
 from ksw1fast.pkcs11.args import ARGS, OPS
+from ksw1fast.pkcs11.mechanisms import mechanism_name
 from ksw1fast.pkcs11.wire import FUNCTIONS, Attribute, Reader, WireError, error_of
 from ksw1fast.protocol.constants import Pkcs11Status
 
@@ -83,23 +84,18 @@ def _args(fn_id: int, args: bytes) -> Optional[list[Any]]:
 
 
 @lru_cache(maxsize=None)
-def _table(kind: str) -> dict:
-    """PyKCS11's names (CKM, CKR), when it is installed (it is wherever agents run)."""
+def _ckr_names() -> dict[int, str]:
+    """PyKCS11's CKR names, when it is installed (wherever agents run); loaded only when a
+    failed call is audited."""
     try:
         import PyKCS11
     except ImportError:
         return {}
-    return getattr(PyKCS11, kind, {})
-
-
-def mechanism_name(mechanism: int) -> str:
-    name = _table("CKM").get(mechanism)
-    return name if isinstance(name, str) else f"0x{mechanism:08x}"
+    return {k: v for k, v in PyKCS11.CKR.items() if isinstance(k, int) and isinstance(v, str)}
 
 
 def ckr_name(ckr: int) -> str:
-    name = _table("CKR").get(ckr)
-    return name if isinstance(name, str) else f"0x{ckr:08x}"
+    return _ckr_names().get(ckr, f"0x{ckr:08X}")
 
 
 def status_name(status: int) -> str:

@@ -30,8 +30,8 @@ class Scoped(Protocol):
         """Hold this connection's calls to its token's PKCS#11 scope: called on the
         connection's backend before its first call, when the token has a scope. A
         backend without it gets no call from a token with a scope (AuthDenied): it
-        could not keep to it. A backend shared by all connections (no provider) gets
-        every connection's scope: it must not keep one as its own."""
+        could not keep to it. Nor does a backend shared by all connections (no
+        provider): its `handle` cannot tell whose scope a call is under."""
 
 
 @runtime_checkable

@@ -266,6 +266,9 @@ class Dispatcher:
 
     def _close_session(self, c: Client, sid: int, check_rv: bool = True) -> None:
         session = c.sessions.pop(sid)
+        # its session objects die with it, and the module may give their handles to others:
+        # no scope decision may rest on an identity learnt before
+        c.identities.clear()
         for cid in [cid for cid, cursor in c.cursors.rows.items() if cursor.session == sid]:
             del c.cursors.rows[cid]
         rv = self._lib.C_CloseSession(session.pk)
@@ -274,6 +277,9 @@ class Dispatcher:
 
     def _mint_object(self, c: Client, session: SessionRow, handle: int) -> int:
         """The client's row for a module object: a new one, or one more reference."""
+        # the module just named this handle: it may be another object than the one whose
+        # identity (CKA_CLASS, CKA_LABEL) the scope checks learnt under the same number
+        c.identities.pop(handle, None)
         rid = c.object_ids.get(handle)
         if rid is None:
             rid = c.objects.add(ObjectRow(handle, [session.id]))

@@ -24,6 +24,7 @@ from ksw1fast.pkcs11 import scope as pkcs11_scope
 from ksw1fast.pkcs11 import wire
 from ksw1fast.pkcs11.audit import WATCHED as PKCS11_WATCHED, Pkcs11Audit, always_audited
 from ksw1fast.pkcs11.backend import Closable, Pkcs11Backend, Scoped
+from ksw1fast.pkcs11.supervisor import NoModule
 from ksw1fast.protocol.close import closed_code
 from ksw1fast.protocol.constants import OpenErrCode, Pkcs11Status, WSClose
 from ksw1fast.protocol.messages import OpenOkInfo, SockAddr
@@ -50,14 +51,17 @@ class Connection(relaying.GatewayListener):
     __slots__ = ("config", "pkcs11", "resolver", "security", "session", "peer", "_on_closed",
                  "_tasks",
                  "_lookups", "_calls", "_counted", "_streams_at_end", "_frames_seen",
-                 "_pinged", "_unscoped", "_pkcs11_audit")
+                 "_pinged", "_unscoped", "_pkcs11_audit", "_shared_pkcs11")
 
     def __init__(self, config: GatewayConfig, on_closed: Callable[["Connection"], None],
                  pkcs11: Pkcs11Backend, security: Security, resolver: Resolver,
-                 grant: Optional[Grant], peer: Peer) -> None:
+                 grant: Optional[Grant], peer: Peer, shared_pkcs11: bool = False) -> None:
+        """`shared_pkcs11`: `pkcs11` serves every connection (no provider made it for
+        this one), so it cannot hold this connection's calls to its token's scope."""
         super().__init__(config.max_payload, config.send_buffer_limit, config.send_timeout)
         self.config = config
         self.pkcs11 = pkcs11
+        self._shared_pkcs11 = shared_pkcs11
         self.resolver = resolver
         self.security = security  # its egress judges every address an Open is to reach
                                   # (read at each Open: a reload may replace it)
@@ -345,6 +349,9 @@ class Connection(relaying.GatewayListener):
             return ""
         if not isinstance(self.pkcs11, Scoped):
             return pkcs11_scope.refusal("backend", "cannot hold calls to the token's scope")
+        if self._shared_pkcs11 and not isinstance(self.pkcs11, NoModule):
+            # its handle() cannot tell connections apart: one scope would judge another's
+            return pkcs11_scope.refusal("backend", "is shared: it cannot hold one token's scope")
         try:
             self.pkcs11.limit(scope)
         except Exception as exc:  # a custom backend's bug: then no call may reach it
@@ -367,10 +374,9 @@ class Connection(relaying.GatewayListener):
         metrics.PKCS11_SECONDS.observe(time.monotonic() - started)
         fn = wire.FUNCTIONS.get(action.fn_id, "unknown")
         metrics.PKCS11_CALLS.labels(fn, _status_name(status)).inc()
-        if status == Pkcs11Status.AUTH_DENIED:
-            self._count_refusal(fn, body)
+        scope_refused = status == Pkcs11Status.AUTH_DENIED and self._count_refusal(fn, body)
         self._perform(self.session.call_done(action.query_id, status, body))
-        if action.fn_id in PKCS11_WATCHED and audit.enabled() and (
+        if action.fn_id in PKCS11_WATCHED and not scope_refused and audit.enabled() and (
                 audit.routine_enabled() or always_audited(action.fn_id, status)):
             self._audit_call(action, status, body)
 
@@ -382,20 +388,30 @@ class Connection(relaying.GatewayListener):
         except Exception:  # the audit must never cost a client its answer
             log.exception("PKCS#11 audit failed peer=%s fn=0x%04x", self.peer, action.fn_id)
             return
-        if fields is not None:
-            audit.record("pkcs11", "ok" if status == Pkcs11Status.OK else "error",
-                         peer=self.peer, **audit.identity(self.session.grant), **fields)
+        if fields is None:
+            return
+        if status == Pkcs11Status.OK:
+            audit.record("pkcs11", "ok", peer=self.peer, **audit.identity(self.session.grant),
+                         **fields)
+        else:  # a client can fail calls at will (a wrong PIN in a loop): bounded
+            audit.refusal("pkcs11", "error", peer=self.peer,
+                          **audit.identity(self.session.grant), **fields)
 
-    def _count_refusal(self, fn: str, body: bytes) -> None:
-        """Count and log a call the token's PKCS#11 scope refused (its message says)."""
+    def _count_refusal(self, fn: str, body: bytes) -> bool:
+        """Count, log and audit a call the token's PKCS#11 scope refused (its message
+        says); whether it was one."""
         try:
             message = wire.error_of(Pkcs11Status.AUTH_DENIED, body)[1]
         except (wire.WireError, ValueError):  # a custom backend's malformed answer
-            return
+            return False
         rule = pkcs11_scope.rule_of(message)
-        if rule is not None:
-            metrics.child(metrics.PKCS11_SCOPE_REFUSALS, fn, rule).inc()
-            refusals.info("pkcs11 call refused peer=%s fn=%s: %s", self.peer, fn, message)
+        if rule is None:
+            return False
+        metrics.child(metrics.PKCS11_SCOPE_REFUSALS, fn, rule).inc()
+        refusals.info("pkcs11 call refused peer=%s fn=%s: %s", self.peer, fn, message)
+        audit.refusal("pkcs11", "refused", peer=self.peer, fn=fn, status="auth_denied",
+                      reason=message, rule=rule, **audit.identity(self.session.grant))
+        return True
 
     def count_bytes(self) -> None:
         """Add what the streams relayed since the last look to the byte counters."""

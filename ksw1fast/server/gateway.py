@@ -8,7 +8,7 @@ import logging
 import socket
 import ssl
 from functools import partial
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 from urllib.parse import urlsplit
 
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
@@ -191,10 +191,13 @@ class Gateway:
         return f"{scheme}://{host}:{self.port}{self.config.path}"
 
     def _route(self, peer: Peer, request: WSUpgradeRequest,
-               made: Sequence[Any] = ()) -> Optional[WSUpgradeResponseWithListener]:
+               made: Optional[list[Any]] = None) -> Optional[WSUpgradeResponseWithListener]:
         """An upgrade request from `peer` (after its PROXY header) on the picows protocol
         in `made`: refused with its HTTP status, or a Connection for it (counted until it
         ends)."""
+        # taken out of `made`: the protocol holds this callback, which holds `made`, and a
+        # cycle would leave every closed connection to the cyclic garbage collector
+        protocol = made.pop() if made else None
         client = self.proxies.client_of(peer, request.headers)
         path = request.path.decode("latin-1")
         url_path = urlsplit(path).path
@@ -225,14 +228,18 @@ class Gateway:
             elif exc.status in (401, 403):
                 metrics.AUTH_FAILURES.labels(exc.kind).inc()
             return _refuse(client, exc, request)
-        if grant is not None and grant.subject is None and made:
-            subject = _client_subject(made[0])  # mutual TLS: who the certificate names
+        if (grant is not None and grant.subject is None and protocol is not None
+                and self.config.tls_client_ca):
+            subject = _client_subject(protocol)  # mutual TLS: who the certificate names
             if subject is not None:
                 grant = dataclasses.replace(grant, subject=subject)
-        backend = (self._pkcs11.for_connection() if isinstance(self._pkcs11, Provider)
-                   else self._pkcs11)
+        backend: Pkcs11Backend
+        if isinstance(self._pkcs11, Provider):
+            backend, shared = self._pkcs11.for_connection(), False
+        else:
+            backend, shared = self._pkcs11, True
         conn = Connection(self.config, self._closed, backend, self.security, self.resolver,
-                          grant, client)
+                          grant, client, shared_pkcs11=shared)
         self.connections.add(conn)
         if audit.enabled():
             audit.record("handshake", "accepted", peer=client,
@@ -339,7 +346,10 @@ def _client_subject(protocol: Any) -> Optional[str]:
         return None
     from cryptography import x509
 
-    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    try:
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except ValueError:  # OpenSSL took it, cryptography's stricter DER parser does not
+        return None
 
 
 def _refuse(client: Peer, refused: HandshakeRefused,

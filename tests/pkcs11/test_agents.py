@@ -89,6 +89,19 @@ async def test_an_agent_per_connection_ended_with_it(gateway) -> None:
     assert len(_agents()) <= len(running) - 2
 
 
+async def test_an_agent_outlives_a_sighup(gateway) -> None:
+    """SIGHUP is the gateway's reload, and what a closing terminal sends its process
+    group: an agent ignores it, with its sessions and login."""
+    client = await kclient.connect(gateway.address)
+    session = await _session(client)
+    os.kill(_agent_of(gateway, client), signal.SIGHUP)
+    await asyncio.sleep(0.2)
+    random = Writer().u32(session).u32(16)
+    assert (await client.pkcs11(F["GenerateRandom"], random.getvalue())).status == \
+        Pkcs11Status.OK
+    await client.close()
+
+
 async def test_a_crashed_agent_answers_internal_and_spares_others(gateway) -> None:
     a = await kclient.connect(gateway.address)
     b = await kclient.connect(gateway.address)

@@ -469,3 +469,19 @@ async def test_scopes_in_a_shared_worker_agent(gateway: Gateway) -> None:
         await limited.client.close()
         await unlimited.client.close()
         await asyncio.to_thread(process.stop)
+
+
+async def test_an_identity_learnt_before_a_handle_is_named_again_is_not_trusted(
+        dispatcher: Dispatcher, objects: Objects, scoped: Scoped) -> None:
+    """Modules reuse handle numbers once objects die (a closed session's): when the module
+    names a handle again, what the scope checks learnt of the number before (its class
+    and label) is dropped, so a new object cannot pass for an allowed key."""
+    rpc, session = await scoped(sign_only(objects.sign))
+    other = await private_key(rpc, session, objects.other)
+    client = dispatcher._clients[scoped.clients[-1].id]
+    handle = client.objects.rows[other].handle
+    # as if the number had named the allowed key before, and the module had reused it
+    client.identities[handle] = (ck.CKO_PRIVATE_KEY, objects.sign.encode())
+    assert await private_key(rpc, session, objects.other) == other  # named again
+    assert await denied(rpc, F["Sign"], W().u32(session).mechanism(ECDSA).u32(other)
+                        .bytes(DIGEST), "key") == f"token scope: key {objects.other!r} not allowed"
