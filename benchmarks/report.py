@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from benchmarks.measure import CPU_WINDOW, GENERATOR_LIMIT
+
 Column = tuple[str, str]  # (header, row key)
 Rows = list[dict[str, Any]]
 
@@ -85,9 +87,10 @@ def goals_table(goals: list[dict[str, Any]]) -> str:
 
 QUICK_BANNER = ("**A quick run** (`--quick`: tiny sizes, one run each). It checks that "
                 "every scenario works; its figures measure nothing and no goal is judged.")
-NOTES = ("⚠: the busiest load-generator process used more than 70 % of a core, so the "
-         "row measures the load generator, not the server; no goal is judged on it. "
-         "–: not measured (CPU over less than 1 s of runs is too coarse to be a figure).")
+NOTES = (f"⚠: the busiest load-generator process used more than {GENERATOR_LIMIT:.0%} of a "
+         "core, so the row measures the load generator, not the server; no goal is judged "
+         f"on it. –: not measured (CPU over less than {CPU_WINDOW:g} s of runs is too coarse "
+         "to be a figure).")
 
 
 def header(doc: dict[str, Any]) -> str:

@@ -41,6 +41,7 @@ _INFO = logging.INFO
 # request; off by default, since it costs about a quarter of an Open's CPU
 _everything = False
 _refusals = Throttled(log)
+MAX_IDENTITY = 256  # characters of a subject or token id in a line
 _PLAIN = re.compile(r"[A-Za-z0-9_.:/@\[\]*,+%#-]+")
 
 
@@ -83,8 +84,11 @@ def identity(grant: Any) -> dict[str, Any]:
     its kind (static, signed, jwt; none with auth off) and a JWT's sub and jti."""
     if grant is None:
         return {}
-    return {"token": grant.kind, "subject": getattr(grant, "subject", None),
-            "token_id": getattr(grant, "token_id", None)}
+    subject, token_id = getattr(grant, "subject", None), getattr(grant, "token_id", None)
+    # a token's issuer chose them, a certificate's subject may be long: bounded per line
+    return {"token": grant.kind,
+            "subject": subject[:MAX_IDENTITY] if isinstance(subject, str) else subject,
+            "token_id": token_id[:MAX_IDENTITY] if isinstance(token_id, str) else token_id}
 
 
 def host_port(host: str, port: Optional[int]) -> str:

@@ -29,7 +29,7 @@ from ksw1fast.pkcs11.wire import FUNCTIONS, Attribute, Reader, WireError, error_
 from ksw1fast.protocol.constants import Pkcs11Status
 
 CKA_LABEL = 0x3
-MAX_LABELS = 4096
+MAX_LABELS = 1024  # per connection: with MAX_LABEL_LENGTH, at most ~128 KiB a client can fill
 MAX_LABEL_LENGTH = 128
 
 _AUDITED_NAMES = ("Login", "LoginVendor", "Logout", "InitToken", "InitPIN", "SetPIN",
