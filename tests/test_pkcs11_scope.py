@@ -109,6 +109,21 @@ def test_wrap_key_with_export() -> None:
     assert scope.to_json() == {"functions": ["WrapKey"], "export": True}
 
 
+def test_saved_operation_state_needs_naming_when_keys_or_mechanisms_are_limited() -> None:
+    """Get/SetOperationState move an operation's mechanism and key inside an opaque blob
+    no check can read: refused under a key or mechanism limit unless `functions` names
+    them; other scopes leave them as they were."""
+    for limited in ({"mechanisms": ["CKM_ECDSA"]}, {"keys": ["k"]}):
+        scope = Pkcs11Scope.parse(limited)
+        for name in ("GetOperationState", "SetOperationState"):
+            message = scope.function_refusal(name)
+            assert message is not None and message.startswith("token scope: function ")
+        assert scope.function_refusal("Sign") is None
+        named = Pkcs11Scope.parse({**limited, "functions": ["SetOperationState"]})
+        assert named.function_refusal("SetOperationState") is None
+    assert Pkcs11Scope.parse({"slots": [0]}).function_refusal("SetOperationState") is None
+
+
 def test_the_mechanism_table_is_pykcs11s() -> None:
     ck = pytest.importorskip("PyKCS11")
     theirs = {name: value for name, value in ck.CKM.items()

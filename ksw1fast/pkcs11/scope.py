@@ -61,6 +61,9 @@ SECRET_ATTRIBUTES = frozenset({
 PUBLIC_CLASSES = frozenset({0x1, 0x2, 0x5, 0x6, 0x7})
 
 
+# operation state saved and restored whole, mechanism and key inside
+_OPAQUE_STATE = frozenset({"GetOperationState", "SetOperationState"})
+
 def refusal(rule: str, detail: str) -> str:
     """The AuthDenied message of a scope refusal."""
     return f"{REFUSAL_PREFIX}{rule} {detail}"
@@ -154,6 +157,12 @@ class Pkcs11Scope:
             return refusal("export", "by WrapKey not allowed")
         if self.functions is not None and name not in self.functions:
             return refusal("function", f"{name} not allowed")
+        if (name in _OPAQUE_STATE and self.functions is None
+                and (self.keys is not None or self.mechanisms is not None)):
+            # the saved state of an operation carries its mechanism and key where no
+            # check can see them: only a scope that names the function allows it
+            return refusal("function", f"{name} not allowed with keys or mechanisms limited "
+                                       "(list it in functions to allow it)")
         return None
 
     def slot_refusal(self, slot: int) -> str | None:
