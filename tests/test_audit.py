@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -282,6 +283,27 @@ def assert_allowed(events: list[dict[str, Any]], identity: dict[str, str],
     assert named["address"] == f"127.0.0.1:{echo_port}"  # resolved; ::1 has no echo server
     assert named["rule"] == f"allow tcp 127.0.0.1:{echo_port}"
     find(events, "dns", "allowed", name="localhost", **identity)
+
+
+async def test_sighup_reopens_the_audit_log(tmp_path: Path) -> None:
+    """logrotate moves the file away and sends SIGHUP: the next lines go to a new file at
+    the configured path, none to the moved one."""
+    audit_log, rotated = tmp_path / "audit.log", tmp_path / "audit.log.1"
+    gateway = await asyncio.to_thread(GatewayProcess, "--audit-log", str(audit_log),
+                                      "--log-format", "json")
+    try:
+        await (await kclient.connect(gateway.address)).close()
+        audit_log.rename(rotated)
+        gateway.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not audit_log.exists():  # reopened when the reload ran
+            assert time.monotonic() < deadline, "the audit log was not reopened"
+            await asyncio.sleep(0.05)
+        await (await kclient.connect(gateway.address)).close()
+    finally:
+        await asyncio.to_thread(gateway.stop)
+    assert len([e for e in read_audit(rotated) if e["event"] == "handshake"]) == 1
+    assert len([e for e in read_audit(audit_log) if e["event"] == "handshake"]) == 1
 
 
 async def test_workers_append_whole_lines_to_one_file(tmp_path: Path) -> None:

@@ -98,8 +98,23 @@ class AppendFile(logging.Handler):
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
-        self._fd: Optional[int] = os.open(
-            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._fd: Optional[int] = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                       0o640)
+
+    def reopen(self) -> None:
+        """Write to the file at `path` from now on (on SIGHUP: logrotate moved the old
+        one away); OSError, and the old file kept, when it cannot be opened."""
+        fd = self._open()
+        self.acquire()
+        try:
+            old, self._fd = self._fd, fd
+        finally:
+            self.release()
+        if old is not None:
+            os.close(old)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -114,6 +129,19 @@ class AppendFile(logging.Handler):
         if fd is not None:
             os.close(fd)
         super().close()
+
+
+def reopen_audit_log() -> None:
+    """Reopen the audit trail's file, if it has one (`--audit-log`); a failure is logged
+    and the old file kept."""
+    for handler in logging.getLogger(AUDIT_LOGGER).handlers:
+        if isinstance(handler, AppendFile):
+            try:
+                handler.reopen()
+            except OSError as exc:
+                logging.getLogger("ksw1fast").warning(
+                    "cannot reopen the audit log %s: %s; still writing the old one",
+                    handler.path, exc.strerror or exc)
 
 
 class Throttled:

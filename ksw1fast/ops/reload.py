@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from ksw1fast.config import GatewayConfig
 from ksw1fast.errors import MissingExtra, StartError
+from ksw1fast.ops.logs import reopen_audit_log
 from ksw1fast.security.egress import EgressPolicy, Rule
 from ksw1fast.security.gate import Security
 
@@ -139,7 +140,8 @@ class Reloader:
 
     def apply(self, gateway: "Gateway") -> bool:
         """Reload `gateway` (on SIGHUP): False when nothing changed because the new
-        settings failed a check (logged)."""
+        settings failed a check (logged).  The audit log is reopened either way."""
+        reopen_audit_log()
         prepared = self.prepare()
         if prepared is None:
             return False
