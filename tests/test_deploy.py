@@ -15,8 +15,8 @@ as a machine without a cluster, a systemd of its own or a container engine can.
 
 kubectl and systemd-analyze come from Debian (scripts/deploy-tools.sh, run by
 scripts/test.sh). The tests that run them carry the `deploy_tools` marker, deselected in
-cibuildwheel's images (which lack both); elsewhere a missing tool skips the test, except
-under CI=true, where it fails: CI must install what it tests with.
+cibuildwheel's images (which lack both); elsewhere a missing tool fails the test: the
+project installs what it tests with.
 """
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
+# one rewriting helper for deploy files, shared with the balancer tests and benchmarks;
+# `benchmarks` is not packaged: appended, so `ksw1fast` stays the installed package
+sys.path.append(str(REPO))
+from benchmarks.baselines.nginx import rewrite  # noqa: E402
+
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 UNIT = DEPLOY / "ksw1fast.service"
@@ -56,26 +61,13 @@ deploy_tools = pytest.mark.deploy_tools
 
 # --- helpers ------------------------------------------------------------------------------
 
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def _tool(name: str) -> str:
-    """The tool's path; without it a skip, or under CI a failure."""
+    """The tool's path; a failure without it (the project's scripts install it, as
+    tests/test_node_client.py asks for Node.js)."""
     found = shutil.which(name)
-    if found:
-        return found
-    message = f"{name} not found: scripts/deploy-tools.sh installs it"
-    if _ci():
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def _sub(text: str, pattern: str, repl: str, count: int) -> str:
-    """re.sub that must match exactly `count` times: the file still has those lines."""
-    new, hits = re.subn(pattern, repl, text, flags=re.M)
-    assert hits == count, f"{pattern!r} matched {hits} times, expected {count}"
-    return new
+    if not found:
+        pytest.fail(f"{name} not found: run scripts/deploy-tools.sh")
+    return found
 
 
 def _raw_manifests() -> dict[str, dict]:
@@ -212,8 +204,8 @@ def test_the_configmap_is_a_valid_config(rendered: Rendered, tmp_path: Path,
     (tmp_path / "ksw1fast.toml").write_text(toml_text)
     check_config_file(tmp_path / "ksw1fast.toml")  # what `ksw1fast check-config` runs
     # and so are the commented examples, once uncommented
-    examples = _sub(toml_text, r"^(\s*)# (trusted_proxies = )", r"\g<1>\g<2>", 1)
-    examples = _sub(examples, r"^(\s*)# (\[pkcs11\]|lib = |pin_env = |deny = )",
+    examples = rewrite(toml_text, r"^(\s*)# (trusted_proxies = )", r"\g<1>\g<2>", 1)
+    examples = rewrite(examples, r"^(\s*)# (\[pkcs11\]|lib = |pin_env = |deny = )",
                     r"\g<1>\g<2>", 4)
     (tmp_path / "examples.toml").write_text(examples)
     monkeypatch.setenv(tomllib.loads(examples)["pkcs11"]["pin_env"], "1234")  # the Secret's
@@ -265,7 +257,7 @@ def test_secrets_come_from_secrets(rendered: Rendered) -> None:
     """Every variable the config reads a secret from (the token secret, a PKCS#11 PIN in
     the commented example) is set from a Secret, never from a literal."""
     settings = rendered.settings
-    example = tomllib.loads(_sub(rendered["ConfigMap"]["data"]["ksw1fast.toml"],
+    example = tomllib.loads(rewrite(rendered["ConfigMap"]["data"]["ksw1fast.toml"],
                                  r"^(\s*)# (\[pkcs11\]|lib = |pin_env = |deny = )",
                                  r"\g<1>\g<2>", 4))
     wanted = {settings["token_secret_env"], example["pkcs11"]["pin_env"]}
@@ -484,7 +476,7 @@ def test_the_unit_runs_serve_and_outlasts_the_drain(tmp_path: Path,
 def _unit_for_this_machine(tmp_path: Path) -> Path:
     """The unit with ExecStart's binary (not installed here) replaced by one that exists:
     verify checks that it is executable. The rewrite must match once."""
-    text = _sub(UNIT.read_text(), r"^(ExecStart=)/opt/ksw1fast/bin/ksw1fast ",
+    text = rewrite(UNIT.read_text(), r"^(ExecStart=)/opt/ksw1fast/bin/ksw1fast ",
                 rf"\g<1>{sys.executable} ", 1)
     path = tmp_path / UNIT.name
     path.write_text(text)
@@ -507,7 +499,7 @@ def test_systemd_analyze_verify_would_see_a_typo(tmp_path: Path) -> None:
     """The check above is not blind: a misspelt directive is reported."""
     analyze = _tool("systemd-analyze")
     unit = _unit_for_this_machine(tmp_path)
-    unit.write_text(_sub(unit.read_text(), r"^ProtectHome=yes$", "ProtectHomes=yes", 1))
+    unit.write_text(rewrite(unit.read_text(), r"^ProtectHome=yes$", "ProtectHomes=yes", 1))
     done = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
                           timeout=60, cwd=tmp_path)
     assert "ProtectHomes" in done.stdout + done.stderr

@@ -291,8 +291,8 @@ class _Backend:
         return Pkcs11Status.OK, b""
 
 
-class _ScopedBackend(_Backend):
-    """... and can hold calls to a scope: refuses Sign whatever the scope says."""
+class _ScopedOkBackend(_Backend):
+    """... can take a scope, and answers Ok."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -300,6 +300,10 @@ class _ScopedBackend(_Backend):
 
     def limit(self, scope: Pkcs11Scope) -> None:
         self.scopes.append(scope)
+
+
+class _ScopedBackend(_ScopedOkBackend):
+    """... and refuses Sign whatever the scope says."""
 
     async def handle(self, fn_id: int, args: bytes) -> tuple[int, bytes]:
         self.calls.append(fn_id)
@@ -325,26 +329,32 @@ def _refusals(fn: str, rule: str) -> float:
                                      {"fn": fn, "rule": rule}) or 0.0
 
 
-async def test_a_backend_that_cannot_keep_a_scope_gets_no_call_of_a_scoped_token(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SCOPE_SECRET", SECRET.decode())
-    provider = _Provider(_Backend)
+async def _scoped_refused_then_plain(backend: Any, refusal: str, tries: int = 1) -> None:
+    """Through a gateway over `backend`: a scoped token's GetInfo answers AuthDenied with
+    `refusal` (`tries` times), then a plain token's GetInfo answers Ok.  open_token: the
+    Hello's token decides (the other tests: the handshake's)."""
     scoped = issue_token(SECRET, 60, [], pkcs11=SIGN_ONLY).encode()
     plain = issue_token(SECRET, 60, [], pkcs11=True).encode()
-    before = _refusals("GetInfo", "backend")
-    # open_token: the Hello's token decides (the other test: the handshake's)
     async with await ksw1fast.start_gateway(port=0, token_secret_env="SCOPE_SECRET",
-                                            open_token=True, pkcs11_backend=provider) as gw:
+                                            open_token=True, pkcs11_backend=backend) as gw:
         client = await kclient.connect(gw.address, token=scoped)
-        for _ in range(2):
+        for _ in range(tries):
             response = await client.pkcs11(F["GetInfo"], b"")
             assert response.status == Pkcs11Status.AUTH_DENIED
-            assert error_of(response.status, response.body)[1] == (
-                "token scope: backend cannot hold calls to the token's scope")
+            assert error_of(response.status, response.body)[1] == refusal
         await client.close()
         client = await kclient.connect(gw.address, token=plain)
         assert (await client.pkcs11(F["GetInfo"], b"")).status == Pkcs11Status.OK
         await client.close()
+
+
+async def test_a_backend_that_cannot_keep_a_scope_gets_no_call_of_a_scoped_token(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCOPE_SECRET", SECRET.decode())
+    provider = _Provider(_Backend)
+    before = _refusals("GetInfo", "backend")
+    await _scoped_refused_then_plain(
+        provider, "token scope: backend cannot hold calls to the token's scope", tries=2)
     assert provider.backends[0].calls == [] and provider.backends[1].calls == [F["GetInfo"]]
     if metrics.AVAILABLE:
         assert _refusals("GetInfo", "backend") == before + 2
@@ -395,20 +405,9 @@ async def test_a_shared_backend_gets_no_call_of_a_scoped_token(
     """One backend for every connection (no provider): its `handle` cannot tell whose
     scope a call is under, so a scoped token's calls never reach it, even with `limit`."""
     monkeypatch.setenv("SCOPE_SECRET", SECRET.decode())
-    shared = _ScopedBackend()
-    scoped = issue_token(SECRET, 60, [], pkcs11=SIGN_ONLY).encode()
-    plain = issue_token(SECRET, 60, [], pkcs11=True).encode()
-    async with await ksw1fast.start_gateway(port=0, token_secret_env="SCOPE_SECRET",
-                                            open_token=True, pkcs11_backend=shared) as gw:
-        client = await kclient.connect(gw.address, token=scoped)
-        response = await client.pkcs11(F["GetInfo"], b"")
-        assert response.status == Pkcs11Status.AUTH_DENIED
-        assert error_of(response.status, response.body)[1] == (
-            "token scope: backend is shared: it cannot hold one token's scope")
-        await client.close()
-        client = await kclient.connect(gw.address, token=plain)
-        await client.pkcs11(F["GetInfo"], b"")
-        await client.close()
+    shared = _ScopedOkBackend()
+    await _scoped_refused_then_plain(
+        shared, "token scope: backend is shared: it cannot hold one token's scope")
     assert shared.scopes == [] and shared.calls == [F["GetInfo"]]
 
 
