@@ -16,7 +16,8 @@ from functools import cached_property
 from typing import Any, Callable
 
 from ksw1fast.pkcs11 import hotargs
-from ksw1fast.pkcs11.wire import FUNCTIONS, POINTER_PARAMETERS, Reader, WireError, decode_parameter
+from ksw1fast.pkcs11.wire import (FUNCTIONS, POINTER_PARAMETERS, Mechanism, Reader, WireError,
+                                  decode_parameter)
 
 SIZED = "sized"  # output into the client's max_out (u32 arg)
 QUERY = "query"  # output sized by the PKCS#11 length query (no arg)
@@ -120,10 +121,11 @@ for _op in OPS:
     ARGS.update(_op_args(_op))
 assert ARGS.keys() == FUNCTIONS.keys()
 
-def _mechanism(reader: Reader) -> None:
+def _mechanism(reader: Reader) -> Mechanism:
     mechanism = reader.mechanism()
     if mechanism.parameter is not None and mechanism.type in POINTER_PARAMETERS:
         decode_parameter(mechanism.type, mechanism.parameter)
+    return mechanism
 
 
 # what each resolved word is on the wire
@@ -152,11 +154,18 @@ def check(fn_id: int, args: bytes) -> str | None:
     agent would answer), or None when they do."""
     if fn_id not in ARGS:
         return unknown_fn(fn_id)
-    reader = Reader(args)
     try:
-        for word in ARGS[fn_id].split():
-            (_WIRE.get(word) or getattr(Reader, word))(reader)
-        reader.end()
+        decode(fn_id, args)
     except WireError as exc:
         return malformed(fn_id, exc)
     return None
+
+
+def decode(fn_id: int, args: bytes) -> list[Any]:
+    """A request's args, one value per word of its layout (ARGS; None for "-", a
+    Mechanism, a list of Attributes...); WireError when they do not fit it."""
+    reader = Reader(args)
+    values = [(_WIRE.get(word) or getattr(Reader, word))(reader)
+              for word in ARGS[fn_id].split()]
+    reader.end()
+    return values

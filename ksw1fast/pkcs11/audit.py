@@ -20,10 +20,10 @@ object is destroyed; at most MAX_LABELS are kept per connection.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from ksw1fast.pkcs11 import hotargs
-from ksw1fast.pkcs11.args import ARGS, OPS
+from ksw1fast.pkcs11.args import OPS, decode
 from ksw1fast.pkcs11.mechanisms import mechanism_name
 from ksw1fast.pkcs11.wire import FUNCTIONS, Attribute, Reader, WireError, error_of
 from ksw1fast.protocol.constants import Pkcs11Status
@@ -59,26 +59,11 @@ def always_audited(fn_id: int, status: int) -> bool:
     return fn_id in _ACCOUNT or (fn_id in AUDITED and status != Pkcs11Status.OK)
 
 
-def _skip_bytes(reader: Reader) -> None:
-    reader.bytes()  # a PIN, wrapped key or data: read past, never kept
-
-
-_READ: dict[str, Callable[[Reader], Any]] = {
-    "u8": Reader.u8, "u32": Reader.u32, "u64": Reader.u64, "bool": Reader.bool,
-    "bytes": _skip_bytes, "string": Reader.string,
-    "opt_string": lambda r: r.option(Reader.string),
-    "session": Reader.u32, "object": Reader.u32, "cursor": Reader.u32, "key": Reader.u32,
-    "size": Reader.u32, "opt_key": lambda r: r.option(Reader.u32),
-    "mechanism": Reader.mechanism, "template": Reader.attributes,
-    "types": lambda r: r.list(Reader.u32), "-": lambda r: None,
-}
-
-
 def _args(fn_id: int, args: bytes) -> Optional[list[Any]]:
-    """The request's args by their layout (args.ARGS), bytes left out; None if malformed."""
-    reader = Reader(args)
+    """The request's args by their layout (args.decode); None if malformed.  Byte strings
+    (a PIN, data, a wrapped key) are in the list but never described."""
     try:
-        return [_READ[word](reader) for word in ARGS[fn_id].split()]
+        return decode(fn_id, args)
     except (WireError, KeyError):
         return None
 
