@@ -2,9 +2,10 @@
 
 Without rules the policy skips its rule loop, and for DNS answers the name too; a name is
 told from an IP literal by its characters before parsing; special ranges, and the IPv4
-inside NAT64, 6to4, Teredo and the like, are read as integers.  Each is checked against
-the slow way on many addresses, IPv4-mapped IPv6, every IPv4-embedding IPv6 form, 0.0.0.0,
-::, metadata and private ranges included.
+inside NAT64, 6to4, Teredo and the like, are read as integers; an Open's IP literal is
+decided once and remembered.  Each is checked against the slow way on many addresses,
+IPv4-mapped IPv6, every IPv4-embedding IPv6 form, 0.0.0.0, ::, metadata and private
+ranges included.
 """
 from __future__ import annotations
 
@@ -186,3 +187,30 @@ def test_default_refusals_are_unchanged() -> None:
     for text in ("127.0.0.1", "10.0.0.1", "192.168.1.1", "::1", "fc00::1", "8.8.8.8"):
         assert DEFAULT.check_address(text, 80, "tcp").allowed
         assert DEFAULT.filter_dns("x.example", [text]) == [text]
+
+
+@given(st.lists(st.tuples(_host_texts(), st.integers(1, 65535), st.sampled_from(["tcp", "udp"])),
+                max_size=6))
+@settings(max_examples=300)
+def test_remembered_literal_decisions_are_check_address(opens: list) -> None:
+    """An Open's literal: parsed as the connect reads it (IPv4-mapped stays IPv6), decided
+    as check_address decides, the same the second time; a name (or a zone id) is None."""
+    for policy in (EgressPolicy(), *RULED):
+        for _ in range(2):  # the second round answers from memory
+            for host, port, proto in opens:
+                got = policy.check_literal(host, port, proto)
+                try:
+                    address = ipaddress.ip_address(host)
+                except ValueError:
+                    assert got is None, host
+                    continue
+                assert got == (address, policy.check_address(address, port, proto)), host
+
+
+def test_remembered_literal_decisions_are_bounded() -> None:
+    policy = EgressPolicy(["deny 10.0.0.0/8"])
+    for n in range(P.LITERALS_REMEMBERED + 10):
+        host = str(ipaddress.IPv4Address(0x0A000000 + n))
+        assert not policy.check_literal(host, 443, "tcp")[1].allowed  # type: ignore[index]
+        assert len(policy._literals) <= P.LITERALS_REMEMBERED
+    assert policy.check_literal("db.internal", 443, "tcp") is None

@@ -183,7 +183,7 @@ class Session:
     """The rules of one connection; see the module docstring."""
 
     __slots__ = ("_authority", "_limits", "_rate", "grant", "_grant_error", "hello_done",
-                 "features", "max_streams", "streams", "lookups", "calls")
+                 "features", "flow_control", "max_streams", "streams", "lookups", "calls")
 
     def __init__(self, authority: Authority, grant: Optional[Grant], limits: Limits,
                  rate: Rate) -> None:
@@ -194,6 +194,7 @@ class Session:
         self._grant_error: Optional[AuthError] = None  # why a presented token was refused
         self.hello_done = False
         self.features = 0
+        self.flow_control = False        # FlowControl negotiated (an enum test per Open costs)
         self.max_streams = 0
         self.streams: set[int] = set()   # ids of the streams Opened and not yet closed
         self.lookups = 0                 # DnsQuery lookups in flight
@@ -228,6 +229,7 @@ class Session:
                 self._grant_error = exc
         server = SERVER_FEATURES | (Feature.OPEN_TOKEN if self._authority.open_token else 0)
         self.features = hello.features & server
+        self.flow_control = bool(self.features & Feature.FLOW_CONTROL)
         self.max_streams = min(hello.max_streams or DEFAULT_CLIENT_MAX_STREAMS,
                                self._limits.max_streams)
         self.hello_done = True
@@ -299,7 +301,7 @@ class Session:
                                "token scope")]
         self.streams.add(stream_id)
         return [Connect(stream_id, proto == "udp", host, req.port, dest,
-                        bool(self.features & Feature.FLOW_CONTROL), grant)]
+                        self.flow_control, grant)]
 
     def connected(self, stream_id: int, info: OpenOkInfo) -> list[Action]:
         """The target of `stream_id` is connected: OpenOk, unless the client closed it."""

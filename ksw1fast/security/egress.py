@@ -110,6 +110,7 @@ _SPECIAL_BOUNDS: dict[int, tuple[tuple[int, int, IPNetwork, str], ...]] = {
     for version in (4, 6)}
 # everything an IPv4 literal is made of; an IPv6 literal always has a colon
 _IPV4_CHARS = frozenset("0123456789.")
+LITERALS_REMEMBERED = 4096  # (literal, port, proto) decisions an EgressPolicy keeps
 # IPv6 prefixes that carry an IPv4, as integers of the address bits above their length
 _LOW32 = 0xFFFF_FFFF
 _NAT64 = 0x64_FF9B << 64       # 64:ff9b::/96
@@ -429,6 +430,7 @@ class EgressPolicy:
     def __init__(self, rules: Iterable[RuleSource] = ()) -> None:
         self.rules: tuple[Rule, ...] = tuple(map(_as_rule, rules))
         self.default_allow = not any(r.action == "allow" for r in self.rules)
+        self._literals: dict[tuple[str, int, str], tuple[IPAddress, Decision]] = {}
 
     def __repr__(self) -> str:
         return f"EgressPolicy({[str(r) for r in self.rules]!r})"
@@ -458,6 +460,29 @@ class EgressPolicy:
 
         proto = normalize_proto(proto)
         return self._evaluate(host_match, port, proto, _dest(norm, port, proto), None)
+
+    def check_literal(self, host: str, port: int, proto: str
+                      ) -> tuple[IPAddress, Decision] | None:
+        """An Open of IP literal `host` (as written, no brackets or zone id): the address
+        it parses to (IPv4-mapped IPv6 stays IPv6) and `check_address`'s decision; None
+        for a name. Remembered, up to `LITERALS_REMEMBERED`: applications open the same
+        few addresses again and again, and the parse and check cost about as much as the
+        rest of an Open's bookkeeping. A policy never changes (a reload makes a new one).
+        """
+        key = (host, port, proto)
+        known = self._literals.get(key)
+        if known is not None:
+            return known
+        if ":" not in host and not _IPV4_CHARS.issuperset(host):
+            return None  # a name
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        if len(self._literals) >= LITERALS_REMEMBERED:  # bounded whatever clients open
+            self._literals.clear()
+        known = self._literals[key] = (address, self.check_address(address, port, proto))
+        return known
 
     def check_address(self, ip: str | bytes | IPAddress, port: int | None = None,
                       proto: str | int | None = None, name: str | None = None) -> Decision:

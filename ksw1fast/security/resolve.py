@@ -159,17 +159,16 @@ def address_bytes(endpoint: Endpoint) -> bytes:
 async def open_target(resolver: Resolver, host: str, port: int, udp: bool,
                       policy: Optional[EgressPolicy],
                       factory: Callable[[], asyncio.BaseProtocol]
-                      ) -> tuple[asyncio.BaseTransport, str]:
+                      ) -> tuple[asyncio.BaseTransport, list[Endpoint]]:
     """The transport of one Open, `host` resolved, checked and connected (`connect`),
-    and the egress rule that allowed the address it connected to (for the audit trail)."""
+    and the endpoints it was allowed to try (`rule_of` names the rule that allowed it)."""
     endpoints = await destinations(resolver, host, port, "udp" if udp else "tcp", policy)
-    transport = await connect(endpoints, udp, factory)
-    return transport, _rule_of(endpoints, transport)
+    return await connect(endpoints, udp, factory), endpoints
 
 
-def _rule_of(endpoints: list[Endpoint], transport: asyncio.BaseTransport) -> str:
-    """The rule of the endpoint `transport` connected to: the only one there is, as a
-    rule nearly always allows every address of a name alike, else found by address."""
+def rule_of(endpoints: list[Endpoint], transport: asyncio.BaseTransport) -> str:
+    """The egress rule of the endpoint `transport` connected to: the only one there is,
+    as a rule nearly always allows every address of a name alike, else found by address."""
     first = endpoints[0].rule
     if all(e.rule == first for e in endpoints):
         return first
@@ -191,13 +190,17 @@ async def destinations(resolver: Resolver, host: str, port: int, proto: str = "t
     the check and the connect (DNS rebinding).  An IP literal without zone id is checked
     once (its name check judges that very address) and is parsed, never resolved.
     """
-    address = _parse_literal(_strip_scope(host))  # None for a name
     zoned = "%" in host
+    if policy is not None and not zoned:
+        literal = policy.check_literal(host, port, proto)
+        if literal is not None:
+            if not literal[1].allowed:
+                raise Blocked(literal[1].reason, literal[1].rule)
+            return [_literal_endpoint(literal[0], host, port, literal[1].rule)]
+    address = _parse_literal(_strip_scope(host))  # None for a name
     rule = ""
-    if policy is not None:
-        # for a plain literal, check_name would parse it again to run this very check
-        decision = (policy.check_address(address, port, proto)
-                    if address is not None and not zoned else policy.check_name(host, port, proto))
+    if policy is not None:  # a name or a literal with a zone id
+        decision = policy.check_name(host, port, proto)
         if not decision.allowed:
             raise Blocked(decision.reason, decision.rule)
         rule = decision.rule

@@ -138,6 +138,13 @@ cdef class Stream:
     cdef _reading(self, bint on):
         """Start or stop reading the target."""
 
+    cdef int _socket_fd(self) except -1:
+        """The target socket's fd for sends past the transport, looked up on the first
+        one: uvloop's lookup costs a getsockname, and many streams never send."""
+        if self.fd < 0:
+            self.fd = self.transport.get_extra_info("socket").fileno()
+        return self.fd
+
     cdef _return_credit(self, bint everything):
         """DataAck what has left our buffers: in steps, or all of it once drained."""
         cdef long long ready = <long long>(self.received - self.acked)
@@ -204,7 +211,6 @@ cdef class TcpStream(Stream):
 
     def connection_made(self, transport):
         self.transport = transport
-        self.fd = transport.get_extra_info("socket").fileno()
         if self.flow_control:
             # credits bound what the client sends; a drained buffer returns all of them
             transport.set_write_buffer_limits(FC_HIGH_WATER, 0)
@@ -285,7 +291,7 @@ cdef class TcpStream(Stream):
         self.bytes_in += size
         if not transport.get_write_buffer_size():
             # Nothing queued: hand the bytes to the kernel straight from picows' buffer.
-            sent = _send(self.fd, data, size)
+            sent = _send(self._socket_fd(), data, size)
             if sent == size:
                 return 0
             if sent < 0:
@@ -314,7 +320,6 @@ cdef class UdpStream(Stream):
 
     def connection_made(self, transport):
         self.transport = transport
-        self.fd = transport.get_extra_info("socket").fileno()
 
     def datagram_received(self, data, addr):
         cdef Py_ssize_t n = len(data)
@@ -346,7 +351,7 @@ cdef class UdpStream(Stream):
             return 0
         self.bytes_in += size
         if not transport.get_write_buffer_size():
-            sent = _send(self.fd, data, size)
+            sent = _send(self._socket_fd(), data, size)
             if sent == size or (sent < 0 and errno != EAGAIN and errno != ENOBUFS):
                 return 0  # sent, or refused by the network (ICMP): a datagram may be lost
         transport.sendto(PyBytes_FromStringAndSize(<char*>data, size))

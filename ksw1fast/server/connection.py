@@ -33,7 +33,7 @@ from ksw1fast.protocol.session import (Abort, Action, Call, Connect, Credit, Fai
 from ksw1fast.security.gate import Security
 from ksw1fast.security.peers import Peer
 from ksw1fast.security.resolve import (ResolveError, Resolver, address_bytes, open_error,
-                                       open_target)
+                                       open_target, rule_of)
 from ksw1fast.security.tokens import Grant
 from ksw1fast.server import relaying
 from ksw1fast.server.limits import Rate
@@ -225,8 +225,9 @@ class Connection(relaying.GatewayListener):
                                 task, action.dest)
         transport: Any
         try:
-            transport, rule = await open_target(self.resolver, action.host, action.port,
-                                                action.udp, self.security.egress, lambda: stream)
+            transport, endpoints = await open_target(
+                self.resolver, action.host, action.port, action.udp, self.security.egress,
+                lambda: stream)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -250,7 +251,8 @@ class Connection(relaying.GatewayListener):
             audit.record("open", "allowed", peer=self.peer, stream=stream.stream_id,
                          proto="udp" if action.udp else "tcp",
                          dest=audit.host_port(action.host, action.port),
-                         address=audit.host_port(peername[0], peername[1]), rule=rule,
+                         address=audit.host_port(peername[0], peername[1]),
+                         rule=rule_of(endpoints, transport),
                          **audit.identity(action.grant or self.session.grant))
         metrics.child(metrics.STREAMS, "udp" if action.udp else "tcp", "ok").inc()
         metrics.OPEN_SECONDS.observe(time.monotonic() - started)
