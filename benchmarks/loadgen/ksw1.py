@@ -72,10 +72,8 @@ class Ksw1Connection(WsPeer):
         return stream_id
 
     def send_frame(self, type_: int, stream_id: int, payload: bytes = b"", flags: int = 0) -> None:
-        assert self.ws is not None
-        self.ws.send(WSMsgType.BINARY,
-                     HEADER.pack(_MAGIC, _VERSION, type_, flags, stream_id, len(payload))
-                     + payload)
+        self.send_message(HEADER.pack(_MAGIC, _VERSION, type_, flags, stream_id, len(payload)),
+                          payload)
 
     def send_open(self, stream_id: int, port: int) -> None:
         # the address as text, as the polyfill sends every address
@@ -104,7 +102,19 @@ class Ksw1Connection(WsPeer):
             if frame.msg_type == WSMsgType.CLOSE:
                 transport.disconnect()
             return
-        view = frame.get_payload_as_memoryview()
+        if self.control is not None:
+            # A request cycle's replies go one by one: held, the requests in flight move
+            # as one burst and gateway and generator take turns instead of working at
+            # once (the gateway idled 15 % of an opens run, at 0.87x the opens/s).
+            self._on_frames(frame.get_payload_as_memoryview())
+            return
+        self.hold_writes()  # the replies to this message's frames leave in one write
+        try:
+            self._on_frames(frame.get_payload_as_memoryview())
+        finally:
+            self.release_writes()
+
+    def _on_frames(self, view: memoryview) -> None:
         pos, end = 0, len(view)
         while pos < end:
             _, _, type_, flags, stream_id, size = HEADER.unpack_from(view, pos)

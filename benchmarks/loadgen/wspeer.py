@@ -1,4 +1,4 @@
-"""What the two WebSocket transports share: connecting, and bulk sends without copies.
+"""What the two WebSocket transports share: connecting, and sends that cost little.
 
 A bulk message is written by us, not by picows: a WebSocket header with the mask bit
 set and a mask key of 0 (a client must mask, RFC 6455 §5.3, and XOR with 0 leaves the
@@ -7,8 +7,13 @@ zero-filled buffer, handed to uvloop's writelines (one sendmsg, no copy: uvloop 
 references to what the kernel did not take, and the filler never changes).  So the
 generator does no per-byte work, while the gateway still unmasks every byte, as it does
 for a browser.  The write-buffer limit is 0: we pause as soon as anything is queued.
-Small messages (counts, echo) go through picows' send(), on the same transport, so
-their order with bulk messages is kept.
+
+Small messages (counts, echo, Opens...) are framed the same way, one WebSocket message
+each as a browser sends them; the echo replies to one received message are held and
+written together when it is done (`hold_writes`): one write per received message
+instead of one per reply, so the generator stays cheaper per message than the gateway
+it measures (issue 16 §3).  Holding keeps their order with each other and with bulk
+messages (`_pump` writes what is held first).
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ class WsPeer(WSListener):
         self.disconnected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._bulk: Deque[Lane] = collections.deque()
         self._paused = False
+        self._held: Optional[bytearray] = None  # messages waiting for release_writes()
 
     @classmethod
     async def connect(cls: type[P], url: str, *args: Any, ca: str = "") -> P:
@@ -65,6 +71,30 @@ class WsPeer(WSListener):
         if self.ws is not None and not self.ws.is_disconnected:
             self.ws.disconnect(graceful=False)
 
+    # -- small messages ----------------------------------------------------------------
+
+    def send_message(self, *parts: bytes) -> None:
+        """One binary message of `parts`, written now or, while held, with the others."""
+        head = _ws_head(sum(map(len, parts)))
+        held = self._held
+        if held is not None:
+            held += head
+            for part in parts:
+                held += part
+            return
+        assert self.ws is not None
+        self.ws.underlying_transport.write(b"".join((head, *parts)))
+
+    def hold_writes(self) -> None:
+        """Hold what send_message writes until release_writes (a received message's replies)."""
+        if self._held is None:
+            self._held = bytearray()
+
+    def release_writes(self) -> None:
+        held, self._held = self._held, None
+        if held and self.ws is not None and not self.ws.is_disconnected:
+            self.ws.underlying_transport.write(held)  # a new buffer each time: uvloop may keep it
+
     # -- bulk ------------------------------------------------------------------------
 
     def head(self, lane: Lane, size: int) -> bytes:
@@ -80,6 +110,9 @@ class WsPeer(WSListener):
     def _pump(self) -> None:
         bulk, ws = self._bulk, self.ws
         assert ws is not None
+        if self._held:  # what was sent before the bulk goes first
+            self.release_writes()
+            self.hold_writes()
         transport = ws.underlying_transport
         while bulk and not self._paused and not ws.is_disconnected:
             lane = bulk[0]
