@@ -260,6 +260,35 @@ def test_malformed_message_says_what() -> None:
         payloads.decode_open(b"\x01\x01\x50\x00\x01\x00a")
 
 
+
+def _open_read_field_by_field(payload: bytes) -> payloads.OpenRequest:
+    """decode_open as a _Reader reads it, one field at a time (what its struct calls skip)."""
+    with payloads._Reader(payload, "Open") as r:
+        proto, addr_kind, port = r.u8(), r.u8(), r.u16()
+        addr = r.field()
+        return payloads.OpenRequest(proto, addr_kind, port, addr, r.field())
+
+
+@given(st.one_of(
+    st.binary(max_size=40),
+    st.builds(lambda p, k, port, addr, token, cut: payloads.encode_open(p, k, port, addr,
+                                                                        token)[:cut],
+              st.integers(0, 255), st.integers(0, 255), st.integers(0, 65535),
+              st.binary(max_size=20), st.binary(max_size=20), st.integers(0, 60))))
+def test_decode_open_reads_as_the_field_reader_does(payload: bytes) -> None:
+    """The same request, or MalformedPayload for the same payloads (its message names the
+    fixed head's 6 bytes as needed where the reader names the first missing field)."""
+    try:
+        expected: object = _open_read_field_by_field(payload)
+    except MalformedPayload:
+        expected = MalformedPayload
+    for form in (payload, bytearray(payload), memoryview(payload)):
+        if expected is MalformedPayload:
+            with pytest.raises(MalformedPayload, match="^Open payload truncated: needs"):
+                payloads.decode_open(form)
+        else:
+            assert payloads.decode_open(form) == expected
+
 ENCODER_ERRORS = [
     ("hello", (-1, 0)),
     ("hello", (1 << 32, 0)),

@@ -90,7 +90,7 @@ class Grant:
         A CIDR scope entry admits IP literals only; a name entry the names it matches.
         The egress policy is checked separately and still applies.
         """
-        if normalize_proto(proto) == "udp" and not self.allows_udp:
+        if not self.allows_udp and normalize_proto(proto) == "udp":
             return False
         return self.scope is None or any(r.matches(host, port, proto) for r in self.scope)
 
