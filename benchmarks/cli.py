@@ -16,6 +16,7 @@ import psutil
 
 import ksw1fast
 from benchmarks import report
+from benchmarks.baselines.reference import SCENARIOS as REFERENCE_SCENARIOS
 from benchmarks.context import FULL, QUICK, Context, Sizes, gateway_impls
 from benchmarks.goals import goals, ratios
 from benchmarks.procs import raise_fd_limit
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also measure the compiled gateway of another source tree (its "
                           "extensions built in place), e.g. a worktree of the commit before a "
                           "change; the ratios then include compiled ÷ against")
+    run.add_argument("--reference", type=_bundle, metavar="BUNDLE",
+                     help="also measure the Node reference server (the polyfill's "
+                          "ws-gateway server.ts bundled into one CommonJS file, see "
+                          "benchmarks/README.md) in the opens and echo scenarios; the "
+                          "goals that are multiples of its figures are then judged on it")
     return parser
 
 
@@ -63,6 +69,13 @@ def _source_tree(text: str) -> Path:
     if not (tree / "ksw1fast" / "__init__.py").is_file():
         raise argparse.ArgumentTypeError(f"{tree} has no ksw1fast/ package")
     return tree
+
+
+def _bundle(text: str) -> Path:
+    bundle = Path(text).resolve()
+    if not bundle.is_file():
+        raise argparse.ArgumentTypeError(f"{bundle} is not a file")
+    return bundle
 
 
 def _cpu_model() -> str:
@@ -87,15 +100,17 @@ def machine_info(fd_limit: int) -> dict[str, Any]:
 
 
 def run(names: Sequence[str], sizes: Sizes, quick: bool, out: Optional[Path],
-        against: Optional[Path] = None) -> dict[str, Any]:
+        against: Optional[Path] = None, reference: Optional[Path] = None) -> dict[str, Any]:
     machine = machine_info(raise_fd_limit())  # before: children inherit the raised limit
     chosen = [SCENARIOS[name] for name in names]
     gateways = len(gateway_impls(against))
-    progress = Progress([(module.steps(sizes, gateways), module.step_seconds(sizes))
-                         for module in chosen])
+    # the reference is measured as one more server in its scenarios
+    progress = Progress([(module.steps(sizes, gateways + (
+        reference is not None and module.NAME in REFERENCE_SCENARIOS)),
+        module.step_seconds(sizes)) for module in chosen])
     started = time.monotonic()
     scenarios: dict[str, list[dict[str, Any]]] = {}
-    with Context(sizes, progress, against) as ctx:
+    with Context(sizes, progress, against, reference) as ctx:
         try:
             for module in chosen:
                 scenarios[module.NAME] = module.run(ctx)
@@ -104,6 +119,7 @@ def run(names: Sequence[str], sizes: Sizes, quick: bool, out: Optional[Path],
     ratio_of = ratios(scenarios)
     doc = {"machine": machine, "quick": quick, "sizes": dataclasses.asdict(sizes),
            "against": str(against) if against else None,
+           "reference": str(reference) if reference else None,
            "duration_s": round(time.monotonic() - started, 1), "scenarios": scenarios,
            "ratios": ratio_of, "goals": [g.as_dict() for g in goals(scenarios, ratio_of, quick)],
            "ratios_not_judged": ratio_of.bound}
@@ -126,4 +142,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sizes = dataclasses.replace(sizes, workers=args.workers)
     # SIGTERM (a CI timeout) unwinds like an error, so every server and process is stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    run(args.only or list(SCENARIOS), sizes, args.quick, args.out, args.against)
+    run(args.only or list(SCENARIOS), sizes, args.quick, args.out, args.against,
+        args.reference)

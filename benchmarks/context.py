@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from benchmarks.baselines.nginx import NginxTls
+from benchmarks.baselines.reference import ReferenceServer
 from benchmarks.baselines.socat import SocatRelay
 from benchmarks.baselines.websockify import Websockify
 from benchmarks.gateway_proc import GatewayProcess
@@ -52,10 +53,11 @@ def gateway_impls(against: Optional[Path]) -> tuple[str, ...]:
 class Context:
     """Use as `with Context(sizes, progress) as ctx:`; scenarios ask it for servers."""
 
-    def __init__(self, sizes: Sizes, progress: Progress, against: Optional[Path] = None
-                 ) -> None:
+    def __init__(self, sizes: Sizes, progress: Progress, against: Optional[Path] = None,
+                 reference: Optional[Path] = None) -> None:
         self.sizes = sizes
         self.against = against
+        self.reference = reference  # the Node reference server's bundle, when given
         self.progress = progress
         self.pool = ClientPool(LOADGEN_PROCESSES)
         self._stack = contextlib.ExitStack()
@@ -101,6 +103,13 @@ class Context:
     def _new_gateway(self, impl: str, flags: tuple[str, ...], workers: int) -> GatewayProcess:
         tree = self.against if impl == "against" else None
         return GatewayProcess(impl, *flags, workers=workers, tree=tree, echo=self.progress.note)
+
+    def reference_server(self) -> Optional[ReferenceServer]:
+        """The Node reference server, if this run was given one (`--reference`)."""
+        if self.reference is None:
+            return None
+        bundle = self.reference
+        return self._service(("reference",), lambda: ReferenceServer(bundle, self.progress.note))
 
     def socat(self, target_port: int) -> SocatRelay:
         return self._service(("socat", target_port), lambda: SocatRelay(target_port, self.progress.note))

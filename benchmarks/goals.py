@@ -3,7 +3,7 @@ same-run ratios, computed from the scenario rows."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 Rows = dict[str, list[dict[str, Any]]]
 
@@ -63,10 +63,14 @@ def ratios(scenarios: Rows) -> Ratios:
                 out.add(f"{key}_vs_{other}", row, find(bulk, **same, impl=other), "mib_per_s")
     for streams in sorted({r["streams"] for r in scenarios.get("echo", [])}):
         rows = scenarios["echo"]
-        for other in _measured(rows, "pure", "socat", "against"):
+        for other in _measured(rows, "pure", "socat", "against", "reference"):
             out.add(f"echo_{streams}s_vs_{other}", find(rows, impl="compiled", streams=streams),
                     find(rows, impl=other, streams=streams), "ops_per_s")
-    for name, baselines in (("opens", ("pure", "direct", "against")),
+        if streams == 1:  # the latency the issue compares with the reference's
+            for other in _measured(rows, "socat", "reference"):
+                out.add(f"echo_1s_p99_vs_{other}", find(rows, impl="compiled", streams=1),
+                        find(rows, impl=other, streams=1), "p99_us")
+    for name, baselines in (("opens", ("pure", "direct", "against", "reference")),
                             ("dns", ("pure", "direct", "against"))):
         rows = scenarios.get(name, [])
         for other in _measured(rows, *baselines):
@@ -115,11 +119,44 @@ def _field(row: Optional[dict[str, Any]], key: str) -> Optional[float]:
     return None if row is None else row.get(key)
 
 
-# Issue 16: stream opens at 2x the Node reference server (7.7k/s on a 2-core machine like
-# ours), as a same-run ratio: the plain connect/close loop ("direct") ran 14.1k/s there.
-OPENS_VS_DIRECT = round(2 * 7_700 / 14_100, 2)
+# Issue 16: stream opens at 2x the Node reference server, single-stream 64-byte echo at
+# 1.5x its rate and a p99 no worse.  Judged on the reference itself when the run measures
+# it (`--reference`); else on baselines every run has, the goals scaled by what the
+# reference did next to them in one run (2026-12-05, the 2-core machine of
+# benchmarks/README.md, `run --only opens echo --repeat 3 --reference`): 11,869 opens/s
+# against the direct connect/close loop's 14,123; 7,018 msgs/s at a p99 of 210 us
+# against socat's 11,761 at 138 us.
+REFERENCE_OPENS_PER_DIRECT = 11_869 / 14_123
+REFERENCE_ECHO_1S_PER_SOCAT = 7_018 / 11_761
+REFERENCE_ECHO_1S_P99_PER_SOCAT = 210 / 138
+OPENS_VS_REFERENCE = 2.0
+ECHO_1S_VS_REFERENCE = 1.5
 # Issue 16: upload at the relay ceiling, at 1, 16 and 64 streams.
 UPLOAD_VS_SOCAT = 0.95
+
+
+def _reference_goals(ratio_of: Ratios, on: Callable[[str, str, float], Goal]) -> list[Goal]:
+    """Issue 16's goals against the Node reference: measured, or scaled (see above)."""
+    if ratio_of.get("opens_vs_reference") is not None:
+        opens = on("stream opens/s: × the Node reference", "opens_vs_reference",
+                   OPENS_VS_REFERENCE)
+    else:
+        opens = on("stream opens/s: × direct TCP connect/close loop (2× the Node reference, "
+                   "scaled)", "opens_vs_direct",
+                   round(OPENS_VS_REFERENCE * REFERENCE_OPENS_PER_DIRECT, 2))
+    if ratio_of.get("echo_1s_vs_reference") is not None:
+        echo = [on("single-stream 64-byte echo msgs/s: × the Node reference",
+                   "echo_1s_vs_reference", ECHO_1S_VS_REFERENCE),
+                on("single-stream 64-byte echo p99: ÷ the Node reference's",
+                   "echo_1s_p99_vs_reference", 1.0)]
+    else:
+        echo = [on("single-stream 64-byte echo msgs/s: × socat relay (1.5× the Node "
+                   "reference, scaled)", "echo_1s_vs_socat",
+                   round(ECHO_1S_VS_REFERENCE * REFERENCE_ECHO_1S_PER_SOCAT, 2)),
+                on("single-stream 64-byte echo p99: ÷ socat relay's (the Node reference's, "
+                   "scaled)", "echo_1s_p99_vs_socat", round(REFERENCE_ECHO_1S_P99_PER_SOCAT, 2))]
+    echo[1].higher_is_better = False
+    return [opens, *echo]
 
 
 def goals(scenarios: Rows, ratio_of: Ratios, quick: bool = False) -> list[Goal]:
@@ -154,8 +191,7 @@ def goals(scenarios: Rows, ratio_of: Ratios, quick: bool = False) -> list[Goal]:
              64.0, False),
         on("8 WebSockets, download: 2 workers × 1 worker", "workers_download_2_vs_1", 1.6),
         on("8 WebSockets, echo: 2 workers × 1 worker", "workers_echo_2_vs_1", 1.6),
-        on("stream opens/s: × direct TCP connect/close loop (2× the Node reference)",
-           "opens_vs_direct", OPENS_VS_DIRECT),
+        *_reference_goals(ratio_of, on),
         Goal("PKCS#11 sign, 1 connection: gateway × direct (earlier goal)",
              _field(find(pkcs11, impl="compiled", op="sign", connections=1), "ratio"), 0.8),
     ]

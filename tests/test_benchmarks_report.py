@@ -106,6 +106,34 @@ def test_a_direct_baseline_may_keep_its_generator_busy() -> None:
     assert ratio_of["opens_vs_direct"] == 0.9 and not ratio_of.bound
 
 
+
+def _single(impl: str, rate: int, p99: float) -> dict:
+    return {"impl": impl, "streams": 1, "ops_per_s": rate, "p99_us": p99,
+            "generator_core": 0.3, "generator_bound": False}
+
+
+def test_the_reference_goals_use_the_reference_when_it_was_measured() -> None:
+    """Measured (`--reference`): opens ≥ 2x and single-stream echo ≥ 1.5x the Node
+    reference at a p99 no worse; else the same goals scaled onto direct and socat."""
+    opens = [{"impl": "compiled", "ops_per_s": 13_000, "generator_core": 0.2},
+             {"impl": "direct", "ops_per_s": 14_000, "generator_core": 1.0,
+              "generator_bound": True}]
+    echo = [_single("compiled", 9_000, 180.0), _single("socat", 12_000, 140.0)]
+    scenarios = {"opens": opens, "echo": echo}
+    scaled = {g.name: g for g in goals(scenarios, ratios(scenarios))}
+    assert [n for n in scaled if "reference" in n] == [
+        "stream opens/s: × direct TCP connect/close loop (2× the Node reference, scaled)",
+        "single-stream 64-byte echo msgs/s: × socat relay (1.5× the Node reference, scaled)",
+        "single-stream 64-byte echo p99: ÷ socat relay's (the Node reference's, scaled)"]
+    assert [g.met for n, g in scaled.items() if "reference" in n] == [False, False, True]
+    opens.append({"impl": "reference", "ops_per_s": 6_000, "generator_core": 0.3})
+    echo.append(_single("reference", 6_000, 200.0))
+    measured = {g.name: g for g in goals(scenarios, ratios(scenarios))}
+    assert {n: (g.value, g.met) for n, g in measured.items() if "reference" in n} == {
+        "stream opens/s: × the Node reference": (2.167, True),
+        "single-stream 64-byte echo msgs/s: × the Node reference": (1.5, True),
+        "single-stream 64-byte echo p99: ÷ the Node reference's": (0.9, True)}
+
 def test_a_quick_run_judges_nothing_and_says_so() -> None:
     scenarios = {"echo": [_echo("compiled", 90_000, 0.5), _echo("pure", 30_000, 0.4)]}
     ratio_of = ratios(scenarios)

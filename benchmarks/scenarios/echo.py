@@ -1,10 +1,11 @@
 """64-byte echo round trips: messages per second and latency percentiles.
 
-One WebSocket with 16, then 256, streams to the echo target, one message in flight per
-stream, for `echo_seconds`; the same through socat over as many TCP connections.
-With more in flight, more replies are ready in one event-loop iteration, which the
-compiled relay sends as one WebSocket message.  Latency is the round trip seen by the
-load generator, which shares the machine.
+One WebSocket with 1, 16, then 256 streams to the echo target, one message in flight per
+stream, for `echo_seconds`; the same through socat over as many TCP connections, and
+with `--reference` through the Node reference server.  One stream measures latency
+(every round trip wakes four processes).  With more in flight, more replies are ready
+in one event-loop iteration, which the compiled relay sends as one WebSocket message.
+Latency is the round trip seen by the load generator, which shares the machine.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from benchmarks.loadgen.session import Spec
 from benchmarks.measure import Run, alternate, percentiles, runner, summarize
 
 NAME = "echo"
-STREAMS = (16, 256)
+STREAMS = (1, 16, 256)
 MESSAGE = 64
 BASELINES = ("socat",)
 
@@ -29,7 +30,7 @@ def step_seconds(sizes: Sizes) -> float:
 
 
 def echo_spec(ctx: Context, via: str, url: str, port: int, websockets: int = 1,
-              streams: int = STREAMS[0]) -> Spec:
+              streams: int = 16) -> Spec:
     return Spec(kind="echo", via=via, url=url, port=port, websockets=websockets,
                 streams=streams, seconds=ctx.sizes.echo_seconds, message=MESSAGE)
 
@@ -52,6 +53,10 @@ def run(ctx: Context) -> list[dict[str, Any]]:
             gateway = ctx.gateway(impl)
             variants[impl] = runner(ctx, [echo_spec(ctx, "ksw1", gateway.address, port,
                                                     streams=streams)], gateway)
+        reference = ctx.reference_server()
+        if reference is not None:
+            variants["reference"] = runner(ctx, [echo_spec(
+                ctx, "ksw1", reference.address, port, streams=streams)], reference)
         variants["socat"] = runner(ctx, [echo_spec(ctx, "tcp", "", relay.port,
                                                    streams=streams)], relay)
         outcomes = alternate(ctx, f"echo 64 B, {streams} streams", variants)

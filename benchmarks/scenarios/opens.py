@@ -4,6 +4,7 @@ One WebSocket; each stream connects to the hold target (silent) and is closed as
 is open; a completed CloseAck starts the next Open, until `cycle_seconds` pass.  "direct" is
 the baseline: the load generator connects to the same target and closes, DEPTH in flight,
 with no gateway (each Open costs a gateway that very connect and close, and more).
+With `--reference`, the Node reference server is measured too.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def run(ctx: Context) -> list[dict[str, Any]]:
         spec = Spec(kind="opens", via="ksw1", url=gateway.address, port=ctx.targets.hold_port,
                     seconds=ctx.sizes.cycle_seconds, depth=DEPTH)
         variants[impl] = runner(ctx, [spec], gateway)
+    reference = ctx.reference_server()
+    if reference is not None:
+        variants["reference"] = runner(ctx, [replace(spec, url=reference.address)], reference)
     variants["direct"] = runner(ctx, [replace(spec, via="direct", url="")], None)
     outcomes = alternate(ctx, "stream opens", variants)
     return [{"depth": DEPTH, "impl": impl, **summarize(outcome, "count")}
