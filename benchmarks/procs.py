@@ -96,10 +96,12 @@ def cpu_between(before: CpuSnapshot, after: CpuSnapshot) -> float:
     `before` gone at `after`) had spent before: a process that ends in the window adds
     its lifetime to its parent's children_* counters, which put a PKCS#11 agent's whole
     life into a 0.5 s window (more "cores" than the machine has).  A socat child that
-    starts and ends in the window counts in full."""
+    starts and ends in the window counts in full.  One that ends unreaped by the tree
+    (re-parented to init) adds nothing to `reaped`, so its earlier CPU is taken only out
+    of what was reaped: the window never counts less than its own growth."""
     grown = sum(seconds - before.procs.get(key, 0.0) for key, seconds in after.procs.items())
     gone = sum(seconds for key, seconds in before.procs.items() if key not in after.procs)
-    return grown + after.reaped - before.reaped - gone
+    return grown + max(0.0, after.reaped - before.reaped - gone)
 
 
 def tree_rss(root: psutil.Process, include: Callable[[psutil.Process], bool] = lambda p: True

@@ -18,7 +18,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.goals import Goal, goals, ratios  # noqa: E402
 from benchmarks.measure import CPU_WINDOW, GENERATOR_LIMIT, cpu_figures  # noqa: E402
-from benchmarks.procs import cpu_between, tree_cpu  # noqa: E402
+from benchmarks.procs import CpuSnapshot, cpu_between, tree_cpu  # noqa: E402
 from benchmarks.progress import Progress  # noqa: E402
 from benchmarks.report import goals_table, markdown  # noqa: E402
 
@@ -60,6 +60,16 @@ def test_a_child_reaped_in_the_window_adds_only_what_it_spent_in_it() -> None:
     finally:
         parent.stdin.close()
         parent.wait(30)
+
+
+def test_a_process_gone_unreaped_takes_nothing_from_the_window() -> None:
+    """A process of `before` that ended without the tree reaping it (an orphan init
+    reaps) must not subtract its earlier CPU from what the others spent."""
+    before = CpuSnapshot({(1, 0.0): 5.0, (2, 0.0): 3.0}, reaped=0.0)
+    after = CpuSnapshot({(1, 0.0): 5.5}, reaped=0.0)
+    assert cpu_between(before, after) == 0.5
+    reaped = CpuSnapshot({(1, 0.0): 5.5}, reaped=3.25)  # reaped by process 1 instead
+    assert cpu_between(before, reaped) == 0.75
 
 
 def test_cpu_over_a_short_window_is_not_a_figure() -> None:
