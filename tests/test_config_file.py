@@ -151,3 +151,24 @@ def test_an_unset_pin_variable_fails_check_config(tmp_path: Path) -> None:
         2, f"ksw1fast: {path}: environment variable KSW1FAST_NO_PIN (the PKCS#11 PIN) is not "
            "set or empty\n")
     assert _run("check-config", str(path), env={**env, "KSW1FAST_NO_PIN": "1234"}).returncode == 0
+
+
+def test_check_config_warns_of_a_jwks_without_audience(tmp_path: Path) -> None:
+    """Valid, so exit 0, but every token the provider's keys sign would be accepted."""
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    jwk = json.loads(ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "ES256"}]}))
+    path = tmp_path / "c.toml"
+    path.write_text(f'jwt_jwks = "{jwks}"\n')
+    result = _run("check-config", str(path))
+    assert (result.returncode, result.stdout) == (0, f"{path}: ok\n")
+    assert result.stderr.startswith(f"{path}: warning: jwt_jwks without jwt_audience: ")
+    assert len(result.stderr.splitlines()) == 1
+    path.write_text(f'jwt_jwks = "{jwks}"\njwt_audience = "ksw1fast"\n')
+    result = _run("check-config", str(path))
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{path}: ok\n", "")

@@ -501,3 +501,6 @@ def test_the_serve_command_takes_the_jwt_flags(keys: dict[str, Any], jwks_file: 
     finally:
         log = gateway.stop()
     assert SECRET.decode() not in log
+    # no --jwt-audience: the start-up log says what that lets in, once
+    assert log.count("WARNING ksw1fast[") == 1
+    assert "jwt_jwks without jwt_audience: every token those keys signed without an aud" in log

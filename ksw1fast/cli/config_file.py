@@ -199,7 +199,8 @@ def make_config(values: Mapping[str, Any]) -> GatewayConfig:
 
 def check_config_file(path: Union[str, Path]) -> GatewayConfig:
     """Everything serving would check before listening, without listening; ConfigError
-    names the file (and the line where it can) once."""
+    names the file (and the line where it can) once.  (What it allows but an operator
+    rarely means: `ksw1fast.security.gate.config_warnings`.)"""
     from ksw1fast.security.gate import Security
     from ksw1fast.server.gateway import tls_context
 

@@ -19,7 +19,7 @@ from ksw1fast.ops.logs import configure as configure_logging
 from ksw1fast.cli.token import add_token_commands
 from ksw1fast.ops.reload import Reloader
 from ksw1fast.ops.workers import SERVING, Supervisor, report, worker_count
-from ksw1fast.security.gate import Security
+from ksw1fast.security.gate import Security, config_warnings
 from ksw1fast.security.peers import FORWARDED_HEADERS
 
 log = logging.getLogger("ksw1fast")
@@ -300,10 +300,12 @@ async def serve(config: GatewayConfig, security: Security,
 
 def _check_config(path: str) -> int:
     try:
-        check_config_file(path)
+        config = check_config_file(path)
     except (ConfigError, OSError) as exc:  # ConfigError names the file itself
         print(f"ksw1fast: {exc}", file=sys.stderr)
         return 2
+    for warning in config_warnings(config):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     print(f"{path}: ok")
     return 0
 
@@ -340,6 +342,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except OSError as exc:
         args.parser.exit(2, f"{args.parser.prog}: error: cannot open the audit log "
                             f"{config.audit_log}: {exc.strerror}\n")
+    if args.worker_process is None:  # said once, not by every worker
+        for warning in config_warnings(config):
+            log.warning("%s", warning)
     reloader = Reloader(lambda: config_from_args(args), config,
                         worker=args.worker_process is not None)
     try:

@@ -87,6 +87,19 @@ class Security:
         return self.egress.filter_dns(name, addresses)
 
 
+def config_warnings(config: GatewayConfig) -> list[str]:
+    """What a valid config allows that an operator rarely means, one line each (serve
+    logs them at start-up, check-config prints them)."""
+    warnings = []
+    if config.jwt_jwks and config.jwt_audience is None:
+        warnings.append(
+            "jwt_jwks without jwt_audience: every token those keys signed without an aud "
+            "claim is accepted, whichever application it was issued for; set "
+            "--jwt-audience (and --jwt-issuer) to what your identity provider puts in "
+            "this gateway's tokens")
+    return warnings
+
+
 def _jwt_verifier(config: GatewayConfig) -> Optional[JwtVerifier]:
     """The JWT verifier the config asks for (None without a key source); ValueError for
     an unset secret variable, an unusable JWKS file, or JWT settings without a source."""
