@@ -105,7 +105,8 @@ class Context:
         return GatewayProcess(impl, *flags, workers=workers, tree=tree, echo=self.progress.note)
 
     def reference_server(self) -> Optional[ReferenceServer]:
-        """The Node reference server, if this run was given one (`--reference`)."""
+        """The Node reference server, if this run was given one (`--reference`);
+        RuntimeError if it does not start."""
         if self.reference is None:
             return None
         bundle = self.reference

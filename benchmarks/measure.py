@@ -100,6 +100,22 @@ def runner(ctx: Context, specs: list[Spec], server: Optional[Server],
     return lambda: measure(ctx, specs, server, rss)
 
 
+def reference_runner(ctx: Context, specs: Callable[[str], list[Spec]]
+                     ) -> Optional[Callable[[], Run]]:
+    """A run of the Node reference server at `specs(its URL)`, None without `--reference`.
+    The server starts in the first run, so one that cannot start fails that variant (an
+    error row), not the whole run."""
+    if ctx.reference is None:
+        return None
+
+    def run() -> Run:
+        server = ctx.reference_server()
+        assert server is not None
+        return measure(ctx, specs(server.address), server)
+
+    return run
+
+
 Outcome = Union[list[Run], str]  # the runs, or why the measurement failed
 
 

@@ -58,6 +58,8 @@ def test_static_grant_allows_everything_the_policy_allows(token_file: Path) -> N
     assert grant.allows_open("10.0.0.1", 65535, "udp")
     assert grant.allows_dns("x.example") and grant.allows_pkcs11 and grant.allows_udp
     assert not grant.expired()
+    with pytest.raises(ValueError):  # not a protocol, whatever the grant allows
+        grant.allows_open("10.0.0.1", 1, "sctp")
 
 
 def test_bad_sha256_line_names_the_line_not_its_content(tmp_path: Path) -> None:

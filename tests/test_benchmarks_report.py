@@ -143,6 +143,11 @@ def test_the_reference_goals_use_the_reference_when_it_was_measured() -> None:
         "stream opens/s: × the Node reference": (2.167, True),
         "single-stream 64-byte echo msgs/s: × the Node reference": (1.5, True),
         "single-stream 64-byte echo p99: ÷ the Node reference's": (0.9, True)}
+    # a reference that failed: its goals are unmeasured, not judged on the scaled ones
+    opens[-1] = {"impl": "reference", "error": "RuntimeError: reference did not start"}
+    failed = {g.name: g for g in goals(scenarios, ratios(scenarios))}
+    assert (failed["stream opens/s: × the Node reference"].value,
+            failed["stream opens/s: × the Node reference"].met) == (None, None)
 
 def test_a_quick_run_judges_nothing_and_says_so() -> None:
     scenarios = {"echo": [_echo("compiled", 90_000, 0.5), _echo("pure", 30_000, 0.4)]}

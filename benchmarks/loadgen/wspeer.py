@@ -82,8 +82,8 @@ class WsPeer(WSListener):
             for part in parts:
                 held += part
             return
-        assert self.ws is not None
-        self.ws.underlying_transport.write(b"".join((head, *parts)))
+        if self.ws is not None and not self.ws.is_disconnected:  # as picows' send() did
+            self.ws.underlying_transport.write(b"".join((head, *parts)))
 
     def hold_writes(self) -> None:
         """Hold what send_message writes until release_writes (a received message's replies)."""

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 from benchmarks.context import Context, Sizes
 from benchmarks.loadgen.session import Spec
-from benchmarks.measure import Run, alternate, percentiles, runner, summarize
+from benchmarks.measure import (Run, alternate, percentiles, reference_runner, runner,
+                                summarize)
 
 NAME = "echo"
 STREAMS = (1, 16, 256)
@@ -53,10 +54,10 @@ def run(ctx: Context) -> list[dict[str, Any]]:
             gateway = ctx.gateway(impl)
             variants[impl] = runner(ctx, [echo_spec(ctx, "ksw1", gateway.address, port,
                                                     streams=streams)], gateway)
-        reference = ctx.reference_server()
+        reference = reference_runner(
+            ctx, lambda url, n=streams: [echo_spec(ctx, "ksw1", url, port, streams=n)])
         if reference is not None:
-            variants["reference"] = runner(ctx, [echo_spec(
-                ctx, "ksw1", reference.address, port, streams=streams)], reference)
+            variants["reference"] = reference
         variants["socat"] = runner(ctx, [echo_spec(ctx, "tcp", "", relay.port,
                                                    streams=streams)], relay)
         outcomes = alternate(ctx, f"echo 64 B, {streams} streams", variants)

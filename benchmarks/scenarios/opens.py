@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from benchmarks.context import Context, Sizes
 from benchmarks.loadgen.session import Spec
-from benchmarks.measure import alternate, runner, summarize
+from benchmarks.measure import alternate, reference_runner, runner, summarize
 
 NAME = "opens"
 DEPTH = 32
@@ -36,9 +36,9 @@ def run(ctx: Context) -> list[dict[str, Any]]:
         spec = Spec(kind="opens", via="ksw1", url=gateway.address, port=ctx.targets.hold_port,
                     seconds=ctx.sizes.cycle_seconds, depth=DEPTH)
         variants[impl] = runner(ctx, [spec], gateway)
-    reference = ctx.reference_server()
+    reference = reference_runner(ctx, lambda url: [replace(spec, url=url)])
     if reference is not None:
-        variants["reference"] = runner(ctx, [replace(spec, url=reference.address)], reference)
+        variants["reference"] = reference
     variants["direct"] = runner(ctx, [replace(spec, via="direct", url="")], None)
     outcomes = alternate(ctx, "stream opens", variants)
     return [{"depth": DEPTH, "impl": impl, **summarize(outcome, "count")}

@@ -158,6 +158,8 @@ def decode_open(payload: Buffer) -> OpenRequest:
 
     Read with two struct calls rather than a _Reader: it runs for every Open, and the
     reader's calls per field cost as much as the rest of the session's work on it."""
+    if type(payload) is not bytes:  # lengths and slices in bytes, whatever its format
+        payload = byte_view(payload)
     size = len(payload)
     if size < _OPEN_FIXED.size:
         raise _truncated("Open", _OPEN_FIXED.size, size)

@@ -463,9 +463,9 @@ class EgressPolicy:
 
     def check_literal(self, host: str, port: int, proto: str
                       ) -> tuple[IPAddress, Decision] | None:
-        """An Open of IP literal `host` (as written, no brackets or zone id): the address
-        it parses to (IPv4-mapped IPv6 stays IPv6) and `check_address`'s decision; None
-        for a name. Remembered, up to `LITERALS_REMEMBERED`: applications open the same
+        """An Open of IP literal `host` (as written, no brackets): the address it parses
+        to (IPv4-mapped IPv6 stays IPv6) and `check_address`'s decision; None for a name
+        or a literal with a zone id. Remembered, up to `LITERALS_REMEMBERED`: applications open the same
         few addresses again and again, and the parse and check cost about as much as the
         rest of an Open's bookkeeping. A policy never changes (a reload makes a new one).
         """
@@ -475,6 +475,8 @@ class EgressPolicy:
             return known
         if ":" not in host and not _IPV4_CHARS.issuperset(host):
             return None  # a name
+        if "%" in host:
+            return None  # a zone id: the caller resolves it (and it would grow the memo)
         try:
             address = ipaddress.ip_address(host)
         except ValueError:

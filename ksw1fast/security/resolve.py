@@ -166,13 +166,13 @@ async def open_target(resolver: Resolver, host: str, port: int, udp: bool,
     return await connect(endpoints, udp, factory), endpoints
 
 
-def rule_of(endpoints: list[Endpoint], transport: asyncio.BaseTransport) -> str:
-    """The egress rule of the endpoint `transport` connected to: the only one there is,
-    as a rule nearly always allows every address of a name alike, else found by address."""
+def rule_of(endpoints: list[Endpoint], peer: Any) -> str:
+    """The egress rule of the endpoint connected to (`peer`, its transport's peername):
+    the only one there is, as a rule nearly always allows every address of a name alike,
+    else found by address."""
     first = endpoints[0].rule
     if all(e.rule == first for e in endpoints):
         return first
-    peer = transport.get_extra_info("peername")
     try:
         connected = ipaddress.ip_address(_strip_scope(peer[0]))
         return next(e.rule for e in endpoints

@@ -90,7 +90,8 @@ class Grant:
         A CIDR scope entry admits IP literals only; a name entry the names it matches.
         The egress policy is checked separately and still applies.
         """
-        if not self.allows_udp and normalize_proto(proto) == "udp":
+        # ("tcp", what every Open but UDP's passes, needs no normalizing: per Open)
+        if proto != "tcp" and normalize_proto(proto) == "udp" and not self.allows_udp:
             return False
         return self.scope is None or any(r.matches(host, port, proto) for r in self.scope)
 

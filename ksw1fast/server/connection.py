@@ -252,7 +252,7 @@ class Connection(relaying.GatewayListener):
                          proto="udp" if action.udp else "tcp",
                          dest=audit.host_port(action.host, action.port),
                          address=audit.host_port(peername[0], peername[1]),
-                         rule=rule_of(endpoints, transport),
+                         rule=rule_of(endpoints, peername),
                          **audit.identity(action.grant or self.session.grant))
         metrics.child(metrics.STREAMS, "udp" if action.udp else "tcp", "ok").inc()
         metrics.OPEN_SECONDS.observe(time.monotonic() - started)
