@@ -104,10 +104,12 @@ def run(names: Sequence[str], sizes: Sizes, quick: bool, out: Optional[Path],
     machine = machine_info(raise_fd_limit())  # before: children inherit the raised limit
     chosen = [SCENARIOS[name] for name in names]
     gateways = len(gateway_impls(against))
-    # the reference is measured as one more server in its scenarios
-    progress = Progress([(module.steps(sizes, gateways + (
-        reference is not None and module.NAME in REFERENCE_SCENARIOS)),
-        module.step_seconds(sizes)) for module in chosen])
+
+    def servers(name: str) -> int:  # the reference is one more server in its scenarios
+        return gateways + int(reference is not None and name in REFERENCE_SCENARIOS)
+
+    progress = Progress([(module.steps(sizes, servers(module.NAME)),
+                          module.step_seconds(sizes)) for module in chosen])
     started = time.monotonic()
     scenarios: dict[str, list[dict[str, Any]]] = {}
     with Context(sizes, progress, against, reference) as ctx:

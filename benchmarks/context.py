@@ -104,12 +104,11 @@ class Context:
         tree = self.against if impl == "against" else None
         return GatewayProcess(impl, *flags, workers=workers, tree=tree, echo=self.progress.note)
 
-    def reference_server(self) -> Optional[ReferenceServer]:
-        """The Node reference server, if this run was given one (`--reference`);
+    def reference_server(self) -> ReferenceServer:
+        """The Node reference server of `--reference`, started on first use;
         RuntimeError if it does not start."""
-        if self.reference is None:
-            return None
         bundle = self.reference
+        assert bundle is not None, "the run was given no --reference"
         return self._service(("reference",), lambda: ReferenceServer(bundle, self.progress.note))
 
     def socat(self, target_port: int) -> SocatRelay:

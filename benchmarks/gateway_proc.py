@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -10,13 +9,12 @@ from typing import Callable, Optional
 import psutil
 
 import ksw1fast
-from benchmarks.procs import Service, tree_rss
+from benchmarks.procs import WebSocketServer, tree_rss
 
 # the directory ksw1fast was imported from (the source tree, or site-packages when
 # installed): the gateway subprocess must run that same ksw1fast
 KSW1FAST_PARENT = Path(ksw1fast.__file__).resolve().parent.parent
 UNLIMITED = 1_000_000  # a limit no benchmark reaches (the flags take no 0)
-_SERVING = re.compile(r"serving (wss?://\S+)")
 # a few lines per connection (open, closed, the audit trail's handshake), thousands in
 # the idle scenario: not news
 _QUIET = (" connection open ", " connection closed ", " worker ", " handshake accepted ")
@@ -29,7 +27,7 @@ def _is_agent(proc: psutil.Process) -> bool:
         return False
 
 
-class GatewayProcess(Service):
+class GatewayProcess(WebSocketServer):
     """A gateway subprocess; `impl` is "compiled", "pure" (KSW1FAST_NO_EXTENSIONS=1) or
     "against": compiled, run from the source tree `tree` (`run --against DIR`).
 
@@ -61,9 +59,8 @@ class GatewayProcess(Service):
         label = f"gateway {impl}" + (f" x{workers}" if workers > 1 else "")
         # run from `home`: `python -m` puts the working directory first on sys.path, so
         # a gateway started from another checkout would import that checkout's ksw1fast
-        super().__init__(label, argv, env=env, ready=lambda line: bool(_SERVING.search(line)),
-                         ready_lines=workers, quiet=_QUIET, cwd=home, echo=echo)
-        self.address = next(m.group(1) for m in map(_SERVING.search, self.log) if m)
+        super().__init__(label, argv, ready_lines=workers, env=env, quiet=_QUIET, cwd=home,
+                         echo=echo)
 
     def rss(self) -> int:
         """Resident bytes of the gateway's relay process(es), without PKCS#11 agents."""

@@ -3,7 +3,8 @@ same-run ratios, computed from the scenario rows."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from functools import partial
+from typing import Any, Optional
 
 Rows = dict[str, list[dict[str, Any]]]
 
@@ -135,33 +136,39 @@ ECHO_1S_VS_REFERENCE = 1.5
 UPLOAD_VS_SOCAT = 0.95
 
 
-def _reference_goals(scenarios: Rows, ratio_of: Ratios,
-                     on: Callable[[str, str, float], Goal]) -> list[Goal]:
+def ratio_goal(ratio_of: Ratios, name: str, key: str, goal: float,
+               higher_is_better: bool = True) -> Goal:
+    """The goal on the same-run ratio `key`, not judged where that ratio may not be."""
+    return Goal(name, ratio_of.get(key), goal, higher_is_better,
+                why_not_judged=ratio_of.bound.get(key))
+
+
+def _reference_goals(scenarios: Rows, ratio_of: Ratios) -> list[Goal]:
     """Issue 16's goals against the Node reference: measured (a failed reference row
     leaves them unmeasured, never judged on the scaled figures), or scaled (see above)."""
     def measured(name: str) -> bool:
         return any(row.get("impl") == "reference" for row in scenarios.get(name, []))
 
     if measured("opens"):
-        opens = on("stream opens/s: × the Node reference", "opens_vs_reference",
-                   OPENS_VS_REFERENCE)
+        opens = ratio_goal(ratio_of, "stream opens/s: × the Node reference",
+                           "opens_vs_reference", OPENS_VS_REFERENCE)
     else:
-        opens = on("stream opens/s: × direct TCP connect/close loop (2× the Node reference, "
-                   "scaled)", "opens_vs_direct",
-                   round(OPENS_VS_REFERENCE * REFERENCE_OPENS_PER_DIRECT, 2))
+        opens = ratio_goal(ratio_of, "stream opens/s: × direct TCP connect/close loop (2× "
+                           "the Node reference, scaled)", "opens_vs_direct",
+                           round(OPENS_VS_REFERENCE * REFERENCE_OPENS_PER_DIRECT, 2))
     if measured("echo"):
-        echo = [on("single-stream 64-byte echo msgs/s: × the Node reference",
-                   "echo_1s_vs_reference", ECHO_1S_VS_REFERENCE),
-                on("single-stream 64-byte echo p99: ÷ the Node reference's",
-                   "echo_1s_p99_vs_reference", 1.0)]
+        rate = ratio_goal(ratio_of, "single-stream 64-byte echo msgs/s: × the Node reference",
+                          "echo_1s_vs_reference", ECHO_1S_VS_REFERENCE)
+        p99 = ratio_goal(ratio_of, "single-stream 64-byte echo p99: ÷ the Node reference's",
+                         "echo_1s_p99_vs_reference", 1.0, higher_is_better=False)
     else:
-        echo = [on("single-stream 64-byte echo msgs/s: × socat relay (1.5× the Node "
-                   "reference, scaled)", "echo_1s_vs_socat",
-                   round(ECHO_1S_VS_REFERENCE * REFERENCE_ECHO_1S_PER_SOCAT, 2)),
-                on("single-stream 64-byte echo p99: ÷ socat relay's (the Node reference's, "
-                   "scaled)", "echo_1s_p99_vs_socat", round(REFERENCE_ECHO_1S_P99_PER_SOCAT, 2))]
-    echo[1].higher_is_better = False
-    return [opens, *echo]
+        rate = ratio_goal(ratio_of, "single-stream 64-byte echo msgs/s: × socat relay (1.5× "
+                          "the Node reference, scaled)", "echo_1s_vs_socat",
+                          round(ECHO_1S_VS_REFERENCE * REFERENCE_ECHO_1S_PER_SOCAT, 2))
+        p99 = ratio_goal(ratio_of, "single-stream 64-byte echo p99: ÷ socat relay's (the Node "
+                         "reference's, scaled)", "echo_1s_p99_vs_socat",
+                         round(REFERENCE_ECHO_1S_P99_PER_SOCAT, 2), higher_is_better=False)
+    return [opens, rate, p99]
 
 
 def goals(scenarios: Rows, ratio_of: Ratios, quick: bool = False) -> list[Goal]:
@@ -171,8 +178,7 @@ def goals(scenarios: Rows, ratio_of: Ratios, quick: bool = False) -> list[Goal]:
     largest_idle = max(idle, key=lambda r: r["connections"]) if idle else None
     pkcs11 = scenarios.get("pkcs11", [])
 
-    def on(name: str, key: str, goal: float) -> Goal:
-        return Goal(name, ratio_of.get(key), goal, why_not_judged=ratio_of.bound.get(key))
+    on = partial(ratio_goal, ratio_of)
 
     out = [
         on("download, 64 streams, 1 WebSocket: × socat relay",
@@ -196,7 +202,7 @@ def goals(scenarios: Rows, ratio_of: Ratios, quick: bool = False) -> list[Goal]:
              64.0, False),
         on("8 WebSockets, download: 2 workers × 1 worker", "workers_download_2_vs_1", 1.6),
         on("8 WebSockets, echo: 2 workers × 1 worker", "workers_echo_2_vs_1", 1.6),
-        *_reference_goals(scenarios, ratio_of, on),
+        *_reference_goals(scenarios, ratio_of),
         Goal("PKCS#11 sign, 1 connection: gateway × direct (earlier goal)",
              _field(find(pkcs11, impl="compiled", op="sign", connections=1), "ratio"), 0.8),
     ]

@@ -110,7 +110,6 @@ def reference_runner(ctx: Context, specs: Callable[[str], list[Spec]]
 
     def run() -> Run:
         server = ctx.reference_server()
-        assert server is not None
         return measure(ctx, specs(server.address), server)
 
     return run

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import resource
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Deque, Optional, Sequence
+from typing import IO, Any, Callable, Deque, Optional, Sequence
 
 import psutil
 
@@ -191,3 +192,17 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+_SERVING = re.compile(r"serving (wss?://\S+)")
+
+
+class WebSocketServer(Service):
+    """A Service that logs `serving ws://...` once ready (`ready_lines` times: once per
+    worker); `address` is the first URL it logged."""
+
+    def __init__(self, name: str, argv: Sequence[str], ready_lines: int = 1,
+                 **options: Any) -> None:
+        super().__init__(name, argv, ready=lambda line: bool(_SERVING.search(line)),
+                         ready_lines=ready_lines, **options)
+        self.address = next(m.group(1) for m in map(_SERVING.search, self.log) if m)

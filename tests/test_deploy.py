@@ -70,6 +70,12 @@ def _tool(name: str) -> str:
     return found
 
 
+def _pkcs11_example(toml_text: str) -> str:
+    """The ConfigMap's config with its commented [pkcs11] example (four lines) in force."""
+    return rewrite(toml_text, r"^(\s*)# (\[pkcs11\]|lib = |pin_env = |deny = )",
+                   r"\g<1>\g<2>", 4)
+
+
 def _raw_manifests() -> dict[str, dict]:
     """deploy/k8s/*.yaml as written, by kind (one object of each)."""
     docs: dict[str, dict] = {}
@@ -204,9 +210,8 @@ def test_the_configmap_is_a_valid_config(rendered: Rendered, tmp_path: Path,
     (tmp_path / "ksw1fast.toml").write_text(toml_text)
     check_config_file(tmp_path / "ksw1fast.toml")  # what `ksw1fast check-config` runs
     # and so are the commented examples, once uncommented
-    examples = rewrite(toml_text, r"^(\s*)# (trusted_proxies = )", r"\g<1>\g<2>", 1)
-    examples = rewrite(examples, r"^(\s*)# (\[pkcs11\]|lib = |pin_env = |deny = )",
-                    r"\g<1>\g<2>", 4)
+    examples = _pkcs11_example(
+        rewrite(toml_text, r"^(\s*)# (trusted_proxies = )", r"\g<1>\g<2>", 1))
     (tmp_path / "examples.toml").write_text(examples)
     monkeypatch.setenv(tomllib.loads(examples)["pkcs11"]["pin_env"], "1234")  # the Secret's
     check_config_file(tmp_path / "examples.toml")
@@ -257,9 +262,7 @@ def test_secrets_come_from_secrets(rendered: Rendered) -> None:
     """Every variable the config reads a secret from (the token secret, a PKCS#11 PIN in
     the commented example) is set from a Secret, never from a literal."""
     settings = rendered.settings
-    example = tomllib.loads(rewrite(rendered["ConfigMap"]["data"]["ksw1fast.toml"],
-                                 r"^(\s*)# (\[pkcs11\]|lib = |pin_env = |deny = )",
-                                 r"\g<1>\g<2>", 4))
+    example = tomllib.loads(_pkcs11_example(rendered["ConfigMap"]["data"]["ksw1fast.toml"]))
     wanted = {settings["token_secret_env"], example["pkcs11"]["pin_env"]}
     env = {e["name"]: e for e in rendered.container["env"]}
     for name in wanted:
@@ -477,7 +480,7 @@ def _unit_for_this_machine(tmp_path: Path) -> Path:
     """The unit with ExecStart's binary (not installed here) replaced by one that exists:
     verify checks that it is executable. The rewrite must match once."""
     text = rewrite(UNIT.read_text(), r"^(ExecStart=)/opt/ksw1fast/bin/ksw1fast ",
-                rf"\g<1>{sys.executable} ", 1)
+                   rf"\g<1>{sys.executable} ", 1)
     path = tmp_path / UNIT.name
     path.write_text(text)
     return path

@@ -12,7 +12,7 @@ import pytest
 from helpers import EMBEDDINGS, FILL
 from ksw1fast.security import resolve
 from ksw1fast.protocol.constants import DnsErrCode, OpenErrCode
-from ksw1fast.security.egress import EgressPolicy, to_address
+from ksw1fast.security.egress import EgressPolicy, parse_literal, to_address
 from ksw1fast.security.resolve import Blocked, ResolveError, Resolver, destinations, open_error
 
 
@@ -70,7 +70,7 @@ async def test_a_literal_resolves_to_itself_alone() -> None:
     ("deadbeef::g", False),
 ])
 def test_parse_literal(host: str, literal: bool) -> None:
-    parsed = resolve._parse_literal(host)
+    parsed = parse_literal(host)
     assert parsed == (ipaddress.ip_address(host) if literal else None)
 
 

@@ -9,19 +9,17 @@ PKCS#11), as one more server next to the gateways.
 """
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-from benchmarks.procs import REPO_ROOT, Service, free_port
+from benchmarks.procs import REPO_ROOT, WebSocketServer, free_port
 
 SCENARIOS = ("opens", "echo")  # the scenarios that measure it
 _RUNNER = REPO_ROOT / "benchmarks" / "baselines" / "reference.mjs"
-_SERVING = re.compile(r"serving (ws://\S+)")
 
 
-class ReferenceServer(Service):
+class ReferenceServer(WebSocketServer):
     """`node reference.mjs BUNDLE PORT` on a free loopback port; `address` is its URL."""
 
     def __init__(self, bundle: Path, echo: Optional[Callable[[str], None]] = None) -> None:
@@ -29,5 +27,4 @@ class ReferenceServer(Service):
         if node is None:
             raise RuntimeError("--reference needs Node.js (node) on PATH")
         super().__init__("reference (Node)", [node, str(_RUNNER), str(bundle), str(free_port())],
-                         ready=lambda line: bool(_SERVING.search(line)), echo=echo)
-        self.address = next(m.group(1) for m in map(_SERVING.search, self.log) if m)
+                         echo=echo)

@@ -59,10 +59,9 @@ SECRET_ATTRIBUTES = frozenset({
 # features, domain parameters, mechanisms; data objects, private, secret and OTP keys
 # and vendor classes are not
 PUBLIC_CLASSES = frozenset({0x1, 0x2, 0x5, 0x6, 0x7})
-
-
 # operation state saved and restored whole, mechanism and key inside
 _OPAQUE_STATE = frozenset({"GetOperationState", "SetOperationState"})
+
 
 def refusal(rule: str, detail: str) -> str:
     """The AuthDenied message of a scope refusal."""

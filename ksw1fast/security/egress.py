@@ -110,6 +110,7 @@ _SPECIAL_BOUNDS: dict[int, tuple[tuple[int, int, IPNetwork, str], ...]] = {
     for version in (4, 6)}
 # everything an IPv4 literal is made of; an IPv6 literal always has a colon
 _IPV4_CHARS = frozenset("0123456789.")
+_LITERAL_CHARS = frozenset("0123456789abcdefABCDEF.:")  # and IPv6's
 LITERALS_REMEMBERED = 4096  # (literal, port, proto) decisions an EgressPolicy keeps
 # IPv6 prefixes that carry an IPv4, as integers of the address bits above their length
 _LOW32 = 0xFFFF_FFFF
@@ -168,6 +169,17 @@ def _literal(host: str) -> IPAddress | None:
         return None  # a name, as most are: spare ipaddress two failed parses and raises
     try:
         return to_address(text)
+    except ValueError:
+        return None
+
+
+def parse_literal(host: str) -> IPAddress | None:
+    """The IP address `host` is as written (a zone id allowed, IPv4-mapped IPv6 kept as
+    such: it is what a socket connects to); None for a name."""
+    if not _LITERAL_CHARS.issuperset(host.split("%", 1)[0]):
+        return None  # a name: spare ipaddress two failed parses and raises
+    try:
+        return ipaddress.ip_address(host)
     except ValueError:
         return None
 
@@ -463,23 +475,19 @@ class EgressPolicy:
 
     def check_literal(self, host: str, port: int, proto: str
                       ) -> tuple[IPAddress, Decision] | None:
-        """An Open of IP literal `host` (as written, no brackets): the address it parses
-        to (IPv4-mapped IPv6 stays IPv6) and `check_address`'s decision; None for a name
-        or a literal with a zone id. Remembered, up to `LITERALS_REMEMBERED`: applications open the same
-        few addresses again and again, and the parse and check cost about as much as the
-        rest of an Open's bookkeeping. A policy never changes (a reload makes a new one).
-        """
+        """An Open of IP literal `host`: `parse_literal`'s address and `check_address`'s
+        decision; None for a name or a literal with a zone id. Remembered, up to
+        `LITERALS_REMEMBERED`: applications open the same few addresses again and again,
+        and the parse and check cost about as much as the rest of an Open's bookkeeping.
+        A policy never changes (a reload makes a new one)."""
         key = (host, port, proto)
         known = self._literals.get(key)
         if known is not None:
             return known
-        if ":" not in host and not _IPV4_CHARS.issuperset(host):
-            return None  # a name
         if "%" in host:
             return None  # a zone id: the caller resolves it (and it would grow the memo)
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
+        address = parse_literal(host)
+        if address is None:
             return None
         if len(self._literals) >= LITERALS_REMEMBERED:  # bounded whatever clients open
             self._literals.clear()

@@ -11,13 +11,12 @@ import aiodns
 
 from ksw1fast.protocol.constants import DnsErrCode, OpenErrCode
 from ksw1fast.protocol.errors import KSW1Error
-from ksw1fast.security.egress import EgressPolicy, IPAddress
+from ksw1fast.security.egress import EgressPolicy, IPAddress, parse_literal
 
 _FAMILIES = {0: socket.AF_UNSPEC, 4: socket.AF_INET, 6: socket.AF_INET6}
 _NO_NAME = {socket.EAI_NONAME} | {getattr(socket, n) for n in ("EAI_NODATA", "EAI_ADDRFAMILY")
                                   if hasattr(socket, n)}
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH}
-_LITERAL_CHARS = frozenset("0123456789abcdefABCDEF.:")
 
 
 class ResolveError(KSW1Error):
@@ -126,7 +125,7 @@ def _unique(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
 def _numeric(host: str, port: int, family: int) -> Optional[list[Endpoint]]:
     """The endpoint of an IP literal (zone id allowed), parsed without any resolver; None
     for a name.  ResolveError when the literal is not of `family`."""
-    address = _parse_literal(_strip_scope(host))
+    address = parse_literal(_strip_scope(host))
     if address is None:
         return None
     if "%" not in host:
@@ -190,14 +189,15 @@ async def destinations(resolver: Resolver, host: str, port: int, proto: str = "t
     the check and the connect (DNS rebinding).  An IP literal without zone id is checked
     once (its name check judges that very address) and is parsed, never resolved.
     """
+    if policy is not None:
+        known = policy.check_literal(host, port, proto)  # None for a name or a zone id
+        if known is not None:
+            parsed, verdict = known
+            if not verdict.allowed:
+                raise Blocked(verdict.reason, verdict.rule)
+            return [_literal_endpoint(parsed, host, port, verdict.rule)]
     zoned = "%" in host
-    if policy is not None and not zoned:
-        literal = policy.check_literal(host, port, proto)
-        if literal is not None:
-            if not literal[1].allowed:
-                raise Blocked(literal[1].reason, literal[1].rule)
-            return [_literal_endpoint(literal[0], host, port, literal[1].rule)]
-    address = _parse_literal(_strip_scope(host))  # None for a name
+    address = parse_literal(_strip_scope(host))  # None for a name
     rule = ""
     if policy is not None:  # a name or a literal with a zone id
         decision = policy.check_name(host, port, proto)
@@ -248,16 +248,6 @@ async def connect(endpoints: list[Endpoint], udp: bool,
         except OSError as exc:
             last = exc
     raise last
-
-
-def _parse_literal(host: str) -> Optional[IPAddress]:
-    """The IP address `host` is, maybe with a zone id; None for a name."""
-    if not _LITERAL_CHARS.issuperset(_strip_scope(host)):
-        return None  # a name: spare ipaddress two failed parses and raises
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
 
 
 def open_error(exc: BaseException) -> tuple[OpenErrCode, str]:
